@@ -1,0 +1,1 @@
+"""Self-improvement loop: solve, verify, reflect, diversify, update, re-evaluate."""

@@ -1,0 +1,29 @@
+"""The project's exception hierarchy: every error we raise on purpose derives from SelfImproveError."""
+
+
+class SelfImproveError(Exception):
+    """Base class for errors the project raises deliberately, with a message fit for a user."""
+
+
+class ModelLoadError(SelfImproveError):
+    """A model spec could not be resolved to a usable model (missing, corrupt or unknown)."""
+
+
+class AdapterError(SelfImproveError):
+    """The adapter bank or router was used or configured wrongly."""
+
+
+class AdapterFileError(AdapterError):
+    """Saved adapter files are missing, corrupt or do not match the model."""
+
+
+class TrainingError(SelfImproveError):
+    """A training step was refused (non-finite loss or gradient, empty batch)."""
+
+
+class MemoryStoreError(SelfImproveError):
+    """The rule/episode memory was used wrongly or its files are unusable."""
+
+
+class DataError(SelfImproveError):
+    """An input data file or record is malformed."""

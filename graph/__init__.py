@@ -1,0 +1,1 @@
+"""LangGraph state machine of the self-improvement loop."""

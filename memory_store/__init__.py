@@ -1,0 +1,1 @@
+"""Rule and episode memory (Chroma), memory graph (networkx), router memory features."""
