@@ -11,3 +11,13 @@ import torch  # noqa: E402
 
 # Two cores on the CI machine: one process, two threads, no oversubscription.
 torch.set_num_threads(int(os.environ.get("SELFIMPROVE_TEST_THREADS", "2")))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def tiny():
+    """A fresh tiny-random model and tokenizer (function scope: banks modify the model in place)."""
+    from agents.models import load_model
+
+    return load_model("tiny-random")

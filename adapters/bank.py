@@ -1,0 +1,264 @@
+"""A bank of LoRA experts injected into the target linear layers of a frozen model.
+
+Each wrapped layer keeps its base layer and adds the mixture of expert deltas
+
+    out = base(x) + sum_n w_n * B_n A_n x * scaling
+
+computed for all active experts at once with two batched einsums, with weights ``w``
+per sequence (LoRA: Hu et al. 2021, https://arxiv.org/abs/2106.09685; injection as in
+PEFT's ``LoraLayer``). B starts at zero, so step 0 equals the base model exactly.
+
+The mixture reaches the layers through ``ExpertBank.route(weights)``, a context manager
+owned by the bank: it is set for the duration of one call and cleared afterwards, so
+nothing leaks from one call into the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from agents.errors import AdapterError
+
+log = logging.getLogger(__name__)
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class BankConfig:
+    n_experts: int = 16  # experts in the bank
+    rank: int = 8  # LoRA rank of each expert
+    alpha: float = 16.0  # LoRA alpha; the delta is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter input during training
+    # "all-linear": every nn.Linear except the output embedding (attention and MLP
+    # projections in Llama/Qwen); or a list of exact module leaf names, e.g. ["q_proj", "v_proj"].
+    target_modules: str | list[str] = ALL_LINEAR
+    shared_expert: int = 0  # the expert the stress controller trains in Single mode
+    seed: int = 0  # seeds the kaiming init of A, so a bank is reproducible
+
+    def __post_init__(self) -> None:
+        if self.n_experts < 1:
+            raise ValueError(f"n_experts must be >= 1, got {self.n_experts}")
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.shared_expert < self.n_experts:
+            raise ValueError(
+                f"shared_expert must be in [0, {self.n_experts}), got {self.shared_expert}"
+            )
+        if isinstance(self.target_modules, str):
+            if self.target_modules != ALL_LINEAR:
+                raise ValueError(
+                    f"target_modules must be {ALL_LINEAR!r} or a list of module names, "
+                    f"got {self.target_modules!r}"
+                )
+        elif not self.target_modules or not all(isinstance(t, str) for t in self.target_modules):
+            raise ValueError(f"target_modules must be a non-empty list of names, got {self.target_modules!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Mixture:
+    """Expert weights for one forward call, prepared once and read by every wrapped layer."""
+
+    weights: torch.Tensor  # (batch or 1, n_active): weights of the active experts
+    active: torch.Tensor | None  # (n_active,) expert indices, or None when all experts are active
+    bypass: bool = False  # True: the bank adds nothing (the bare frozen model)
+
+
+@dataclass
+class _RoutingSlot:
+    """The bank's own slot for the current mixture; only ExpertBank.route writes it."""
+
+    mixture: Mixture | None = None
+    stack: list = field(default_factory=list)
+
+
+class LoRABankLinear(nn.Module):
+    """An nn.Linear wrapped with a bank of LoRA experts (the PEFT way: base layer kept)."""
+
+    def __init__(self, base_layer: nn.Linear, config: BankConfig, slot: _RoutingSlot, generator: torch.Generator):
+        super().__init__()
+        self.base_layer = base_layer
+        self.n_experts = config.n_experts
+        self.rank = config.rank
+        self.scaling = config.scaling
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self._slot = slot
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        # Adapters stay float32 whatever the base dtype: tiny updates vanish in bf16.
+        device = base_layer.weight.device
+        a = torch.empty(config.n_experts, config.rank, self.in_features)  # (n, r, in)
+        for n in range(config.n_experts):
+            # PEFT's default A init: kaiming_uniform_(a=sqrt(5)) on a (rank, in) matrix.
+            bound = 1.0 / math.sqrt(self.in_features)  # what kaiming_uniform(a=sqrt(5)) gives
+            a[n].uniform_(-bound, bound, generator=generator)
+        self.lora_A = nn.Parameter(a.to(device))
+        # B is stored (n, r, out) so that the second einsum reads it without a transpose copy.
+        self.lora_B = nn.Parameter(torch.zeros(config.n_experts, config.rank, self.out_features, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        mixture = self._slot.mixture
+        if mixture is None:
+            raise AdapterError(
+                "the expert bank was called without a mixture: wrap the call in "
+                "bank.route(weights) or bank.bypass()"
+            )
+        if mixture.bypass:
+            return out
+        if mixture.active is None:
+            lora_a, lora_b = self.lora_A, self.lora_B  # (n, r, in), (n, r, out)
+        else:
+            lora_a, lora_b = self.lora_A[mixture.active], self.lora_B[mixture.active]  # (k, r, in), (k, r, out)
+        weights = mixture.weights  # (batch or 1, k)
+        if weights.shape[0] not in (1, x.shape[0]):
+            raise AdapterError(
+                f"mixture weights have batch size {weights.shape[0]} but the input has {x.shape[0]}"
+            )
+        h = self.dropout(x).to(lora_a.dtype)
+        squeeze = h.dim() == 2
+        if squeeze:
+            h = h.unsqueeze(1)  # (batch, 1, in)
+        h = torch.einsum("bsi,kri->bskr", h, lora_a)  # (batch, seq, k, r)
+        h = h * weights[:, None, :, None].to(h.dtype)  # (batch, seq, k, r)
+        delta = torch.einsum("bskr,kro->bso", h, lora_b)  # (batch, seq, out)
+        if squeeze:
+            delta = delta.squeeze(1)  # (batch, out)
+        return out + (delta * self.scaling).to(out.dtype)
+
+    def expert_delta_weight(self, expert: int) -> torch.Tensor:
+        """The dense weight delta of one expert, (out, in), including the scaling."""
+        return self.scaling * self.lora_B[expert].T @ self.lora_A[expert]  # (out, in)
+
+
+def _find_targets(model: nn.Module, target_modules: str | list[str]) -> list[str]:
+    output_layer = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or isinstance(module, LoRABankLinear):
+            continue
+        if module is output_layer:
+            continue  # the LM head is tied to the embeddings in small models; never adapt it
+        leaf = name.rsplit(".", 1)[-1]
+        if target_modules == ALL_LINEAR or leaf in target_modules:
+            names.append(name)
+    return names
+
+
+class ExpertBank(nn.Module):
+    """The LoRA experts of a model, injected in place, with the routing context for calls.
+
+    The bank owns only adapter parameters; the base model stays frozen and is not a
+    submodule of the bank (so the bank's state_dict holds adapters alone).
+    """
+
+    def __init__(self, model: nn.Module, config: BankConfig | None = None):
+        super().__init__()
+        self.config = config or BankConfig()
+        self._slot = _RoutingSlot()
+        names = _find_targets(model, self.config.target_modules)
+        if not names:
+            raise AdapterError(f"no linear layers matched target_modules={self.config.target_modules!r}")
+        if isinstance(self.config.target_modules, list):
+            missing = set(self.config.target_modules) - {n.rsplit(".", 1)[-1] for n in names}
+            if missing:
+                raise AdapterError(f"target_modules not found in the model: {sorted(missing)}")
+        generator = torch.Generator().manual_seed(self.config.seed)
+        self.layer_names: list[str] = names
+        layers = []
+        for name in names:
+            parent_name, _, leaf = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            wrapped = LoRABankLinear(getattr(parent, leaf), self.config, self._slot, generator)
+            setattr(parent, leaf, wrapped)
+            layers.append(wrapped)
+        # Held in a plain list so the bank does not own (or save) the base layers.
+        self._layers: list[LoRABankLinear] = layers
+        self._params = nn.ParameterDict()
+        for name, layer in zip(names, layers):
+            key = name.replace(".", "__")
+            self._params[key + "__A"] = layer.lora_A
+            self._params[key + "__B"] = layer.lora_B
+        log.info("injected %d experts (rank %d) into %d layers", self.config.n_experts, self.config.rank, len(names))
+
+    @property
+    def layers(self) -> dict[str, LoRABankLinear]:
+        return dict(zip(self.layer_names, self._layers))
+
+    @property
+    def n_experts(self) -> int:
+        return self.config.n_experts
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters, found by module type (never by name)."""
+        return [p for layer in self._layers for p in (layer.lora_A, layer.lora_B)]
+
+    @contextlib.contextmanager
+    def route(self, weights: torch.Tensor) -> Iterator[None]:
+        """Apply the expert mixture ``weights`` (batch or 1, n_experts) to calls inside the block.
+
+        Only experts with a non-zero weight somewhere in the batch are computed, so top-k
+        and single-expert routing cost k experts, not all of them.
+        """
+        if weights.dim() == 1:
+            weights = weights.unsqueeze(0)  # (1, n)
+        if weights.dim() != 2 or weights.shape[1] != self.n_experts:
+            raise AdapterError(
+                f"mixture weights must have shape (batch, {self.n_experts}), got {tuple(weights.shape)}"
+            )
+        if not torch.isfinite(weights).all():
+            raise AdapterError("mixture weights contain NaN or inf")
+        used = (weights != 0).any(dim=0)  # (n,)
+        if bool(used.all()):
+            mixture = Mixture(weights=weights, active=None)
+        else:
+            active = used.nonzero().flatten()  # (k,)
+            mixture = Mixture(weights=weights[:, active], active=active.to(self._layers[0].lora_A.device))
+        with self._set(mixture):
+            yield
+
+    @contextlib.contextmanager
+    def bypass(self) -> Iterator[None]:
+        """Run the bare frozen model: the bank adds nothing inside the block."""
+        with self._set(Mixture(weights=torch.zeros(1, 0), active=None, bypass=True)):
+            yield
+
+    @contextlib.contextmanager
+    def _set(self, mixture: Mixture) -> Iterator[None]:
+        self._slot.stack.append(self._slot.mixture)
+        self._slot.mixture = mixture
+        try:
+            yield
+        finally:
+            self._slot.mixture = self._slot.stack.pop()
+
+    def one_hot(self, expert: int, batch: int = 1) -> torch.Tensor:
+        """Weights that select a single expert, (batch, n_experts)."""
+        if not 0 <= expert < self.n_experts:
+            raise AdapterError(f"expert index {expert} is out of range [0, {self.n_experts})")
+        weights = torch.zeros(batch, self.n_experts, device=self._layers[0].lora_A.device)
+        weights[:, expert] = 1.0
+        return weights
+
+    def expert_norms(self) -> torch.Tensor:
+        """Frobenius norm of each expert's B matrices summed over layers, (n_experts,): 0 = untrained."""
+        with torch.no_grad():
+            return torch.stack([layer.lora_B.pow(2).sum(dim=(1, 2)) for layer in self._layers]).sum(0).sqrt()

@@ -1,0 +1,298 @@
+"""Test-time training of the expert bank and router over a frozen model.
+
+``TestTimeTrainer.step`` is one optimizer step on a batch of (prompt, completion) texts:
+causal-LM loss on the completion tokens only, a router cross-entropy toward the target
+expert, and an optional KL penalty toward the frozen model's next-token distribution.
+``TestTimeTrainer.update`` is a short burst of such steps under the stress controller,
+with snapshot and rollback in Mirror mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters.bank import ExpertBank
+from adapters.router import Router, context_features
+from adapters.snapshot import BankSnapshot
+from adapters.stress import StressController, StressMode
+from agents.errors import TrainingError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    prompt: str  # conditioning text; its tokens are masked out of the LM loss
+    completion: str  # the text the model learns to produce
+
+
+@dataclass
+class TrainerConfig:
+    lm_weight: float = 1.0  # weight of the completion-only causal-LM loss
+    router_weight: float = 0.1  # weight of the router cross-entropy toward the target expert
+    kl_weight: float = 0.0  # weight of KL(base || adapted) on completion tokens; 0 = off
+    max_grad_norm: float = 1.0  # gradient clipping
+    weight_decay: float = 0.0  # AdamW decay; >0 would also shrink experts that are not trained
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    max_length: int = 512  # tokens per example after truncation (completion kept first)
+    # "target": the LM loss runs through the target expert alone, so a burst trains one
+    # expert; "router": through the router's dense mixture, so the LM loss trains the router too.
+    lm_routing: Literal["target", "router"] = "target"
+    steps_per_update: int = 3  # optimizer steps in one update burst
+
+    def __post_init__(self) -> None:
+        for name in ("lm_weight", "router_weight", "kl_weight", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lm_weight == 0 and self.router_weight == 0:
+            raise ValueError("lm_weight and router_weight cannot both be 0")
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.lm_routing not in ("target", "router"):
+            raise ValueError(f"lm_routing must be 'target' or 'router', got {self.lm_routing!r}")
+        if self.steps_per_update < 1:
+            raise ValueError(f"steps_per_update must be >= 1, got {self.steps_per_update}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (batch, seq) prompt + completion, right-padded
+    attention_mask: torch.Tensor  # (batch, seq)
+    labels: torch.Tensor  # (batch, seq), IGNORE_INDEX on prompt and padding
+    prompt_ids: torch.Tensor  # (batch, prompt_seq) prompts alone, left-padded, for router features
+    prompt_mask: torch.Tensor  # (batch, prompt_seq)
+
+
+@dataclass
+class UpdateResult:
+    mode: str
+    phi: float
+    lr: float
+    expert: int
+    loss_before: float  # on the examples, before the burst
+    loss_after: float  # on the examples, after the burst (after rollback, if any)
+    guard_before: float  # on the guard texts (the examples when no guard is given)
+    guard_after: float  # on the guard texts after the burst, before any rollback
+    rolled_back: bool
+    steps: list[dict]
+
+
+class TestTimeTrainer:
+    """Trains only the bank's adapters and the router; the base model stays frozen."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        bank: ExpertBank,
+        router: Router,
+        config: TrainerConfig | None = None,
+        stress: StressController | None = None,
+    ):
+        self.model, self.tokenizer, self.bank, self.router = model, tokenizer, bank, router
+        self.config = config or TrainerConfig()
+        self.stress = stress or StressController()
+        self.device = next(model.parameters()).device
+        for p in model.parameters():
+            if p.requires_grad and not any(p is q for q in self.trainable_parameters()):
+                raise TrainingError("the base model must be frozen (requires_grad=False) before training")
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return self.bank.adapter_parameters() + list(self.router.parameters())
+
+    def new_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        # A fresh optimizer per update burst: Adam moments from an earlier burst on another
+        # expert would otherwise keep moving that expert on zero gradients.
+        return torch.optim.AdamW(
+            self.trainable_parameters(), lr=lr, betas=self.config.betas, weight_decay=self.config.weight_decay
+        )
+
+    # ---------------------------------------------------------------- batching
+
+    def tokenize(self, examples: Sequence[TrainingExample]) -> Batch:
+        if not examples:
+            raise TrainingError("a training step needs at least one example")
+        tok = self.tokenizer
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        rows, prompts = [], []
+        for ex in examples:
+            prompt = tok(ex.prompt, add_special_tokens=False)["input_ids"]
+            completion = tok(ex.completion, add_special_tokens=False)["input_ids"] + eos
+            if not completion:
+                raise TrainingError(f"empty completion for prompt {ex.prompt[:60]!r}")
+            # Keep the whole completion when possible; cut the prompt from the left.
+            completion = completion[: self.config.max_length - 1]
+            prompt = prompt[-(self.config.max_length - len(completion)) :] if prompt else []
+            rows.append((prompt, completion))
+            prompts.append(prompt or completion[:1])
+        width = max(len(p) + len(c) for p, c in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (prompt, completion) in enumerate(rows):
+            ids = prompt + completion
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, len(prompt) : len(ids)] = torch.tensor(completion)
+            mask[i, : len(ids)] = 1
+        p_width = max(len(p) for p in prompts)
+        prompt_ids = torch.full((len(rows), p_width), pad, dtype=torch.long)
+        prompt_mask = torch.zeros((len(rows), p_width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            prompt_ids[i, p_width - len(p) :] = torch.tensor(p)
+            prompt_mask[i, p_width - len(p) :] = 1
+        d = self.device
+        return Batch(input_ids.to(d), mask.to(d), labels.to(d), prompt_ids.to(d), prompt_mask.to(d))
+
+    # ---------------------------------------------------------------- losses
+
+    def _losses(
+        self, batch: Batch, target_expert: int, memory: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        n_rows = batch.input_ids.shape[0]
+        features = context_features(self.model, self.bank, batch.prompt_ids, batch.prompt_mask)  # (batch, h)
+        logits = self.router(features, memory)  # (batch, n_experts)
+        target = torch.full((n_rows,), target_expert, dtype=torch.long, device=logits.device)
+        router_loss = F.cross_entropy(logits / self.router.config.temperature, target)
+        if self.config.lm_routing == "target":
+            weights = self.bank.one_hot(target_expert, n_rows)  # (batch, n_experts)
+        else:
+            weights = self.router.weights(logits, mode="dense")  # (batch, n_experts), carries router grads
+        with self.bank.route(weights):
+            out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        lm_logits = out.logits[:, :-1].float()  # (batch, seq-1, vocab)
+        labels = batch.labels[:, 1:]  # (batch, seq-1)
+        lm_loss = F.cross_entropy(lm_logits.reshape(-1, lm_logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+        losses = {"lm": lm_loss, "router": router_loss}
+        if self.config.kl_weight > 0:
+            with torch.no_grad(), self.bank.bypass():
+                base_logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            base_logp = torch.log_softmax(base_logits[:, :-1].float(), dim=-1)  # (batch, seq-1, vocab)
+            logp = torch.log_softmax(lm_logits, dim=-1)  # (batch, seq-1, vocab)
+            kl = (base_logp.exp() * (base_logp - logp)).sum(-1)  # (batch, seq-1)
+            keep = (labels != IGNORE_INDEX).float()
+            losses["kl"] = (kl * keep).sum() / keep.sum().clamp_min(1.0)
+        return losses
+
+    def _total(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        cfg = self.config
+        total = cfg.lm_weight * losses["lm"] + cfg.router_weight * losses["router"]
+        if "kl" in losses:
+            total = total + cfg.kl_weight * losses["kl"]
+        return total
+
+    # ---------------------------------------------------------------- training
+
+    def step(
+        self,
+        examples: Sequence[TrainingExample],
+        target_expert: int,
+        optimizer: torch.optim.Optimizer,
+        memory: torch.Tensor | None = None,
+    ) -> dict:
+        """One optimizer step. Refuses a non-finite loss or gradient and leaves parameters untouched."""
+        start = time.perf_counter()
+        batch = self.tokenize(examples)
+        self.router.train()
+        optimizer.zero_grad(set_to_none=True)
+        losses = self._losses(batch, target_expert, memory)
+        total = self._total(losses)
+        if not torch.isfinite(total):
+            optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(
+                f"non-finite loss {total.item()} (parts: { {k: v.item() for k, v in losses.items()} }); step refused"
+            )
+        total.backward()
+        params = self.trainable_parameters()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            raise TrainingError(f"non-finite gradient norm {grad_norm.item()}; step refused")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.router.eval()
+        seconds = time.perf_counter() - start
+        tokens = int(batch.attention_mask.sum())
+        metrics = {f"loss_{k}": float(v.detach()) for k, v in losses.items()}
+        metrics.update(
+            loss=float(total.detach()),
+            grad_norm=float(grad_norm),
+            lr=optimizer.param_groups[0]["lr"],
+            tokens=tokens,
+            seconds=seconds,
+            tokens_per_s=tokens / seconds if seconds > 0 else math.inf,
+            expert=target_expert,
+        )
+        return metrics
+
+    @torch.no_grad()
+    def loss(self, examples: Sequence[TrainingExample], target_expert: int, memory: torch.Tensor | None = None) -> float:
+        """The completion-only LM loss on examples through the target expert, updating nothing.
+
+        This is what the stress controller reads and what Mirror mode guards: how well the
+        model produces the texts, not how sure the router is.
+        """
+        return float(self._losses(self.tokenize(examples), target_expert, memory)["lm"])
+
+    def update(
+        self,
+        examples: Sequence[TrainingExample],
+        target_expert: int,
+        memory: torch.Tensor | None = None,
+        guard: Sequence[TrainingExample] | None = None,
+        steps: int | None = None,
+    ) -> UpdateResult:
+        """A burst of steps under the stress controller.
+
+        The loss before training feeds the controller, whose mode picks the learning rate
+        and the expert (the shared one in Single mode). In Mirror mode the bank is
+        snapshotted first and restored if the loss on ``guard`` (default: the examples
+        themselves) ends worse than before by more than the tolerance.
+        """
+        steps = steps or self.config.steps_per_update
+        loss_before = self.loss(examples, target_expert, memory)
+        self.stress.observe(loss_before)
+        decision = self.stress.decide()
+        expert = self.bank.config.shared_expert if decision.mode is StressMode.SINGLE else target_expert
+        snapshot = BankSnapshot.capture(self.bank, self.router, self.stress) if decision.snapshot else None
+        guard_before = self.loss(guard, expert, memory) if guard else loss_before
+        optimizer = self.new_optimizer(decision.lr)
+        history = [self.step(examples, expert, optimizer, memory) for _ in range(steps)]
+        loss_after = self.loss(examples, expert, memory)
+        guard_after = self.loss(guard, expert, memory) if guard else loss_after
+        rolled_back = False
+        if snapshot is not None and guard_after > guard_before + self.stress.config.rollback_tolerance:
+            # Captured after observe(), so the stress reading of this update stands.
+            snapshot.restore(self.bank, self.router, self.stress)
+            rolled_back = True
+            loss_after = self.loss(examples, expert, memory)
+            log.info("mirror rollback: guard loss %.4f -> %.4f", guard_before, guard_after)
+        return UpdateResult(
+            mode=decision.mode.value,
+            phi=decision.phi,
+            lr=decision.lr,
+            expert=expert,
+            loss_before=loss_before,
+            loss_after=loss_after,
+            guard_before=guard_before,
+            guard_after=guard_after,
+            rolled_back=rolled_back,
+            steps=history,
+        )

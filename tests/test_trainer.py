@@ -1,0 +1,187 @@
+"""Test-time trainer and stress controller on the tiny-random model."""
+
+import pytest
+import torch
+
+from adapters.bank import BankConfig, ExpertBank
+from adapters.router import Router, RouterConfig
+from adapters.stress import StressConfig, StressController, StressMode
+from adapters.trainer import IGNORE_INDEX, TestTimeTrainer, TrainerConfig, TrainingExample
+from agents.errors import TrainingError
+
+EXAMPLES = [
+    TrainingExample("Q: Tom has 3 apples and buys 5 more. How many?\nA:", " 3 + 5 = 8. The answer is 8"),
+    TrainingExample("Q: A box holds 4 pens. How many pens in 3 boxes?\nA:", " 4 * 3 = 12. The answer is 12"),
+]
+
+
+def _trainer(tiny, **config):
+    bank = ExpertBank(tiny.model, BankConfig(n_experts=4))
+    router = Router(tiny.model.config.hidden_size, 4, RouterConfig(memory_dim=3))
+    return TestTimeTrainer(tiny.model, tiny.tokenizer, bank, router, TrainerConfig(**config))
+
+
+def test_only_adapter_and_router_parameters_change(tiny):
+    base_before = [(p, p.detach().clone()) for p in tiny.model.parameters()]  # before injection
+    trainer = _trainer(tiny)
+    router_before = {k: v.clone() for k, v in trainer.router.state_dict().items()}
+    b_before = {n: l.lora_B.clone() for n, l in trainer.bank.layers.items()}
+    optimizer = trainer.new_optimizer(lr=1e-2)
+    metrics = [trainer.step(EXAMPLES, target_expert=2, optimizer=optimizer, memory=torch.ones(3)) for _ in range(3)]
+    for param, value in base_before:
+        assert torch.equal(param, value) and not param.requires_grad
+    adapter_ids = {id(p) for p in trainer.trainable_parameters()}
+    assert not adapter_ids & {id(p) for p, _ in base_before}
+    # the target expert moved, the others did not (forced LM routing), and the router learned
+    for name, layer in trainer.bank.layers.items():
+        assert not torch.equal(layer.lora_B[2], b_before[name][2]), name
+        for other in (0, 1, 3):
+            assert torch.equal(layer.lora_B[other], b_before[name][other]), (name, other)
+    assert any(not torch.equal(v, router_before[k]) for k, v in trainer.router.state_dict().items())
+    assert metrics[-1]["loss_lm"] < metrics[0]["loss_lm"]
+    for key in ("loss", "loss_lm", "loss_router", "grad_norm", "lr", "tokens_per_s"):
+        assert key in metrics[0] and metrics[0][key] == metrics[0][key]  # present and not NaN
+    assert metrics[0]["lr"] == pytest.approx(1e-2)
+
+
+def test_router_learns_the_target_expert(tiny):
+    trainer = _trainer(tiny, router_weight=1.0)
+    optimizer = trainer.new_optimizer(lr=5e-2)
+    for _ in range(8):
+        trainer.step(EXAMPLES, target_expert=3, optimizer=optimizer)
+    batch = trainer.tokenize(EXAMPLES)
+    from adapters.router import context_features
+
+    logits = trainer.router(context_features(tiny.model, trainer.bank, batch.prompt_ids, batch.prompt_mask))
+    assert (logits.argmax(-1) == 3).all()
+
+
+def test_router_routing_mode_trains_all_experts_through_the_mixture(tiny):
+    trainer = _trainer(tiny, lm_routing="router")
+    optimizer = trainer.new_optimizer(lr=1e-2)
+    trainer.step(EXAMPLES, target_expert=0, optimizer=optimizer)
+    trainer.step(EXAMPLES, target_expert=0, optimizer=optimizer)
+    moved = [bool((layer.lora_B != 0).any(dim=(1, 2)).all()) for layer in trainer.bank.layers.values()]
+    assert all(moved)
+
+
+def test_prompt_tokens_are_masked_out_of_the_loss(tiny):
+    trainer = _trainer(tiny)
+    batch = trainer.tokenize(EXAMPLES)
+    for i, ex in enumerate(EXAMPLES):
+        n_prompt = len(tiny.tokenizer(ex.prompt, add_special_tokens=False)["input_ids"])
+        n_completion = len(tiny.tokenizer(ex.completion, add_special_tokens=False)["input_ids"]) + 1  # + eos
+        row = batch.labels[i]
+        assert (row[:n_prompt] == IGNORE_INDEX).all()
+        assert (row != IGNORE_INDEX).sum() == n_completion
+        assert row[n_prompt] == batch.input_ids[i, n_prompt]
+
+
+def test_nan_loss_is_refused_and_parameters_untouched(tiny):
+    trainer = _trainer(tiny)
+    optimizer = trainer.new_optimizer(lr=1e-2)
+    trainer.step(EXAMPLES, target_expert=1, optimizer=optimizer)  # some state in the optimizer
+    before = [p.detach().clone() for p in trainer.trainable_parameters()]
+    hook = tiny.model.get_input_embeddings().register_forward_hook(lambda m, i, out: out * float("nan"))
+    try:
+        with pytest.raises(TrainingError, match="non-finite"):
+            trainer.step(EXAMPLES, target_expert=1, optimizer=optimizer)
+    finally:
+        hook.remove()
+    after = trainer.trainable_parameters()
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(p.grad is None for p in after)
+
+
+def test_empty_batch_is_refused(tiny):
+    trainer = _trainer(tiny)
+    with pytest.raises(TrainingError, match="at least one example"):
+        trainer.step([], target_expert=0, optimizer=trainer.new_optimizer(1e-3))
+
+
+def test_kl_penalty_is_zero_at_step_zero_and_positive_after(tiny):
+    trainer = _trainer(tiny, kl_weight=1.0)
+    optimizer = trainer.new_optimizer(lr=5e-2)
+    first = trainer.step(EXAMPLES, target_expert=0, optimizer=optimizer)
+    assert first["loss_kl"] == pytest.approx(0.0, abs=1e-6)  # B = 0: adapted == base
+    second = trainer.step(EXAMPLES, target_expert=0, optimizer=optimizer)
+    assert second["loss_kl"] > 0
+
+
+def test_seeded_training_reproduces(tiny):
+    from agents.models import load_model
+
+    def run(loaded):
+        trainer = _trainer(loaded)
+        optimizer = trainer.new_optimizer(lr=1e-2)
+        for _ in range(2):
+            trainer.step(EXAMPLES, target_expert=1, optimizer=optimizer)
+        return [p.detach().clone() for p in trainer.trainable_parameters()]
+
+    a, b = run(tiny), run(load_model("tiny-random"))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_stress_modes_follow_phi():
+    ctrl = StressController(StressConfig(ema_beta=0.0))  # no smoothing: phi from the last loss
+    assert ctrl.phi == 0.0
+    ctrl.observe(0.2)  # E = 0.2, phi = 1/6
+    assert ctrl.decide().mode is StressMode.SINGLE
+    ctrl.observe(1.0)  # phi = 0.5
+    decision = ctrl.decide()
+    assert decision.mode is StressMode.MULTI and decision.lr == ctrl.config.lr_multi and not decision.snapshot
+    ctrl.observe(5.0)  # phi = 5/6
+    decision = ctrl.decide()
+    assert decision.mode is StressMode.MIRROR and decision.snapshot
+    assert decision.phi == pytest.approx(5 / 6)
+
+
+def test_stress_ema_and_state_round_trip():
+    ctrl = StressController(StressConfig(ema_beta=0.5))
+    ctrl.observe(1.0)
+    ctrl.observe(3.0)
+    assert ctrl.ema == pytest.approx(2.0)
+    assert ctrl.phi == pytest.approx(2 / 3)
+    clone = StressController(StressConfig(ema_beta=0.5))
+    clone.load_state_dict(ctrl.state_dict())
+    assert clone.phi == ctrl.phi and clone.steps == 2
+    with pytest.raises(TrainingError):
+        ctrl.observe(float("nan"))
+    with pytest.raises(ValueError, match="theta"):
+        StressConfig(theta_single=0.8, theta_mirror=0.5)
+
+
+def test_update_trains_shared_expert_in_single_mode(tiny):
+    trainer = _trainer(tiny)
+    trainer.stress = StressController(StressConfig(loss_scale=1000.0))  # every loss looks easy
+    result = trainer.update(EXAMPLES, target_expert=3, steps=2)
+    assert result.mode == "single" and result.expert == trainer.bank.config.shared_expert
+    assert len(result.steps) == 2 and not result.rolled_back
+
+
+def test_mirror_mode_rolls_back_an_update_that_hurts_the_guard(tiny):
+    from adapters.snapshot import BankSnapshot
+
+    trainer = _trainer(tiny)
+    # expert 2 first learns the guard texts; a reckless update on other texts then makes it forget
+    guard = [TrainingExample("Q: 7 - 2?\nA:", " 5"), TrainingExample("Q: 9 / 3?\nA:", " 3")]
+    optimizer = trainer.new_optimizer(lr=5e-2)
+    for _ in range(15):
+        trainer.step(guard, target_expert=2, optimizer=optimizer)
+    trainer.stress = StressController(StressConfig(loss_scale=1e-3, lr_mirror=1.0))  # every loss is stressful
+    before = BankSnapshot.capture(trainer.bank, trainer.router)
+    result = trainer.update(EXAMPLES, target_expert=2, guard=guard, steps=3)
+    assert result.mode == "mirror"
+    assert result.guard_after > result.guard_before, result
+    assert result.rolled_back
+    now = BankSnapshot.capture(trainer.bank, trainer.router)
+    assert all(torch.equal(before.bank[k], v) for k, v in now.bank.items())
+    assert all(torch.equal(before.router[k], v) for k, v in now.router.items())
+
+
+def test_mirror_mode_keeps_an_update_that_helps(tiny):
+    trainer = _trainer(tiny)
+    trainer.stress = StressController(StressConfig(loss_scale=1e-3, lr_mirror=1e-2))
+    result = trainer.update(EXAMPLES, target_expert=2, steps=3)  # guard = the examples themselves
+    assert result.mode == "mirror" and not result.rolled_back
+    assert result.loss_after < result.loss_before
