@@ -60,13 +60,13 @@ def prefill_seconds(model, ids) -> float:
 @torch.no_grad()
 def decode_seconds_per_token(model, ids, new_tokens: int) -> tuple[float, torch.Tensor]:
     """Greedy decoding with the KV cache; time per generated token after the prefill."""
-    out = model(input_ids=ids, use_cache=True)
-    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
     tokens = [token]
     start = time.perf_counter()
     for _ in range(new_tokens - 1):
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=token, cache=cache, use_cache=True)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
         tokens.append(token)
     return (time.perf_counter() - start) / (new_tokens - 1), torch.cat(tokens, dim=1)
 
@@ -104,7 +104,9 @@ def main() -> None:
     results["prompt_tokens"] = ids.shape[1]
     print(f"model {args.model}: loaded in {results['load_seconds']:.1f}s, prompt {ids.shape[1]} tokens", file=sys.stderr)
 
-    # The bare model, before any wrapper exists.
+    # The bare model, before any wrapper exists (after one warm-up call of each kind).
+    prefill_seconds(model, ids)
+    decode_seconds_per_token(model, ids, 3)
     bare_prefill = [prefill_seconds(model, ids) for _ in range(args.rounds)]
     bare_decode = [decode_seconds_per_token(model, ids, args.new_tokens)[0] for _ in range(args.rounds)]
 

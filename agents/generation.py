@@ -1,0 +1,94 @@
+"""Batched greedy generation through the expert bank, stopping once the answer line is complete."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from adapters.bank import ExpertBank
+
+# An answer line is complete when the number after "answer is" (or inside \boxed{}) is
+# followed by a line end or a sentence end; "18." alone might still become "18.5", so a
+# final period waits for the next token (or the end-of-sequence token ends it anyway).
+ANSWER_COMPLETE = re.compile(
+    r"(?:answer\s+is|####)[^\n]*?\d[^\n]*?(?:\n|\.\s|\\\)|\$\s)|\\boxed\{[^{}]*\d[^{}]*\}",
+    re.IGNORECASE,
+)
+
+
+@dataclass
+class Generation:
+    text: str  # the generated text, prompt excluded
+    new_tokens: int  # tokens generated, up to and including the stop
+    seconds: float  # wall time of the batch this sequence was part of
+
+
+class AnswerLineComplete(StoppingCriteria):
+    """Per-sequence stop once the generated text holds a complete answer line."""
+
+    def __init__(self, tokenizer, prompt_width: int, window: int = 48):
+        self.tokenizer = tokenizer
+        self.prompt_width = prompt_width
+        self.window = window  # only the tail is decoded each step, to keep the check cheap
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        tails = input_ids[:, max(self.prompt_width, input_ids.shape[1] - self.window) :]  # (batch, <=window)
+        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
+        return torch.tensor([bool(ANSWER_COMPLETE.search(t)) for t in texts], device=input_ids.device)
+
+
+def chat_prompt(tokenizer, system: str | None, user: str) -> str:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    bank: ExpertBank | None,
+    prompts: list[str],
+    weights: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int = 384,
+    stop_at_answer: bool = True,
+) -> list[Generation]:
+    """Greedy completions of already-templated prompts, batched with left padding.
+
+    ``weights`` (batch or 1, n_experts) is the expert mixture; None runs the bare model.
+    """
+    if tokenizer.padding_side != "left":
+        raise ValueError("generation needs a left-padding tokenizer")
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    width = enc["input_ids"].shape[1]
+    criteria = StoppingCriteriaList([AnswerLineComplete(tokenizer, width)]) if stop_at_answer else None
+    start = time.perf_counter()
+    kwargs = dict(
+        **enc,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        stopping_criteria=criteria,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if bank is None:
+        out = model.generate(**kwargs)
+    elif weights is None:
+        with bank.bypass():
+            out = model.generate(**kwargs)
+    else:
+        with bank.route(weights.to(device)):
+            out = model.generate(**kwargs)
+    seconds = time.perf_counter() - start
+    results = []
+    stop_ids = {tokenizer.pad_token_id, tokenizer.eos_token_id}
+    for row in out[:, width:]:
+        ids = row.tolist()
+        while ids and ids[-1] in stop_ids:
+            ids.pop()
+        results.append(Generation(tokenizer.decode(ids, skip_special_tokens=True), len(ids), seconds))
+    return results

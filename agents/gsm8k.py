@@ -1,0 +1,82 @@
+"""GSM8K-style problems from JSON-lines files (`question`, `answer` ending in `#### N`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from agents.errors import DataError
+
+# The shared copy on this machine; users point elsewhere with SELFIMPROVE_GSM8K or a path.
+_SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
+_FINAL = re.compile(r"####\s*(.+?)\s*$")
+_CALCULATOR = re.compile(r"<<[^>]*>>")  # GSM8K's calculator annotations, e.g. <<48/2=24>>
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str  # stable: split + sha256 of the question text
+    question: str
+    solution: str | None  # the reference solution without the final '#### N' line
+    label: str | None  # the final answer as written after '####', commas removed
+    split: str  # "train", "test", or the file's stem
+
+
+def problem_id(split: str, question: str) -> str:
+    digest = hashlib.sha256(" ".join(question.split()).encode()).hexdigest()[:12]
+    return f"{split}-{digest}"
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("SELFIMPROVE_GSM8K", _SHARED))
+
+
+def resolve_path(spec: str | Path) -> Path:
+    """A file path, or 'train' / 'test' for the files in the GSM8K data folder."""
+    if str(spec) in ("train", "test"):
+        path = data_dir() / f"{spec}.jsonl"
+    else:
+        path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"GSM8K data file not found: {path} (set SELFIMPROVE_GSM8K or pass a path)")
+    return path
+
+
+def parse_record(record: dict, split: str) -> Problem:
+    question = record.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("'question' is missing or empty")
+    answer = record.get("answer")
+    if answer is None:
+        return Problem(problem_id(split, question), question.strip(), None, None, split)
+    if not isinstance(answer, str):
+        raise ValueError("'answer' is not a string")
+    lines = answer.strip().splitlines()
+    match = _FINAL.search(lines[-1]) if lines else None
+    if not match:
+        raise ValueError("'answer' does not end with a '#### N' line")
+    solution = _CALCULATOR.sub("", "\n".join(lines[:-1])).strip()
+    label = match.group(1).replace(",", "").strip()
+    return Problem(problem_id(split, question), question.strip(), solution, label, split)
+
+
+def load_problems(spec: str | Path, limit: int | None = None, split: str | None = None) -> list[Problem]:
+    """Read problems from a JSON-lines file; a bad line is an error naming the file and line."""
+    path = resolve_path(spec)
+    split = split or path.stem
+    problems = []
+    with path.open(encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                problems.append(parse_record(json.loads(line), split))
+            except (json.JSONDecodeError, ValueError, AttributeError) as err:
+                raise DataError(f"{path}:{number}: bad GSM8K record: {err}") from err
+            if limit is not None and len(problems) >= limit:
+                break
+    return problems

@@ -1,0 +1,56 @@
+"""Reading GSM8K-style JSON-lines files."""
+
+import json
+
+import pytest
+
+from agents.errors import DataError
+from agents.gsm8k import load_problems, problem_id
+
+
+def _write(path, records):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def test_reads_question_solution_and_label(tmp_path):
+    path = _write(tmp_path / "mini.jsonl", [
+        {"question": "Tom has 3 apples and buys 5. How many?", "answer": "3+5=<<3+5=8>>8\n#### 8"},
+        {"question": "A farm has 1,200 cows.", "answer": "It has 1,200 cows.\n#### 1,200"},
+    ])
+    first, second = load_problems(path)
+    assert first.solution == "3+5=8" and first.label == "8" and first.split == "mini"
+    assert second.label == "1200"
+    assert first.id == problem_id("mini", "Tom has 3 apples   and buys 5. How many?")  # whitespace-insensitive
+
+
+def test_unlabelled_records_are_allowed(tmp_path):
+    (problem,) = load_problems(_write(tmp_path / "q.jsonl", [{"question": "What is 2+2?"}]))
+    assert problem.label is None and problem.solution is None
+
+
+@pytest.mark.parametrize("bad,reason", [
+    ("{not json", "bad GSM8K record"),
+    (json.dumps({"answer": "#### 3"}), "'question' is missing"),
+    (json.dumps({"question": "Q?", "answer": "no final line"}), "#### N"),
+    (json.dumps(["a", "list"]), "bad GSM8K record"),
+])
+def test_bad_line_is_named(tmp_path, bad, reason):
+    path = _write(tmp_path / "data.jsonl", [{"question": "Q?", "answer": "#### 1"}, bad])
+    with pytest.raises(DataError, match=reason) as err:
+        load_problems(path)
+    assert f"{path}:2:" in str(err.value)
+
+
+def test_limit_and_missing_file(tmp_path):
+    path = _write(tmp_path / "d.jsonl", [{"question": f"Q{i}?", "answer": f"#### {i}"} for i in range(5)])
+    assert len(load_problems(path, limit=2)) == 2
+    with pytest.raises(DataError, match="not found"):
+        load_problems(tmp_path / "missing.jsonl")
+
+
+def test_shared_splits_resolve_and_are_disjoint():
+    test = load_problems("test", limit=50)
+    train = load_problems("train", limit=50)
+    assert len(test) == 50 and all(p.split == "test" and p.label for p in test)
+    assert not {p.question for p in test} & {p.question for p in train}
