@@ -32,9 +32,9 @@ class StressConfig:
     loss_scale: float = 1.0  # loss that maps to phi = 0.5 (E = loss / loss_scale)
     theta_single: float = 0.3  # phi below this: Single mode
     theta_mirror: float = 0.7  # phi at or above this: Mirror mode
-    lr_single: float = 2e-4  # learning rate in Single mode (shared expert, small steps)
-    lr_multi: float = 1e-3  # learning rate in Multi mode (task expert)
-    lr_mirror: float = 2e-4  # learning rate in Mirror mode (cautious, with rollback)
+    lr_single: float = 1e-4  # learning rate in Single mode (shared expert, small steps)
+    lr_multi: float = 5e-4  # learning rate in Multi mode (task expert)
+    lr_mirror: float = 1e-4  # learning rate in Mirror mode (cautious, with rollback)
     rollback_tolerance: float = 0.0  # Mirror rolls back if the guarded loss rises by more than this
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""Batched greedy generation through the expert bank, stopping once the answer line is complete."""
+"""Batched generation through the expert bank, stopping once the answer line is complete."""
 
 from __future__ import annotations
 
@@ -56,8 +56,10 @@ def generate(
     *,
     max_new_tokens: int = 384,
     stop_at_answer: bool = True,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
 ) -> list[Generation]:
-    """Greedy completions of already-templated prompts, batched with left padding.
+    """Completions of already-templated prompts (greedy unless temperature > 0), batched with left padding.
 
     ``weights`` (batch or 1, n_experts) is the expert mixture; None runs the bare model.
     """
@@ -71,7 +73,8 @@ def generate(
     kwargs = dict(
         **enc,
         max_new_tokens=max_new_tokens,
-        do_sample=False,
+        do_sample=temperature > 0,
+        **({"temperature": temperature, "top_p": top_p} if temperature > 0 else {}),
         stopping_criteria=criteria,
         pad_token_id=tokenizer.pad_token_id,
     )

@@ -86,8 +86,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     args = parser.parse_args()
@@ -104,12 +104,8 @@ def main() -> None:
     results["prompt_tokens"] = ids.shape[1]
     print(f"model {args.model}: loaded in {results['load_seconds']:.1f}s, prompt {ids.shape[1]} tokens", file=sys.stderr)
 
-    # The bare model, before any wrapper exists (after one warm-up call of each kind).
-    prefill_seconds(model, ids)
-    decode_seconds_per_token(model, ids, 3)
-    bare_prefill = [prefill_seconds(model, ids) for _ in range(args.rounds)]
-    bare_decode = [decode_seconds_per_token(model, ids, args.new_tokens)[0] for _ in range(args.rounds)]
-
+    # A second copy stays bare (no wrappers at all), so it can be timed interleaved with the bank.
+    bare_model = load_model(args.model).model
     bank = ExpertBank(model, BankConfig(n_experts=args.experts, rank=args.rank))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # trained-looking experts: values do not change the cost, but outputs must differ from base
@@ -132,10 +128,13 @@ def main() -> None:
             with bank.route(self.weights):
                 return model(**kw)
 
-    variants = {"bypass": Routed(None), "dense16": Routed(dense), "top2": Routed(top2)}
+    variants = {"bare": bare_model, "bypass": Routed(None), "dense16": Routed(dense), "top2": Routed(top2)}
+    for variant in variants.values():  # warm-up: first calls allocate and page weights in
+        prefill_seconds(variant, ids)
+        decode_seconds_per_token(variant, ids, 3)
     prefill = interleaved(variants, args.rounds, lambda v: prefill_seconds(v, ids))
     decode = interleaved(variants, args.rounds, lambda v: decode_seconds_per_token(v, ids, args.new_tokens)[0])
-    prefill["bare"], decode["bare"] = bare_prefill, bare_decode
+    bare_prefill, bare_decode = prefill["bare"], decode["bare"]
     med = statistics.median
     results["prefill_s"] = {k: med(v) for k, v in prefill.items()}
     results["decode_s_per_token"] = {k: med(v) for k, v in decode.items()}
@@ -159,24 +158,23 @@ def main() -> None:
     results["peak_rss_mb"] = peak_rss_mb()
 
     if not args.skip_peft:
-        results.update(compare_with_peft(args, bank, model, ids, dense))
+        results.update(compare_with_peft(args, bank, model, bare_model, ids, dense))
 
     print_table(results)
     if args.json:
         print(json.dumps(results))
 
 
-def compare_with_peft(args, bank: ExpertBank, model, ids, weights) -> dict:
-    """The same 16 adapters under PEFT, all active, each scaled by its mixture weight."""
+def compare_with_peft(args, bank: ExpertBank, model, bare_model, ids, weights) -> dict:
+    """The same 16 adapters under PEFT (injected into the bare copy), all active, each scaled by its weight."""
     from peft import PeftModel
     from peft.tuners.lora import LoraLayer
 
-    other = load_model(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         names = [f"e{n}" for n in range(bank.n_experts)]
         for n, name in enumerate(names):
             export_peft(bank, Path(tmp) / name, expert=n)
-        peft_model = PeftModel.from_pretrained(other.model, Path(tmp) / names[0], adapter_name=names[0])
+        peft_model = PeftModel.from_pretrained(bare_model, Path(tmp) / names[0], adapter_name=names[0])
         for name in names[1:]:
             peft_model.load_adapter(Path(tmp) / name, adapter_name=name)
     peft_model.base_model.set_adapter(names)

@@ -1,0 +1,102 @@
+"""Generation backends: what the solver, reflector, diversifier and harness call to generate text.
+
+A backend turns chat messages into prompts and prompts into completions under an expert
+mixture. ``TorchBackend`` is the reference: it runs the transformers model with the bank
+in the same process and works for every model spec and for training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+from adapters.bank import ExpertBank
+from agents.generation import Generation, chat_prompt, generate
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings; the default is greedy decoding."""
+
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0  # sampled runs with the same seed give the same texts
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = Sampling()
+
+
+@runtime_checkable
+class GenerationBackend(Protocol):
+    name: str
+
+    def chat_prompt(self, system: str | None, user: str) -> str:
+        """The model's chat-templated prompt for one user turn (and an optional system turn)."""
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        weights: torch.Tensor | None = None,
+        max_new_tokens: int = 384,
+        stop_at_answer: bool = False,
+        sampling: Sampling = GREEDY,
+    ) -> list[Generation]:
+        """Completions of templated prompts; ``weights`` (batch or 1, n_experts), None = bare model."""
+
+
+class TorchBackend:
+    """The reference backend: transformers generate with the expert bank in this process."""
+
+    name = "torch"
+
+    def __init__(self, model, tokenizer, bank: ExpertBank | None, batch_size: int = 8):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model, self.tokenizer, self.bank, self.batch_size = model, tokenizer, bank, batch_size
+
+    def chat_prompt(self, system: str | None, user: str) -> str:
+        return chat_prompt(self.tokenizer, system, user)
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        weights: torch.Tensor | None = None,
+        max_new_tokens: int = 384,
+        stop_at_answer: bool = False,
+        sampling: Sampling = GREEDY,
+    ) -> list[Generation]:
+        results: list[Generation] = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = list(prompts[start : start + self.batch_size])
+            chunk_weights = None
+            if weights is not None:
+                chunk_weights = weights if weights.shape[0] == 1 else weights[start : start + len(chunk)]
+            # Sampling seeds the RNG per chunk, inside a fork, so runs repeat and nothing else is disturbed.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sampling.seed + start)
+                results += generate(
+                    self.model,
+                    self.tokenizer,
+                    self.bank,
+                    chunk,
+                    chunk_weights,
+                    max_new_tokens=max_new_tokens,
+                    stop_at_answer=stop_at_answer,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                )
+        return results

@@ -1,0 +1,34 @@
+"""A scripted fake generation backend for node and agent logic: deterministic, no model."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from agents.backend import GREEDY, Sampling
+from agents.generation import Generation
+
+
+class ScriptedBackend:
+    """Answers each prompt with script(prompt, sampling, weights_row) and records every call."""
+
+    name = "scripted"
+
+    def __init__(self, script: Callable[[str, Sampling, object], str]):
+        self.script = script
+        self.calls: list[dict] = []
+
+    def chat_prompt(self, system: str | None, user: str) -> str:
+        return f"<system>{system or ''}</system>\n<user>{user}</user>\n<assistant>"
+
+    def generate(self, prompts: Sequence[str], *, weights=None, max_new_tokens: int = 384,
+                 stop_at_answer: bool = False, sampling: Sampling = GREEDY) -> list[Generation]:
+        outs = []
+        for i, prompt in enumerate(prompts):
+            row = None if weights is None else weights[0 if weights.shape[0] == 1 else i]
+            self.calls.append({"prompt": prompt, "sampling": sampling, "weights": row})
+            text = self.script(prompt, sampling, row)
+            outs.append(Generation(text, len(text.split()), 0.0))
+        return outs
+
+    def prompts_containing(self, needle: str) -> list[str]:
+        return [c["prompt"] for c in self.calls if needle in c["prompt"]]
