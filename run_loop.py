@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from dataclasses import asdict
+from itertools import islice
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from agents.errors import SelfImproveError
@@ -39,7 +42,8 @@ def main(
 
 
 def _fail(err: Exception) -> typer.Exit:
-    Console(stderr=True).print(f"error: {err}", markup=False, highlight=False)
+    """One unwrapped line on stderr, then exit code 1."""
+    typer.echo(f"error: {err}", err=True)
     return typer.Exit(1)
 
 
@@ -100,7 +104,7 @@ def demo(
         raise _fail(ValueError(f"--threads must be >= 0, got {threads}"))
     if threads:
         torch.set_num_threads(threads)
-    err_console = Console(stderr=True)
+    err_console = Console(stderr=True, soft_wrap=True)
     try:
         config = DemoConfig(
             model=model, eval_problems=eval_problems, learn_problems=learn_problems, steps=steps,
@@ -125,6 +129,98 @@ def demo(
         f"update mode {u['mode']} (phi {u['phi']:.2f}), expert {u['expert']}, "
         f"loss {u['loss_before']:.3f} -> {u['loss_after']:.3f}; written to {run_dir}"
     )
+
+
+@app.command()
+def run(
+    data: Annotated[str, typer.Option(help="Problems: 'train', 'test' (the GSM8K files) or a JSON-lines path.")] = "train",
+    episodes: Annotated[int, typer.Option(help="Problems to run, from the start of the data.")] = 10,
+    cycles: Annotated[int, typer.Option(help="Reflect/update rounds per failed problem.")] = 2,
+    label_free: Annotated[bool, typer.Option("--label-free", help="Verify by agreement of sampled answers, not labels.")] = False,
+    model: Annotated[str, typer.Option(help="Model spec: an alias, a folder, a .gguf file or a hub id.")] = DEFAULT_MODEL,
+    run_dir: Annotated[Path, typer.Option(help="Run directory: checkpoints, bank, memory, events.jsonl.")] = Path("runs/loop"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --run-dir where it stopped.")] = False,
+    memory_url: Annotated[Optional[str], typer.Option(help="A Chroma server URL to share memory (default: embedded).")] = None,
+    embedder: Annotated[str, typer.Option(help="'minilm' (all-MiniLM-L6-v2) or 'hash' (deterministic, for tests).")] = "minilm",
+    max_new_tokens: Annotated[int, typer.Option(help="Generation cap per answer.")] = 384,
+    seed: Annotated[int, typer.Option(help="Seeds sampling and expert choice.")] = 0,
+    threads: Annotated[int, typer.Option(help="Torch CPU threads (0: torch's default).")] = 0,
+) -> None:
+    """Run the self-improvement loop over a stream of problems, resumably.
+
+    Each problem: solve, verify; when wrong, reflect a rule, diversify it into training texts,
+    update the expert bank, re-evaluate (with a canary regression check); commit to memory.
+    Ctrl-C stops after the running node; --resume continues from there.
+
+    Example: python run_loop.py run --data train --episodes 5 --run-dir runs/first
+    """
+    from agents.gsm8k import iter_problems, resolve_path
+    from agents.models import load_model
+    from agents.solver import SolverConfig
+    from graph.context import LoopConfig
+    from graph.runner import RunSettings, StopFlag, build_context, prepare_run_dir, problem_data, run_episodes, set_threads
+    from memory_store.embedding import HashEmbedding, MiniLMEmbedding
+
+    err = Console(stderr=True, soft_wrap=True)
+    if embedder not in ("minilm", "hash"):
+        raise _fail(ValueError(f"--embedder must be 'minilm' or 'hash', got {embedder!r}"))
+    if episodes < 1:
+        raise _fail(ValueError(f"--episodes must be >= 1, got {episodes}"))
+    set_threads(threads)
+    try:
+        settings = RunSettings(
+            model=model, data=data, episodes=episodes,
+            loop=LoopConfig(cycles=cycles, label_free=label_free, seed=seed),
+            solver=SolverConfig(max_new_tokens=max_new_tokens),
+            memory_url=memory_url,
+        )
+        resolve_path(data)  # fail before anything is written
+        loaded = load_model(model)
+        prepare_run_dir(run_dir, settings, resume)
+        problems = (problem_data(p, learning=True, label_free=label_free) for p in islice(iter_problems(data), episodes))
+        ctx = build_context(loaded, settings, run_dir, embedder=HashEmbedding(dim=384) if embedder == "hash" else MiniLMEmbedding())
+    except (SelfImproveError, ValueError) as error:
+        raise _fail(error) from error
+    err.print(f"backend: {ctx.backend.name}; model {model} on {loaded.device} ({loaded.dtype}); run dir {run_dir}",
+              markup=False, highlight=False)
+    stop = StopFlag()
+    previous = signal.signal(signal.SIGINT, lambda *_: (stop.set(), signal.signal(signal.SIGINT, previous)))
+    done = {"n": 0, "first": 0, "final": 0}
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=err) as progress:
+            task = progress.add_task("starting", total=episodes)
+
+            def on_event(event) -> None:
+                phi = f"{ctx.trainer.stress.phi:.2f}"
+                mode = ctx.trainer.stress.decide().mode.value
+                acc = f"{done['final']}/{done['n']}" if done["n"] else "-"
+                progress.update(task, description=f"episode {event.episode + 1} {event.node:<10} right {acc} phi {phi} {mode}")
+
+            for final in run_episodes(ctx, problems, run_dir=run_dir, on_event=on_event, stop=stop):
+                done["n"] += 1
+                done["first"] += int(final["first"]["correct"])
+                done["final"] += int(final["outcome"] in ("correct", "fixed"))
+                progress.update(task, completed=done["n"])
+    except SelfImproveError as error:
+        raise _fail(error) from error
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if ctx.memory is not None:
+            ctx.memory.close()
+    if stop:
+        err.print(f"stopped after a finished node; resume with: python run_loop.py run --run-dir {run_dir} "
+                  f"--data {data} --episodes {episodes} --model {model} --resume", markup=False, highlight=False)
+        raise typer.Exit(130)
+    typer.echo(json.dumps({
+        "episodes": done["n"],
+        # Scored before the loop learned from each problem: online accuracy.
+        "stream_right_first_try": done["first"],
+        # Re-scored after learning on the same problem: plasticity, not generalisation.
+        "recovery_right_at_end": done["final"],
+        "protocols": {"stream_right_first_try": "stream", "recovery_right_at_end": "recovery"},
+        "run_dir": str(run_dir),
+    }))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
+from typing import Iterator
 
 from agents.errors import DataError
 
@@ -64,19 +66,20 @@ def parse_record(record: dict, split: str) -> Problem:
     return Problem(problem_id(split, question), question.strip(), solution, label, split)
 
 
-def load_problems(spec: str | Path, limit: int | None = None, split: str | None = None) -> list[Problem]:
-    """Read problems from a JSON-lines file; a bad line is an error naming the file and line."""
+def iter_problems(spec: str | Path, split: str | None = None) -> Iterator[Problem]:
+    """Problems one line at a time; a bad line raises DataError naming the file and line when reached."""
     path = resolve_path(spec)
     split = split or path.stem
-    problems = []
     with path.open(encoding="utf-8") as fh:
         for number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             try:
-                problems.append(parse_record(json.loads(line), split))
+                yield parse_record(json.loads(line), split)
             except (json.JSONDecodeError, ValueError, AttributeError) as err:
                 raise DataError(f"{path}:{number}: bad GSM8K record: {err}") from err
-            if limit is not None and len(problems) >= limit:
-                break
-    return problems
+
+
+def load_problems(spec: str | Path, limit: int | None = None, split: str | None = None) -> list[Problem]:
+    """Read problems from a JSON-lines file; a bad line is an error naming the file and line."""
+    return list(islice(iter_problems(spec, split), limit))

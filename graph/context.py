@@ -1,0 +1,115 @@
+"""Run dependencies of the loop, reached by nodes through LangGraph's runtime context.
+
+Nothing here is stored in the graph state: the model, bank, trainer and stores live for
+one process and are rebuilt (and the bank reloaded from disk) when a run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+
+from adapters.bank import ExpertBank
+from adapters.router import Router, context_features
+from adapters.store import BankStore
+from adapters.trainer import TestTimeTrainer
+from agents.backend import GenerationBackend
+from agents.diversifier import Diversifier
+from agents.reflector import Reflector
+from agents.solver import Solver
+from agents.verifier import VerifierConfig
+from memory_store.store import MemoryStore
+
+
+@dataclass
+class LoopConfig:
+    cycles: int = 2  # reflect -> update -> re-evaluate rounds per failed problem
+    label_free: bool = False  # verify by agreement of sampled answers instead of the label
+    rules_in_prompt: bool = True  # put the nearest remembered rules into the solve prompt
+    adapters: bool = True  # train the bank; False = rules only, no gradient
+    canary_size: int = 4  # problems solved earlier that every update must not break
+    canary_margin: float = 0.0  # allowed drop in canary accuracy before an update is rolled back
+    # how the update picks its expert: "router" (argmax if confident, else a fresh slot) or "fresh"
+    expert_policy: Literal["router", "fresh"] = "router"
+    router_confidence: float = 0.5  # router probability needed to reuse its argmax expert
+    seed: int = 0  # seeds sampling; the same seed and data give the same run
+
+    def __post_init__(self) -> None:
+        if self.cycles < 1:
+            raise ValueError(f"cycles must be >= 1, got {self.cycles}")
+        if self.canary_size < 0:
+            raise ValueError(f"canary_size must be >= 0, got {self.canary_size}")
+        if not 0 <= self.canary_margin <= 1:
+            raise ValueError(f"canary_margin must be in [0, 1], got {self.canary_margin}")
+        if self.expert_policy not in ("router", "fresh"):
+            raise ValueError(f"expert_policy must be 'router' or 'fresh', got {self.expert_policy!r}")
+        if not 0 < self.router_confidence <= 1:
+            raise ValueError(f"router_confidence must be in (0, 1], got {self.router_confidence}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RunContext:
+    config: LoopConfig
+    backend: GenerationBackend
+    solver: Solver
+    reflector: Reflector
+    diversifier: Diversifier
+    verifier: VerifierConfig
+    model: object  # the frozen model, for router features
+    tokenizer: object
+    bank: ExpertBank
+    router: Router
+    trainer: TestTimeTrainer
+    bank_store: BankStore
+    memory: MemoryStore | None = None
+    extra: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------ routing
+
+    def memory_vectors(self, questions: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None, list[list[str]], list[list[str]]]:
+        """Memory features, priors, rule texts and rule ids for each question (None without memory)."""
+        if self.memory is None or self.router.config.memory_dim == 0:
+            empty = [[] for _ in questions]
+            return None, None, empty, empty
+        feats = [self.memory.memory_features(q) for q in questions]
+        vectors = torch.from_numpy(np.stack([f.vector for f in feats]))  # (batch, feature_dim)
+        priors = torch.from_numpy(np.stack([f.prior for f in feats]))  # (batch, n_experts)
+        return vectors, priors, [f.rules for f in feats], [f.rule_ids for f in feats]
+
+    @torch.no_grad()
+    def routing(self, prompts: list[str], memory: torch.Tensor | None, prior: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router probabilities (dense) and mixture weights (per the router mode), (batch, n_experts) each."""
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        device = next(self.model.parameters()).device
+        feats = context_features(self.model, self.bank, enc["input_ids"].to(device), enc["attention_mask"].to(device))
+        logits = self.router(feats, None if memory is None else memory.to(feats.device))
+        probs = self.router.weights(logits, mode="dense", prior=prior)
+        weights = self.router.weights(logits, prior=prior) if self.router.config.mode != "forced" else probs
+        return probs, weights
+
+    def pick_expert(self, problem_id: str, probs: torch.Tensor, usage: list[int]) -> tuple[int, str]:
+        """The expert an update trains, and why: stable for the same inputs (hashlib, not hash())."""
+        shared = self.bank.config.shared_expert
+        n = self.bank.n_experts
+        if self.config.expert_policy == "router":
+            best = int(probs.argmax())
+            if float(probs[best]) >= self.config.router_confidence and best != shared:
+                return best, "router"
+        candidates = [e for e in range(n) if e != shared and usage[e] == 0] or [e for e in range(n) if e != shared]
+        if not candidates:  # a one-expert bank
+            return shared, "shared"
+        if all(usage[e] > 0 for e in candidates):  # no fresh slot left: the least used one
+            least = min(usage[e] for e in candidates)
+            candidates = [e for e in candidates if usage[e] == least]
+            reason = "least_used"
+        else:
+            reason = "fresh"
+        digest = int(hashlib.sha256(problem_id.encode()).hexdigest(), 16)
+        return candidates[digest % len(candidates)], reason

@@ -1,0 +1,253 @@
+"""Build a run's dependencies and drive the loop over a stream of problems, resumably.
+
+Each problem is one episode with its own thread id (``<run_id>-epNNNNN``) in a SqliteSaver
+in the run directory. On resume, finished episodes are skipped, a half-done episode
+continues from its last finished node, and the bank is reloaded from its last atomic save.
+What one episode hands to the next (the canary set, expert usage) is part of its state,
+so it is checkpointed too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from langgraph.checkpoint.sqlite import SqliteSaver
+
+from adapters.bank import BankConfig, ExpertBank
+from adapters.router import Router, RouterConfig
+from adapters.store import BankStore, atomic_write_bytes
+from adapters.stress import StressConfig, StressController
+from agents.backend import GenerationBackend, TorchBackend
+from agents.diversifier import Diversifier, DiversifierConfig
+from agents.errors import SelfImproveError
+from agents.gsm8k import Problem
+from agents.models import LoadedModel
+from agents.reflector import Reflector, ReflectorConfig
+from agents.solver import Solver, SolverConfig
+from agents.verifier import VerifierConfig
+from adapters.trainer import TestTimeTrainer, TrainerConfig
+from graph.builder import build_graph, recursion_limit
+from graph.context import LoopConfig, RunContext
+from graph.state import LoopState, ProblemData
+from memory_store.config import MemoryConfig
+from memory_store.store import MemoryStore
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+CHECKPOINTS = "checkpoints.sqlite"
+EVENTS = "events.jsonl"
+
+
+class RunDirError(SelfImproveError):
+    """The run directory does not fit the request (exists without --resume, or another run's)."""
+
+
+@dataclass
+class RunSettings:
+    """Everything that defines a run; saved in run.json and checked on resume."""
+
+    model: str
+    data: str
+    episodes: int
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+    router: RouterConfig = field(default_factory=lambda: RouterConfig(mode="top-k"))
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    stress: StressConfig = field(default_factory=StressConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    memory_url: str | None = None
+    backend: str = "torch"
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self), default=str))
+
+
+def run_id_for(run_dir: Path) -> str:
+    return Path(run_dir).resolve().name
+
+
+def prepare_run_dir(run_dir: Path, settings: RunSettings, resume: bool) -> None:
+    """Create the run directory, or check that a resumed one belongs to the same settings."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    saved_path = run_dir / RUN_FILE
+    wanted = settings.to_dict()
+    if saved_path.exists():
+        if not resume:
+            raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+        saved = json.loads(saved_path.read_text())
+        differs = sorted(k for k in wanted if k != "episodes" and saved.get(k) != wanted[k])
+        if differs:
+            raise RunDirError(f"{run_dir} holds a run with different settings ({', '.join(differs)}); use another --run-dir")
+    atomic_write_bytes(saved_path, json.dumps(wanted, indent=2).encode())
+
+
+def build_context(
+    loaded: LoadedModel,
+    settings: RunSettings,
+    run_dir: Path,
+    *,
+    embedder=None,
+    backend: GenerationBackend | None = None,
+    with_memory: bool = True,
+) -> RunContext:
+    """Model, bank (reloaded if saved), router, trainer, memory and agents for one process."""
+    model, tok = loaded.model, loaded.tokenizer
+    memory = None
+    memory_dim = 0
+    if with_memory:
+        mem_config = MemoryConfig(run_dir=run_dir, url=settings.memory_url, n_experts=settings.bank.n_experts)
+        memory = MemoryStore.open(mem_config, embedder=embedder)
+        memory_dim = mem_config.feature_dim
+    router_config = RouterConfig(**{**asdict(settings.router), "memory_dim": memory_dim})
+    bank = ExpertBank(model, settings.bank)
+    router = Router(model.config.hidden_size, bank.n_experts, router_config).to(loaded.device)
+    stress = StressController(settings.stress)
+    trainer = TestTimeTrainer(model, tok, bank, router, settings.trainer, stress)
+    store = BankStore(run_dir / "bank")
+    if store.exists():
+        store.load(bank, router, stress)
+        log.info("reloaded the bank from %s", store.current)
+    else:
+        store.save(bank, router, stress, extra={"model": settings.model})
+    backend = backend or TorchBackend(model, tok, bank)
+    return RunContext(
+        config=settings.loop,
+        backend=backend,
+        solver=Solver(backend, settings.solver),
+        reflector=Reflector(backend, ReflectorConfig()),
+        diversifier=Diversifier(backend, DiversifierConfig()),
+        verifier=settings.verifier,
+        model=model,
+        tokenizer=tok,
+        bank=bank,
+        router=router,
+        trainer=trainer,
+        bank_store=store,
+        memory=memory,
+    )
+
+
+def problem_data(problem: Problem, *, learning: bool, label_free: bool) -> ProblemData:
+    """The state's view of a problem: no label when label-free, no solution unless it may be learned from."""
+    return ProblemData(
+        id=problem.id,
+        question=problem.question,
+        label=None if label_free else problem.label,
+        split=problem.split,
+        solution=problem.solution if learning and not label_free else None,
+    )
+
+
+@dataclass
+class EpisodeEvent:
+    episode: int
+    node: str
+    update: dict
+
+
+class StopFlag:
+    """Set by Ctrl-C; the driver stops after the node that is running, with its checkpoint written."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+
+def open_checkpointer(run_dir: Path) -> SqliteSaver:
+    return SqliteSaver(sqlite3.connect(str(run_dir / CHECKPOINTS), check_same_thread=False))
+
+
+def run_episodes(
+    ctx: RunContext,
+    problems: Iterable[ProblemData],
+    *,
+    run_dir: Path,
+    learning: bool = True,
+    checkpointer: SqliteSaver | None = None,
+    on_event: Callable[[EpisodeEvent], None] | None = None,
+    stop: StopFlag | None = None,
+) -> Iterator[LoopState]:
+    """Run (or resume) one episode per problem; yields each finished episode's final state."""
+    checkpointer = checkpointer or open_checkpointer(run_dir)
+    app = build_graph().compile(checkpointer=checkpointer)
+    run_id = run_id_for(run_dir)
+    limit = recursion_limit(ctx.config.cycles)
+    carry: dict = {"canary": [], "expert_updates": [0] * ctx.bank.n_experts}
+    events = (run_dir / EVENTS).open("a", encoding="utf-8")
+    try:
+        for index, problem in enumerate(problems):
+            thread = {"configurable": {"thread_id": f"{run_id}-ep{index:05d}"}, "recursion_limit": limit}
+            snapshot = app.get_state(thread)
+            if snapshot.values and not snapshot.next:
+                carry = snapshot.values["carry"]
+                yield snapshot.values  # finished in an earlier process
+                continue
+            if snapshot.values and snapshot.values["problem"]["id"] != problem["id"]:
+                raise RunDirError(f"episode {index} of this run was problem {snapshot.values['problem']['id']}, "
+                                  f"but the data now gives {problem['id']}: the data file changed")
+            start = None if snapshot.next else {
+                "run_id": run_id, "episode": index, "problem": problem, "learning": learning, "carry": carry,
+                "rules": [], "updates": [], "canary_checks": [],
+            }
+            for chunk in app.stream(start, thread, context=ctx, stream_mode="updates"):
+                for node, update in chunk.items():
+                    event = EpisodeEvent(index, node, update or {})
+                    events.write(json.dumps({"episode": index, "node": node, **_summary(update or {})}) + "\n")
+                    events.flush()
+                    if on_event:
+                        on_event(event)
+                if stop:
+                    return
+            final = app.get_state(thread).values
+            carry = final["carry"]
+            yield final
+    finally:
+        events.close()
+        if ctx.memory is not None:
+            ctx.memory.flush()
+
+
+def _summary(update: dict) -> dict:
+    """The event-log line for one node: small, readable fields only."""
+    out = {}
+    if "verdict" in update:
+        out.update(correct=update["verdict"]["correct"], answer=update["verdict"]["answer"],
+                   confidence=update["verdict"]["confidence"])
+    if update.get("rule"):
+        out["rule"] = update["rule"]["text"]
+    if update.get("updates"):
+        u = update["updates"][-1]
+        out.update(expert=u["expert"], mode=u["mode"], phi=round(u["phi"], 4), lr=u["lr"],
+                   loss_before=round(u["loss_before"], 4), loss_after=round(u["loss_after"], 4),
+                   rolled_back=u["rolled_back"])
+    if update.get("canary_checks"):
+        c = update["canary_checks"][-1]
+        out.update(canary_checked=c["checked"], canary_broke=c["broke"], canary_rolled_back=c["rolled_back"])
+    if "outcome" in update:
+        out["outcome"] = update["outcome"]
+    if update.get("error"):
+        out["error"] = update["error"]
+    return out
+
+
+def set_threads(threads: int | None) -> None:
+    """Torch threads: explicit, or all cores but never more than torch's default."""
+    if threads:
+        torch.set_num_threads(threads)
+    else:
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))

@@ -1,0 +1,81 @@
+"""The command line, through typer's CliRunner, on tiny-random."""
+
+import json
+
+from chromadb.api.client import SharedSystemClient
+from typer.testing import CliRunner
+
+from run_loop import app
+
+runner = CliRunner()
+
+
+def _data(path, lines):
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+GOOD = [{"question": f"Tom has {i} apples and buys 2 more. How many?", "answer": f"{i} + 2 = {i + 2}\n#### {i + 2}"}
+        for i in range(3)]
+TINY = ["--model", "tiny-random", "--embedder", "hash", "--max-new-tokens", "8", "--threads", "2"]
+
+
+def _run(args):
+    SharedSystemClient.clear_system_cache()
+    return runner.invoke(app, ["run", *args])
+
+
+def test_run_writes_a_resumable_run(tmp_path):
+    data = _data(tmp_path / "d.jsonl", GOOD)
+    run_dir = tmp_path / "run"
+    result = _run(["--data", str(data), "--episodes", "2", "--run-dir", str(run_dir), *TINY])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["episodes"] == 2 and summary["protocols"]["recovery_right_at_end"] == "recovery"
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert [e["node"] for e in events if e["node"] == "commit"] == ["commit", "commit"]
+    assert (run_dir / "bank" / "current" / "manifest.json").is_file()
+    # the same directory again needs --resume; with it, finished episodes are skipped and one more runs
+    again = _run(["--data", str(data), "--episodes", "2", "--run-dir", str(run_dir), *TINY])
+    assert again.exit_code == 1 and "--resume" in again.output
+    more = _run(["--data", str(data), "--episodes", "3", "--run-dir", str(run_dir), "--resume", *TINY])
+    assert more.exit_code == 0, more.output
+    commits = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert sum(e["node"] == "commit" for e in commits) == 3
+
+
+def test_bad_data_line_is_named_and_earlier_episodes_stay_stored(tmp_path):
+    from memory_store.config import MemoryConfig
+    from memory_store.embedding import HashEmbedding
+    from memory_store.store import MemoryStore
+
+    data = _data(tmp_path / "d.jsonl", [GOOD[0], GOOD[1], "{broken json"])
+    run_dir = tmp_path / "run"
+    result = _run(["--data", str(data), "--episodes", "3", "--run-dir", str(run_dir), *TINY])
+    assert result.exit_code == 1
+    assert f"{data}:3: bad GSM8K record" in result.output
+    SharedSystemClient.clear_system_cache()
+    store = MemoryStore.open(MemoryConfig(run_dir=run_dir), embedder=HashEmbedding(dim=384), writable=False)
+    try:
+        assert store.stats().n_episodes == 2
+    finally:
+        store.close()
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path):
+    for args, needle in [
+        (["--episodes", "0"], "--episodes must be >= 1"),
+        (["--embedder", "nope"], "--embedder must be"),
+        (["--data", str(tmp_path / "missing.jsonl")], "not found"),
+        (["--model", "no-such-model", "--embedder", "hash"], "unknown model spec"),
+    ]:
+        result = _run([*args, "--run-dir", str(tmp_path / "r")])
+        assert result.exit_code == 1, (args, result.output)
+        assert needle in result.output, (args, result.output)
+        assert len([line for line in result.output.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_models_and_demo_help():
+    assert runner.invoke(app, ["models", "--json"]).exit_code == 0
+    result = runner.invoke(app, ["demo", "--help"])
+    assert result.exit_code == 0 and "train-split" in result.output
