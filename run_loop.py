@@ -184,7 +184,13 @@ def run(
     err.print(f"backend: {ctx.backend.name}; model {model} on {loaded.device} ({loaded.dtype}); run dir {run_dir}",
               markup=False, highlight=False)
     stop = StopFlag()
-    previous = signal.signal(signal.SIGINT, lambda *_: (stop.set(), signal.signal(signal.SIGINT, previous)))
+
+    def on_interrupt(*_) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C aborts at once
+        err.print("stopping after the running node finishes (Ctrl-C again to abort now)", markup=False)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
     done = {"n": 0, "first": 0, "final": 0}
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),

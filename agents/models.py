@@ -464,7 +464,9 @@ def _dequantize_gguf(spec: str, gguf: Path) -> tuple[PreTrainedModel, PreTrained
 
 def _load_folder(spec: str, folder: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a cached load takes seconds; its bar is noise on stderr
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)

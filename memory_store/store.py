@@ -1,0 +1,789 @@
+"""MemoryStore: rules and episodes in Chroma, the memory graph beside them, router features.
+
+Two modes run the same code: embedded (``chromadb.PersistentClient`` in run_dir/memory/chroma,
+one writer process guarded by a lock file) and server (``chromadb.HttpClient`` at
+``MemoryConfig.url``, shared by loops on several machines). Embeddings are always computed
+here and handed to Chroma, so Chroma never runs (or downloads) an embedding model itself.
+
+Files in run_dir/memory/:
+    chroma/            the embedded Chroma store (embedded mode only)
+    memory_graph.json  node-link JSON of the MemoryGraph, replaced atomically
+    graph.dirty        present while the JSON may lag Chroma (a crash leaves it: rebuild)
+    writer.lock        flock held by the one writer; holds its pid (embedded mode only)
+    io.lock            flock taken around each write and each reader snapshot (embedded only)
+
+A read-only open of an embedded store copies it under the shared io lock into a temporary
+folder and reads the copy, so inspecting a running loop never touches the writer's files.
+
+Counters (retrieved, helped, hurt) are read-modify-write: with several loops writing to one
+server, two increments of the same rule at the same moment can count once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import chromadb
+import httpx
+import numpy as np
+from chromadb.api.types import Documents, EmbeddingFunction
+from chromadb.config import Settings
+from chromadb.errors import ChromaError, NotFoundError
+
+from memory_store.config import MemoryConfig
+from memory_store.embedding import MiniLMEmbedding, embedder_dim
+from memory_store.errors import BadFilterError, MemoryStoreError, ReadOnlyError, UnknownIdError
+from memory_store.features import compute_features, empty_features, episode_neighbour, rule_neighbour
+from memory_store.filters import and_filters, validate_where
+from memory_store.graph import MemoryGraph, node_id
+from memory_store.locks import IoLock, WriterLock
+from memory_store.records import (
+    ACTIVE_STATUSES,
+    EPISODE_FILTER_KEYS,
+    OUTCOMES,
+    RULE_FILTER_KEYS,
+    RULE_STATUSES,
+    Episode,
+    MemoryFeatures,
+    MemoryStats,
+    NewRule,
+    Provenance,
+    Rule,
+    RuleHit,
+    RuleSource,
+    UpdateInfo,
+    rule_id_for,
+)
+
+logger = logging.getLogger(__name__)
+
+CHROMA_DIR = "chroma"
+GRAPH_FILE = "memory_graph.json"
+DIRTY_FILE = "graph.dirty"
+WRITER_LOCK_FILE = "writer.lock"
+IO_LOCK_FILE = "io.lock"
+STORE_SCHEMA = 1  # bump when the metadata layout changes
+PAGE = 5000  # rows per Chroma get() page when reading whole collections
+BATCH = 1000  # rows per Chroma add/update/query call, under every client's max batch size
+
+
+def _similarity(distance: float) -> float:
+    """Chroma's cosine distance is 1 - cos; clip to [0, 1] so weights stay non-negative."""
+    return float(min(1.0, max(0.0, 1.0 - distance)))
+
+
+def _as_matrix(embeddings: Any, n: int, dim: int) -> np.ndarray:
+    matrix = np.asarray(embeddings, dtype=np.float32)
+    if matrix.ndim == 1:
+        matrix = matrix[None, :]  # (1, dim)
+    if matrix.shape != (n, dim):
+        raise MemoryStoreError(f"embeddings must have shape ({n}, {dim}), got {matrix.shape}")
+    if not np.isfinite(matrix).all():
+        raise MemoryStoreError("embeddings contain NaN or infinite values")
+    return matrix  # (n, dim)
+
+
+@contextmanager
+def _chroma_errors(what: str) -> Iterator[None]:
+    """Turn Chroma's and the HTTP client's failures into one-line MemoryStoreErrors."""
+    try:
+        yield
+    except ChromaError as exc:
+        raise MemoryStoreError(f"chroma {what} failed: {exc}") from exc
+    except httpx.TransportError as exc:
+        raise MemoryStoreError(f"chroma server unreachable during {what}: {exc}") from exc
+
+
+class MemoryStore:
+    """Use ``MemoryStore.open(config, embedder=..., writable=...)``; close it (or use ``with``)."""
+
+    def __init__(
+        self,
+        config: MemoryConfig,
+        embedder: EmbeddingFunction[Documents],
+        client: Any,
+        writable: bool,
+        writer_lock: WriterLock | None,
+        io_lock: IoLock | None,
+        files_dir: Path,
+        snapshot_dir: Path | None,
+    ) -> None:
+        self.config = config
+        self.embedder = embedder
+        self.writable = writable
+        self._client = client
+        self._writer_lock = writer_lock
+        self._io_lock = io_lock
+        self._files_dir = files_dir  # where graph JSON and dirty marker are read (and written)
+        self._snapshot_dir = snapshot_dir
+        self._lock = threading.RLock()
+        self._dirty = False
+        self._last_save = time.monotonic()
+        self._closed = False
+        if snapshot_dir is not None:
+            self._cleanup = weakref.finalize(self, shutil.rmtree, snapshot_dir, True)
+        self._rules = self._collection(config.rules_collection)
+        self._episodes = self._collection(config.episodes_collection)
+        self.graph = self._load_graph()
+
+    # -- opening and closing ----------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        config: MemoryConfig,
+        embedder: EmbeddingFunction[Documents] | None = None,
+        writable: bool = True,
+    ) -> MemoryStore:
+        """Open (creating if writable) the memory described by ``config``.
+
+        ``embedder`` defaults to MiniLMEmbedding (all-MiniLM-L6-v2 from the offline package).
+        Embedded and writable: takes the writer lock, WriterLockedError if another process has it.
+        Embedded and read-only: reads a consistent snapshot taken now; later writes are not seen.
+        """
+        embedder = embedder if embedder is not None else MiniLMEmbedding()
+        dim = embedder_dim(embedder)
+        if dim != config.embed_dim:
+            raise MemoryStoreError(
+                f"embedder {embedder.name()} gives {dim}-d vectors but config.embed_dim is {config.embed_dim}"
+            )
+        settings = Settings(anonymized_telemetry=False)
+        memory_dir = config.memory_dir
+        if config.url is not None:
+            parts = urlsplit(config.url)
+            ssl = parts.scheme == "https"
+            port = parts.port or (443 if ssl else 8000)
+            try:
+                client = chromadb.HttpClient(host=parts.hostname, port=port, ssl=ssl, settings=settings)
+            except (ValueError, ChromaError, httpx.HTTPError) as exc:
+                raise MemoryStoreError(f"cannot reach the Chroma server at {config.url}: {exc}") from None
+            if writable:
+                memory_dir.mkdir(parents=True, exist_ok=True)
+            return cls(config, embedder, client, writable, None, None, memory_dir, None)
+        io_lock = IoLock(memory_dir / IO_LOCK_FILE)
+        if writable:
+            writer_lock = WriterLock(memory_dir / WRITER_LOCK_FILE)
+            writer_lock.acquire()
+            client = None
+            try:
+                client = chromadb.PersistentClient(path=str(memory_dir / CHROMA_DIR), settings=settings)
+                return cls(config, embedder, client, True, writer_lock, io_lock, memory_dir, None)
+            except BaseException:
+                if client is not None:
+                    client.close()
+                writer_lock.release()
+                raise
+        if not (memory_dir / CHROMA_DIR).is_dir():
+            raise MemoryStoreError(f"no memory store in {memory_dir} (nothing has been written there yet)")
+        snapshot = Path(tempfile.mkdtemp(prefix="memory-snapshot-"))
+        client = None
+        try:
+            with io_lock.shared(config.lock_timeout_s):
+                shutil.copytree(memory_dir / CHROMA_DIR, snapshot / CHROMA_DIR)
+                for name in (GRAPH_FILE, DIRTY_FILE):
+                    if (memory_dir / name).exists():
+                        shutil.copy2(memory_dir / name, snapshot / name)
+            client = chromadb.PersistentClient(path=str(snapshot / CHROMA_DIR), settings=settings)
+            return cls(config, embedder, client, False, None, None, snapshot, snapshot)
+        except BaseException:
+            if client is not None:
+                client.close()
+            shutil.rmtree(snapshot, ignore_errors=True)
+            raise
+
+    def _collection(self, name: str) -> Any:
+        expected = {"embed_dim": self.config.embed_dim, "schema": STORE_SCHEMA}
+        try:
+            if self.writable:
+                collection = self._client.get_or_create_collection(
+                    name,
+                    configuration={"hnsw": {"space": "cosine"}},
+                    metadata=expected,
+                    embedding_function=self.embedder,
+                )
+            else:
+                collection = self._client.get_collection(name, embedding_function=self.embedder)
+        except NotFoundError:
+            raise MemoryStoreError(
+                f"memory store has no collection {name!r}; open it writable once to create it"
+            ) from None
+        except ValueError as exc:  # Chroma's message for a different persisted embedding function
+            if "conflict" not in str(exc):
+                raise
+            raise MemoryStoreError(f"collection {name!r} was built with another embedder: {exc}") from None
+        except (ChromaError, httpx.TransportError) as exc:
+            raise MemoryStoreError(f"cannot open collection {name!r}: {exc}") from exc
+        found = {key: (collection.metadata or {}).get(key) for key in expected}
+        if found != expected:
+            raise MemoryStoreError(f"collection {name!r} has {found}, this code expects {expected}")
+        return collection
+
+    def close(self) -> None:
+        """Save the graph (if writable), release Chroma and the writer lock. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                if self.writable and (self._dirty or not (self._files_dir / GRAPH_FILE).exists()):
+                    self._save_graph()
+            finally:
+                self._client.close()
+                if self._writer_lock is not None:
+                    self._writer_lock.release()
+                if self._snapshot_dir is not None:
+                    self._cleanup()
+
+    def __enter__(self) -> MemoryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def mode(self) -> str:
+        return "embedded" if self.config.embedded else "server"
+
+    # -- the graph file -------------------------------------------------------------------
+
+    def _load_graph(self) -> MemoryGraph:
+        path = self._files_dir / GRAPH_FILE
+        with _chroma_errors("count"):
+            have = (self._rules.count(), self._episodes.count())
+        reason = None
+        if (self._files_dir / DIRTY_FILE).exists():
+            reason = "the last writer did not close cleanly"
+        else:
+            try:
+                graph = MemoryGraph.load(path)
+            except MemoryStoreError as exc:
+                reason = str(exc)
+            else:
+                counts = graph.nx_graph.nodes(data=True)
+                n_rules = sum(1 for _, d in counts if d.get("kind") == "rule" and "status" in d)
+                n_episodes = sum(1 for _, d in counts if d.get("kind") == "episode" and "split" in d)
+                if (n_rules, n_episodes) == have:
+                    return graph
+                reason = f"it holds {n_rules} rules and {n_episodes} episodes, Chroma {have[0]} and {have[1]}"
+        if any(have):
+            logger.warning("rebuilding the memory graph from Chroma metadata: %s", reason)
+        graph = MemoryGraph.from_records(self._iter_rules(), self._iter_episodes())
+        if self.writable:
+            self.graph = graph
+            self._save_graph()
+        return graph
+
+    def rebuild_graph(self) -> MemoryGraph:
+        """Rebuild the graph from Chroma metadata (e.g. to see other loops' writes on a server)."""
+        with self._lock:
+            self.graph = MemoryGraph.from_records(self._iter_rules(), self._iter_episodes())
+            if self.writable:
+                self._save_graph()
+            return self.graph
+
+    def _save_graph(self) -> None:
+        io = self._io_lock.exclusive() if self._io_lock is not None else _no_lock()
+        with io:
+            self.graph.save(self._files_dir / GRAPH_FILE)
+            (self._files_dir / DIRTY_FILE).unlink(missing_ok=True)
+        self._dirty = False
+        self._last_save = time.monotonic()
+
+    def _mark_dirty(self) -> None:
+        """Put the marker on disk before the Chroma write: a crash after it means "rebuild"."""
+        fd = os.open(self._files_dir / DIRTY_FILE, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        dir_fd = os.open(self._files_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self._dirty = True
+
+    def flush(self) -> None:
+        """Save the graph now (writes also save it every graph_autosave_s and at close)."""
+        self._require_writable("flush")
+        with self._lock:
+            self._save_graph()
+
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """Serialise a write: thread lock, io lock, dirty marker first, autosave after."""
+        self._require_writable(what)
+        with self._lock:
+            io = self._io_lock.exclusive() if self._io_lock is not None else _no_lock()
+            with io:
+                if not self._dirty:
+                    self._mark_dirty()
+                with _chroma_errors(what):
+                    yield
+            if time.monotonic() - self._last_save >= self.config.graph_autosave_s:
+                self._save_graph()
+
+    def _require_writable(self, what: str) -> None:
+        if self._closed:
+            raise MemoryStoreError(f"cannot {what}: the memory store is closed")
+        if not self.writable:
+            raise ReadOnlyError(f"cannot {what}: the memory store was opened read-only")
+
+    def _require_open(self) -> None:
+        if self._closed:
+            raise MemoryStoreError("the memory store is closed")
+
+    # -- embedding ------------------------------------------------------------------------
+
+    def _embed(self, texts: list[str], embeddings: Any | None) -> np.ndarray:
+        if embeddings is None:
+            embeddings = self.embedder(texts)
+        return _as_matrix(embeddings, len(texts), self.config.embed_dim)  # (n, embed_dim)
+
+    # -- reading rows ---------------------------------------------------------------------
+
+    def _iter_rows(self, collection: Any, where: dict[str, Any] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+        offset = 0
+        while True:
+            with _chroma_errors("get"):
+                page = collection.get(where=where, limit=PAGE, offset=offset, include=["documents", "metadatas"])
+            yield from zip(page["documents"], page["metadatas"], strict=True)
+            if len(page["ids"]) < PAGE:
+                return
+            offset += PAGE
+
+    def _iter_rules(self, where: dict[str, Any] | None = None) -> Iterator[Rule]:
+        for document, meta in self._iter_rows(self._rules, where):
+            yield Rule.from_chroma(document, meta)
+
+    def _iter_episodes(self, where: dict[str, Any] | None = None) -> Iterator[Episode]:
+        for document, meta in self._iter_rows(self._episodes, where):
+            yield Episode.from_chroma(document, meta)
+
+    def _get_rules(self, rule_ids: Sequence[str]) -> dict[str, Rule]:
+        rule_ids = list(rule_ids)
+        out: dict[str, Rule] = {}
+        for start in range(0, len(rule_ids), BATCH):
+            with _chroma_errors("get"):
+                found = self._rules.get(ids=rule_ids[start : start + BATCH], include=["documents", "metadatas"])
+            out.update(
+                (i, Rule.from_chroma(d, m))
+                for i, d, m in zip(found["ids"], found["documents"], found["metadatas"], strict=True)
+            )
+        return out
+
+    def get_rule(self, rule_id: str) -> Rule:
+        """The rule with this id; UnknownIdError if there is none."""
+        self._require_open()
+        rule = self._get_rules([rule_id]).get(rule_id)
+        if rule is None:
+            raise UnknownIdError(f"no rule with id {rule_id!r}")
+        return rule
+
+    def get_episode(self, episode_id: str) -> Episode:
+        """The episode with this id; UnknownIdError if there is none."""
+        self._require_open()
+        with _chroma_errors("get"):
+            found = self._episodes.get(ids=[episode_id], include=["documents", "metadatas"])
+        if not found["ids"]:
+            raise UnknownIdError(f"no episode with id {episode_id!r}")
+        return Episode.from_chroma(found["documents"][0], found["metadatas"][0])
+
+    # -- rules ----------------------------------------------------------------------------
+
+    def add_rule(
+        self,
+        text: str,
+        *,
+        problem_id: str,
+        expert: int | None = None,
+        cycle: int = 0,
+        episode_id: str | None = None,
+        embedding: Any | None = None,
+    ) -> tuple[str, bool]:
+        """Store a rule, or merge it into a near-duplicate. Returns (rule_id, merged).
+
+        Same normalised text, or cosine >= dedup_threshold to a stored rule, counts as a
+        duplicate: the stored rule keeps its text and records this source in ``merged_from``.
+        ``embedding`` (embed_dim,) skips the embedder.
+        """
+        new = NewRule(text=text, problem_id=problem_id, expert=expert, cycle=cycle, episode_id=episode_id)
+        return self.add_rules([new], embeddings=None if embedding is None else [embedding])[0]
+
+    def add_rules(self, rules: Sequence[NewRule], embeddings: Any | None = None) -> list[tuple[str, bool]]:
+        """Batch ``add_rule``: one embedder call, then one lookup, query and write per 1000 rules.
+
+        Duplicates inside the batch merge into the first of them. ``embeddings`` (n, embed_dim).
+        """
+        if not rules:
+            return []
+        for rule in rules:
+            self._check_new_rule(rule)
+        texts = [rule.text.strip() for rule in rules]
+        matrix = self._embed(texts, embeddings)  # (n, embed_dim)
+        results: list[tuple[str, bool]] = []
+        with self._writing("add rules"):
+            for start in range(0, len(rules), BATCH):
+                stop = start + BATCH
+                results += self._add_chunk(rules[start:stop], texts[start:stop], matrix[start:stop])
+        return results
+
+    def _add_chunk(self, rules: Sequence[NewRule], texts: list[str], matrix: np.ndarray) -> list[tuple[str, bool]]:
+        """add_rules for at most BATCH rules; earlier chunks are already in Chroma."""
+        now = time.time()
+        ids = [rule_id_for(text) for text in texts]
+        existing = self._get_rules(sorted(set(ids)))
+        nearest = self._rules.query(query_embeddings=matrix, n_results=1, include=["distances"])
+        unit = matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)  # (m, embed_dim)
+        batch_sims = unit @ unit.T  # (m, m) cosine within the chunk
+        fresh: list[tuple[int, Rule]] = []  # (row in matrix, rule) new in this chunk
+        touched: dict[str, Rule] = {}  # stored rules that absorb duplicates
+        results: list[tuple[str, bool]] = []
+        for row, (rule_in, text, rule_id) in enumerate(zip(rules, texts, ids, strict=True)):
+            target = existing.get(rule_id)
+            if target is None and nearest["ids"][row]:
+                if _similarity(nearest["distances"][row][0]) >= self.config.dedup_threshold:
+                    target_id = nearest["ids"][row][0]
+                    target = existing.get(target_id) or self._get_rules([target_id])[target_id]
+                    existing[target_id] = target
+            if target is None and fresh:
+                sims = batch_sims[row, [r for r, _ in fresh]]  # (len(fresh),)
+                best = int(np.argmax(sims))
+                if sims[best] >= self.config.dedup_threshold:
+                    target = fresh[best][1]
+            if target is None:
+                stored = Rule(
+                    rule_id=rule_id,
+                    text=text,
+                    problem_id=rule_in.problem_id,
+                    episode_id=rule_in.episode_id,
+                    expert=rule_in.expert,
+                    cycle=rule_in.cycle,
+                    created_at=now,
+                    updated_at=now,
+                )
+                fresh.append((row, stored))
+                existing[rule_id] = stored
+                results.append((rule_id, False))
+                continue
+            if rule_in.expert is not None and rule_in.expert != target.expert:
+                logger.info(
+                    "rule from %s merged into %s keeps expert %s, not %s",
+                    rule_in.problem_id,
+                    target.rule_id,
+                    target.expert,
+                    rule_in.expert,
+                )
+            source = RuleSource(
+                problem_id=rule_in.problem_id, episode_id=rule_in.episode_id, cycle=rule_in.cycle, text=text, at=now
+            )
+            known = {(s.problem_id, s.episode_id, s.text) for s in target.merged_from}
+            known.add((target.problem_id, target.episode_id, target.text))
+            if (source.problem_id, source.episode_id, source.text) not in known:
+                target.merged_from.append(source)
+                target.updated_at = now
+                if not any(rule is target for _, rule in fresh):  # fresh rules go in with add()
+                    touched[target.rule_id] = target
+            results.append((target.rule_id, True))
+        if fresh:
+            self._rules.add(
+                ids=[rule.rule_id for _, rule in fresh],
+                embeddings=matrix[[row for row, _ in fresh]],
+                documents=[rule.text for _, rule in fresh],
+                metadatas=[rule.to_metadata() for _, rule in fresh],
+            )
+        if touched:
+            self._rules.update(ids=list(touched), metadatas=[rule.to_metadata() for rule in touched.values()])
+        for rule in [r for _, r in fresh] + list(touched.values()):
+            self.graph.add_rule(rule)
+        return results
+
+    def _check_new_rule(self, rule: NewRule) -> None:
+        if not rule.text.strip():
+            raise MemoryStoreError("rule text is empty")
+        if not rule.problem_id:
+            raise MemoryStoreError("a rule needs the problem_id it came from")
+        self._check_expert(rule.expert)
+
+    def _check_expert(self, expert: int | None) -> None:
+        if expert is not None and not 0 <= expert < self.config.n_experts:
+            raise MemoryStoreError(f"expert must be in [0, {self.config.n_experts}), got {expert}")
+
+    def _update_rule(self, rule_id: str, what: str, change: Callable[[Rule], dict[str, Any]]) -> Rule:
+        with self._writing(what):
+            rule = self._get_rules([rule_id]).get(rule_id)
+            if rule is None:
+                raise UnknownIdError(f"no rule with id {rule_id!r}")
+            rule = rule.model_copy(update={**change(rule), "updated_at": time.time()})
+            self._rules.update(ids=[rule_id], metadatas=[rule.to_metadata()])
+            self.graph.add_rule(rule)
+            return rule
+
+    def record_outcome(self, rule_id: str, helped: bool) -> Rule:
+        """Count one outcome of a rule: helped (True) or hurt (False)."""
+        key = "helped" if helped else "hurt"
+        return self._update_rule(rule_id, "record an outcome", lambda r: {key: getattr(r, key) + 1})
+
+    def record_retrieved(self, rule_ids: Sequence[str]) -> None:
+        """Count that these rules were offered to the solver (memory_features does not count)."""
+        with self._writing("record retrievals"):
+            rules = self._get_rules(list(dict.fromkeys(rule_ids)))
+            missing = [i for i in rule_ids if i not in rules]
+            if missing:
+                raise UnknownIdError(f"no rule with id {missing[0]!r}")
+            now = time.time()
+            counts = Counter(rule_ids)
+            updated = [
+                r.model_copy(update={"retrieved": r.retrieved + counts[i], "updated_at": now}) for i, r in rules.items()
+            ]
+            if updated:
+                self._rules.update(ids=[r.rule_id for r in updated], metadatas=[r.to_metadata() for r in updated])
+
+    def set_status(self, rule_id: str, status: str) -> Rule:
+        """Set a rule's status: one of RULE_STATUSES."""
+        if status not in RULE_STATUSES:
+            raise MemoryStoreError(f"unknown rule status {status!r}; allowed: {', '.join(RULE_STATUSES)}")
+        return self._update_rule(rule_id, "set a status", lambda r: {"status": status})
+
+    def record_training(self, rule_id: str, *, expert: int, update_id: str, prompts: Sequence[str] = ()) -> Rule:
+        """Mark a rule trained into ``expert`` by update ``update_id`` from these prompts."""
+        self._check_expert(expert)
+        if not update_id:
+            raise MemoryStoreError("record_training needs a non-empty update_id")
+        change = {"expert": expert, "update_id": update_id, "prompts": list(prompts), "status": "trained"}
+        return self._update_rule(rule_id, "record training", lambda r: change)
+
+    def list_rules(
+        self,
+        *,
+        expert: int | None = None,
+        status: str | None = None,
+        outcome: str | None = None,
+        where: dict[str, Any] | None = None,
+        limit: int | None = None,
+        newest_first: bool = False,
+    ) -> list[Rule]:
+        """Rules ordered by creation time, filtered by expert, status, outcome and a where-filter.
+
+        ``where`` uses Chroma's syntax over RULE_FILTER_KEYS, e.g. {"cycle": {"$gte": 2}}.
+        """
+        self._require_open()
+        if status is not None and status not in RULE_STATUSES:
+            raise BadFilterError(f"unknown rule status {status!r}; allowed: {', '.join(RULE_STATUSES)}")
+        if outcome is not None and outcome not in OUTCOMES:
+            raise BadFilterError(f"unknown outcome {outcome!r}; allowed: {', '.join(OUTCOMES)}")
+        if limit is not None and limit < 1:
+            raise BadFilterError(f"limit must be >= 1, got {limit}")
+        self._check_expert(expert)
+        typed = {k: v for k, v in (("expert", expert), ("status", status)) if v is not None}
+        combined = and_filters(validate_where(typed, RULE_FILTER_KEYS), validate_where(where, RULE_FILTER_KEYS))
+        rules = [r for r in self._iter_rules(combined) if outcome is None or r.outcome == outcome]
+        rules.sort(key=lambda r: (r.created_at, r.rule_id), reverse=newest_first)
+        return rules[:limit] if limit is not None else rules
+
+    def search_rules(
+        self, text: str, k: int = 5, *, where: dict[str, Any] | None = None, embedding: Any | None = None
+    ) -> list[RuleHit]:
+        """The k rules most similar to ``text``, best first, optionally filtered."""
+        self._require_open()
+        if k < 1:
+            raise BadFilterError(f"k must be >= 1, got {k}")
+        checked = validate_where(where, RULE_FILTER_KEYS)
+        vector = self._embed([text], None if embedding is None else [embedding])
+        with _chroma_errors("query"):
+            found = self._rules.query(
+                query_embeddings=vector, n_results=k, where=checked, include=["documents", "metadatas", "distances"]
+            )
+        return [
+            RuleHit(rule=Rule.from_chroma(d, m), similarity=_similarity(dist))
+            for d, m, dist in zip(found["documents"][0], found["metadatas"][0], found["distances"][0], strict=True)
+        ]
+
+    def show_rule(self, rule_id: str) -> Provenance:
+        """The rule's provenance: problem -> failure -> rule -> prompts -> update -> outcome."""
+        with self._lock:
+            return self._provenance(self.get_rule(rule_id))
+
+    def _provenance(self, rule: Rule) -> Provenance:
+        failure = None
+        if rule.episode_id:
+            try:
+                failure = self.get_episode(rule.episode_id)
+            except UnknownIdError:
+                logger.info("rule %s names episode %s, which is not stored", rule.rule_id, rule.episode_id)
+        problem_text = failure.problem_text if failure else None
+        if problem_text is None:
+            same_problem = self.list_episodes(problem_id=rule.problem_id)
+            problem_text = same_problem[0].problem_text if same_problem else None
+        update = None
+        if rule.update_id:
+            update = UpdateInfo(
+                update_id=rule.update_id,
+                expert=self.graph.nx_graph.nodes.get(node_id("update", rule.update_id), {}).get("expert", rule.expert),
+                rule_ids=self.graph.rules_in_update(rule.update_id),
+                fixed=self.graph.fixed_by(rule.update_id),
+                broke=self.graph.broke_by(rule.update_id),
+            )
+        return Provenance(
+            problem_id=rule.problem_id,
+            problem_text=problem_text,
+            failure=failure,
+            rule=rule,
+            prompts=rule.prompts,
+            update=update,
+            outcome=rule.outcome,
+        )
+
+    # -- episodes -------------------------------------------------------------------------
+
+    def add_episode(self, episode: Episode, *, embedding: Any | None = None) -> str:
+        """Store an episode, or replace the one with the same id (keeping its creation time).
+
+        Finds similar problems among stored episodes (cosine >= similar_threshold) for the
+        graph's similar_to edges. Its rule_ids must name stored rules. Returns the episode id.
+        """
+        if episode.expert_weights and len(episode.expert_weights) != self.config.n_experts:
+            raise MemoryStoreError(
+                f"episode {episode.episode_id} has {len(episode.expert_weights)} expert weights, "
+                f"the store has n_experts={self.config.n_experts}"
+            )
+        vector = self._embed([episode.problem_text], None if embedding is None else [embedding])
+        with self._writing("add an episode"):
+            missing = set(episode.rule_ids) - set(self._get_rules(episode.rule_ids))
+            if missing:
+                raise UnknownIdError(f"episode {episode.episode_id} names unknown rule {sorted(missing)[0]!r}")
+            old = self._episodes.get(ids=[episode.episode_id], include=["metadatas"])
+            old_meta = old["metadatas"][0] if old["ids"] else {}
+            now = time.time()
+            # Keep what an earlier version found: similar_to edges only grow, so the graph
+            # rebuilt from metadata equals the one built write by write.
+            similar = set(json.loads(old_meta.get("similar_problems", "[]")))
+            found = self._episodes.query(
+                query_embeddings=vector, n_results=self.config.k + 1, include=["metadatas", "distances"]
+            )
+            for meta, dist in zip(found["metadatas"][0], found["distances"][0], strict=True):
+                if meta["problem_id"] != episode.problem_id and _similarity(dist) >= self.config.similar_threshold:
+                    similar.add(meta["problem_id"])
+            stored = episode.model_copy(
+                update={
+                    "similar_problems": sorted(similar),
+                    "created_at": old_meta.get("created_at", now),
+                    "updated_at": now,
+                }
+            )
+            self._episodes.upsert(
+                ids=[stored.episode_id],
+                embeddings=vector,
+                documents=[stored.problem_text],
+                metadatas=[stored.to_metadata()],
+            )
+            self.graph.add_episode(stored)
+        return stored.episode_id
+
+    def list_episodes(
+        self,
+        *,
+        problem_id: str | None = None,
+        split: str | None = None,
+        where: dict[str, Any] | None = None,
+        limit: int | None = None,
+    ) -> list[Episode]:
+        """Episodes ordered by creation time, filtered by problem, split and a where-filter."""
+        self._require_open()
+        typed = {k: v for k, v in (("problem_id", problem_id), ("split", split)) if v is not None}
+        combined = and_filters(validate_where(typed, EPISODE_FILTER_KEYS), validate_where(where, EPISODE_FILTER_KEYS))
+        episodes = sorted(self._iter_episodes(combined), key=lambda e: (e.created_at or 0.0, e.episode_id))
+        return episodes[:limit] if limit is not None else episodes
+
+    # -- what the memory gives the router -------------------------------------------------
+
+    def memory_features(self, question: str, *, embedding: Any | None = None) -> MemoryFeatures:
+        """Router features, expert prior and top rules from the question's nearest memories.
+
+        Read-only (it does not count retrievals: call record_retrieved for rules you use), so
+        router training and inference see the same function. Vector size: config.feature_dim.
+        """
+        self._require_open()
+        vector = self._embed([question], None if embedding is None else [embedding])  # (1, embed_dim)
+        k = self.config.k
+        include = ["documents", "metadatas", "distances", "embeddings"]
+        with _chroma_errors("query"):
+            # Inactive rules are dropped after an unfiltered search; 2k candidates leave room.
+            rule_hits = self._rules.query(query_embeddings=vector, n_results=2 * k, include=include)
+            episode_hits = self._episodes.query(query_embeddings=vector, n_results=k, include=include)
+        n = self.config.n_experts
+        neighbours = []
+        episode_ids = []
+        for doc, meta, dist, emb in zip(
+            episode_hits["documents"][0],
+            episode_hits["metadatas"][0],
+            episode_hits["distances"][0],
+            episode_hits["embeddings"][0],
+            strict=True,
+        ):
+            episode = Episode.from_chroma(doc, meta)
+            neighbours.append(episode_neighbour(episode, emb, _similarity(dist), n))
+            episode_ids.append(episode.episode_id)
+        top_rules = []
+        for doc, meta, dist, emb in zip(
+            rule_hits["documents"][0],
+            rule_hits["metadatas"][0],
+            rule_hits["distances"][0],
+            rule_hits["embeddings"][0],
+            strict=True,
+        ):
+            if meta["status"] not in ACTIVE_STATUSES or len(top_rules) == k:
+                continue
+            rule = Rule.from_chroma(doc, meta)
+            neighbours.append(rule_neighbour(rule, emb, _similarity(dist), n))
+            top_rules.append((rule, _similarity(dist)))
+        if not neighbours:
+            return empty_features(self.config)
+        return compute_features(self.config, neighbours, top_rules, episode_ids)
+
+    def stats(self) -> MemoryStats:
+        """Counts over the whole memory (reads every rule's metadata)."""
+        self._require_open()
+        with self._lock:
+            return self._stats()
+
+    def _stats(self) -> MemoryStats:
+        rules = list(self._iter_rules())
+        with _chroma_errors("count"):
+            n_episodes = self._episodes.count()
+        return MemoryStats(
+            mode=self.mode,
+            writable=self.writable,
+            n_rules=len(rules),
+            n_episodes=n_episodes,
+            n_problems=self.graph.count_nodes()["problem"],
+            rules_by_status=dict(Counter(r.status for r in rules)),
+            rules_by_expert=dict(Counter(r.expert for r in rules if r.expert is not None)),
+            rules_by_outcome=dict(Counter(r.outcome for r in rules)),
+            retrieved=sum(r.retrieved for r in rules),
+            helped=sum(r.helped for r in rules),
+            hurt=sum(r.hurt for r in rules),
+            graph_nodes=self.graph.nx_graph.number_of_nodes(),
+            graph_edges=self.graph.nx_graph.number_of_edges(),
+        )
+
+
+@contextmanager
+def _no_lock() -> Iterator[None]:
+    yield
+
+
+__all__ = ["MemoryStore"]
