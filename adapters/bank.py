@@ -83,6 +83,9 @@ class Mixture:
     row_scale: torch.Tensor | None
     active: torch.Tensor | None  # (n_active,) expert indices, or None when all experts are active
     bypass: bool = False  # True: the bank adds nothing (the bare frozen model)
+    # Per-layer gathered (k*r, in) / (k*r, out) factors, reused across the decode steps of one
+    # generate call; only filled without autograd, so training always reads the parameters.
+    factors: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -127,19 +130,27 @@ class LoRABankLinear(nn.Module):
             )
         if mixture.bypass:
             return out
-        if mixture.active is None:
-            lora_a, lora_b = self.lora_A, self.lora_B  # (n, r, in), (n, r, out)
-        else:
-            lora_a, lora_b = self.lora_A[mixture.active], self.lora_B[mixture.active]  # (k, r, in), (k, r, out)
+        factors = mixture.factors.get(id(self))
+        if factors is None:
+            if mixture.active is None:
+                lora_a, lora_b = self.lora_A, self.lora_B  # (n, r, in), (n, r, out)
+            else:
+                # index_select copies only the k active experts; it beat advanced indexing here.
+                lora_a = self.lora_A.index_select(0, mixture.active)  # (k, r, in)
+                lora_b = self.lora_B.index_select(0, mixture.active)  # (k, r, out)
+            factors = (lora_a.reshape(-1, self.in_features), lora_b.reshape(-1, self.out_features))  # (k*r, in), (k*r, out)
+            if not torch.is_grad_enabled():
+                mixture.factors[id(self)] = factors
+        flat_a, flat_b = factors
         scale = mixture.row_scale  # (batch or 1, k*r)
         if scale.shape[0] not in (1, x.shape[0]):
             raise AdapterError(f"mixture weights have batch size {scale.shape[0]} but the input has {x.shape[0]}")
         # The einsums "bsi,kri->bskr" and "bskr,kro->bso" over all active experts at once,
         # written as matmuls over the flattened (expert, rank) axis: torch.einsum copied B
         # on every call and was about 5x slower at decode shapes on CPU.
-        h = F.linear(self.dropout(x).to(lora_a.dtype), lora_a.reshape(-1, self.in_features))  # (batch, [seq,] k*r)
+        h = F.linear(self.dropout(x).to(flat_a.dtype), flat_a)  # (batch, [seq,] k*r)
         h = h * scale.view(scale.shape[0], *([1] * (h.dim() - 2)), scale.shape[1])  # (batch, [seq,] k*r)
-        delta = torch.matmul(h, lora_b.reshape(-1, self.out_features))  # (batch, [seq,] out)
+        delta = torch.matmul(h, flat_b)  # (batch, [seq,] out)
         return out + delta.to(out.dtype)
 
     def expert_delta_weight(self, expert: int) -> torch.Tensor:

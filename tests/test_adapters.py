@@ -321,3 +321,19 @@ def test_export_argument_errors(tiny, tmp_path):
         export_peft(bank, tmp_path, weights=[0.0] * 16)
     with pytest.raises(AdapterError, match="out of range"):
         export_peft(bank, tmp_path, expert=16)
+
+
+def test_inference_factor_cache_lives_only_for_one_route_call(tiny):
+    bank, _ = _make(tiny)
+    ids, mask = _inputs(tiny.tokenizer)
+    weights = torch.zeros(2, bank.n_experts)
+    weights[:, [1, 2]] = 0.5
+    with torch.no_grad():
+        with bank.route(weights):
+            first = tiny.model(input_ids=ids, attention_mask=mask).logits
+        _randomize_b(bank)  # the experts change between two generate calls
+        with bank.route(weights):
+            second = tiny.model(input_ids=ids, attention_mask=mask).logits
+            again = tiny.model(input_ids=ids, attention_mask=mask).logits  # reuses this call's factors
+    assert not torch.equal(first, second)
+    assert torch.equal(second, again)
