@@ -20,12 +20,13 @@ from adapters.bank import BankConfig, ExpertBank
 from adapters.router import Router, RouterConfig
 from adapters.store import BankStore, atomic_write_bytes
 from adapters.trainer import TestTimeTrainer, TrainingExample
-from agents.answers import is_correct
+from agents.backend import TorchBackend
 from agents.errors import DataError
-from agents.generation import chat_prompt, generate
 from agents.gsm8k import Problem, load_problems
 from agents.models import DEFAULT_MODEL, load_model
-from agents.prompts import SOLUTION_COMPLETION, SOLVER_SYSTEM, SOLVER_USER
+from agents.prompts import SOLUTION_COMPLETION
+from agents.solver import Attempt, Solver, SolverConfig
+from agents.verifier import check
 
 log = logging.getLogger(__name__)
 
@@ -74,16 +75,11 @@ class DemoReport:
         return sum(r.correct for r in rows) / len(rows)
 
 
-def solver_prompt(tokenizer, question: str) -> str:
-    return chat_prompt(tokenizer, SOLVER_SYSTEM, SOLVER_USER.format(rules="", question=question))
-
-
-def _score(problems: list[Problem], outputs) -> list[ScoredAnswer]:
+def _score(problems: list[Problem], attempts: list[Attempt]) -> list[ScoredAnswer]:
     rows = []
-    for problem, out in zip(problems, outputs):
-        correct, extraction = is_correct(out.text, problem.label)
-        answer = None if extraction.value is None else str(extraction.value)
-        rows.append(ScoredAnswer(problem.id, problem.label, answer, extraction.strategy, correct, out.new_tokens))
+    for problem, attempt in zip(problems, attempts):
+        verdict = check(attempt, problem.label)
+        rows.append(ScoredAnswer(problem.id, problem.label, attempt.answer, attempt.strategy, verdict.correct, attempt.tokens))
     return rows
 
 
@@ -106,15 +102,16 @@ def run_demo(config: DemoConfig, status: Callable[[str], None] = log.info) -> De
     bank = ExpertBank(model, BankConfig())
     router = Router(model.config.hidden_size, bank.n_experts, RouterConfig())
     trainer = TestTimeTrainer(model, tok, bank, router)
-    prompts = [solver_prompt(tok, p.question) for p in scored]
+    solver = Solver(TorchBackend(model, tok, bank), SolverConfig(max_new_tokens=config.max_new_tokens))
+    questions = [p.question for p in scored]
 
     status(f"solving {len(scored)} test problems with the frozen model")
     start = time.perf_counter()
-    before = _score(scored, generate(model, tok, bank, prompts, None, max_new_tokens=config.max_new_tokens))
+    before = _score(scored, solver.solve(questions))
     seconds["solve_before"] = time.perf_counter() - start
 
     examples = [
-        TrainingExample(solver_prompt(tok, p.question), SOLUTION_COMPLETION.format(solution=p.solution, label=p.label))
+        TrainingExample(solver.prompt(p.question), SOLUTION_COMPLETION.format(solution=p.solution, label=p.label))
         for p in learn
     ]
     status(f"training on {len(learn)} train-split solutions, {config.steps} steps")
@@ -126,8 +123,7 @@ def run_demo(config: DemoConfig, status: Callable[[str], None] = log.info) -> De
 
     status(f"solving the same {len(scored)} test problems through expert {result.expert}")
     start = time.perf_counter()
-    weights = bank.one_hot(result.expert)
-    after = _score(scored, generate(model, tok, bank, prompts, weights, max_new_tokens=config.max_new_tokens))
+    after = _score(scored, solver.solve(questions, weights=bank.one_hot(result.expert)))
     seconds["solve_after"] = time.perf_counter() - start
 
     BankStore(config.run_dir / "bank").save(bank, router, trainer.stress, extra={"model": config.model})

@@ -79,3 +79,13 @@ def test_models_and_demo_help():
     assert runner.invoke(app, ["models", "--json"]).exit_code == 0
     result = runner.invoke(app, ["demo", "--help"])
     assert result.exit_code == 0 and "train-split" in result.output
+
+
+def test_demo_runs_on_tiny_random_and_writes_its_report(tmp_path):
+    result = runner.invoke(app, ["demo", "--model", "tiny-random", "--max-new-tokens", "4", "--steps", "1",
+                                 "--eval-problems", "2", "--learn-problems", "1", "--run-dir", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "demo_report.json").read_text())
+    assert report["protocol"].startswith("holdout") and len(report["before"]) == 2 and len(report["after"]) == 2
+    assert not set(report["learn_ids"]) & {r["problem_id"] for r in report["before"]}
+    assert (tmp_path / "bank" / "current" / "manifest.json").is_file()
