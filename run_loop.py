@@ -229,5 +229,304 @@ def run(
     }))
 
 
+# ---------------------------------------------------------------- evaluation
+
+
+def _ctrl_c_stops(stop, console: Console):
+    """Install a SIGINT handler that sets stop once (a second Ctrl-C aborts); returns the previous handler."""
+
+    def on_interrupt(*_) -> None:
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+        console.print("stopping after the running node finishes (Ctrl-C again to abort now)", markup=False)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    return previous
+
+
+@app.command("eval")
+def eval_command(
+    protocol: Annotated[str, typer.Option(help="'holdout' (learn on --learn-data, score disjoint --eval-data), "
+                                               "'stream' (online accuracy) or 'recovery' (re-score failed problems).")] = "holdout",
+    arms: Annotated[str, typer.Option(help="Comma-separated arms: frozen, rules, adapters, full, single-lora; 'all' for every one. "
+                                           "frozen is always scored.")] = "all",
+    learn_data: Annotated[str, typer.Option(help="Learning problems (holdout): 'train', 'test', 'gsm8k:train' (hub) or a JSON-lines path.")] = "train",
+    eval_data: Annotated[str, typer.Option(help="Scored problems: 'test', 'train', 'gsm8k:test' (hub) or a JSON-lines path.")] = "test",
+    learn_problems: Annotated[int, typer.Option(help="Learning problems drawn from --learn-data by --seed (holdout).")] = 20,
+    eval_problems: Annotated[int, typer.Option(help="Problems drawn from --eval-data by --seed.")] = 50,
+    seed: Annotated[int, typer.Option(help="Draws the problems; seeds every arm's loop, bank and router.")] = 0,
+    cycles: Annotated[int, typer.Option(help="Reflect/update rounds per failed learning problem.")] = 2,
+    label_free: Annotated[bool, typer.Option("--label-free", help="Learn by agreement of sampled answers (scoring uses labels).")] = False,
+    model: Annotated[str, typer.Option(help="Model spec: an alias, a folder, a .gguf file or a hub id.")] = DEFAULT_MODEL,
+    run_dir: Annotated[Path, typer.Option(help="Evaluation directory: eval.json, report files, arms/<arm>/ run folders.")] = Path("runs/eval"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the evaluation in --run-dir where it stopped.")] = False,
+    embedder: Annotated[str, typer.Option(help="'minilm' (all-MiniLM-L6-v2) or 'hash' (deterministic, for tests).")] = "minilm",
+    experts: Annotated[int, typer.Option(help="Experts in each arm's bank.")] = 16,
+    steps: Annotated[int, typer.Option(help="Optimizer steps per update burst.")] = 3,
+    max_new_tokens: Annotated[int, typer.Option(help="Generation cap per answer, the same for every arm.")] = 384,
+    batch_size: Annotated[int, typer.Option(help="Problems per scoring call.")] = 8,
+    threads: Annotated[int, typer.Option(help="Torch CPU threads (0: torch's default).")] = 0,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write the PNG plots.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON to stdout.")] = False,
+) -> None:
+    """Compare arms on GSM8K under one protocol; write report.json, report.md and plots to --run-dir.
+
+    Every arm is scored on the same problems with the same greedy settings, and compared with
+    the frozen model (Wilson 95% intervals, exact McNemar test, flip counts). Each learning arm
+    learns in its own folder, DIR/arms/ARM, which `rules` and `export` can read.
+
+    Example: python run_loop.py eval --learn-problems 20 --eval-problems 50 --run-dir runs/eval1
+    """
+    from adapters.bank import BankConfig
+    from adapters.trainer import TrainerConfig
+    from graph.harness import ARMS, EvalConfig, EvalInterrupted, evaluate, prepare_problems
+    from graph.runner import StopFlag, set_threads
+
+    err = Console(stderr=True, soft_wrap=True)
+    if threads < 0:
+        raise _fail(ValueError(f"--threads must be >= 0, got {threads}"))
+    chosen = ARMS if arms.strip() == "all" else tuple(a.strip() for a in arms.split(",") if a.strip())
+    try:
+        config = EvalConfig(
+            model=model, protocol=protocol, arms=chosen, learn_data=learn_data, eval_data=eval_data,
+            learn_problems=learn_problems, eval_problems=eval_problems, seed=seed, cycles=cycles, label_free=label_free,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, embedder=embedder,
+            bank=BankConfig(n_experts=experts), trainer=TrainerConfig(steps_per_update=steps), plots=plots,
+        )
+        problems = prepare_problems(config)  # data errors before anything is written or shown
+    except (SelfImproveError, ValueError) as error:
+        raise _fail(error) from error
+    set_threads(threads)
+    stop = StopFlag()
+    previous = _ctrl_c_stops(stop, err)
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=err) as progress:
+            task = progress.add_task(f"{protocol}: loading", total=1)
+
+            def on_progress(p) -> None:
+                progress.update(task, description=f"{protocol}: {p.arm} {p.phase}", completed=p.done, total=p.total)
+
+            report = evaluate(config, run_dir, resume=resume, on_progress=on_progress, stop=stop, problems=problems)
+    except EvalInterrupted as error:
+        err.print(f"{error}; resume with the same options and --resume", markup=False, highlight=False)
+        raise typer.Exit(130) from error
+    except (SelfImproveError, ValueError) as error:
+        raise _fail(error) from error
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    summary = report.summary()
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    table = Table(title=f"GSM8K, protocol {report.protocol}: {report.protocol_note}")
+    for column in ("arm", "right", "accuracy", "95% CI", "vs frozen", "w->r", "r->w", "McNemar p", "no answer", "tokens", "seconds"):
+        table.add_column(column, justify="left" if column == "arm" else "right")
+    for name, arm in summary["arms"].items():
+        vs = arm.get("vs_frozen")
+        low, high = arm["ci95"]
+        table.add_row(
+            name, f"{arm['correct']}/{arm['n']}", f"{100 * arm['accuracy']:.1f}%", f"{100 * low:.0f}-{100 * high:.0f}%",
+            f"{100 * vs['delta']:+.1f}" if vs else "-", str(vs["flips"]["wrong_right"]) if vs else "-",
+            str(vs["flips"]["right_wrong"]) if vs else "-", f"{vs['p_value']:.3f}" if vs else "-",
+            str(arm["format_failures"]), f"{arm['tokens']:,}", f"{sum(arm['seconds'].values()):.0f}",
+        )
+    Console().print(table)
+    typer.echo(f"report: {run_dir / 'report.md'} (protocol {report.protocol})")
+
+
+# ---------------------------------------------------------------- rule inspection
+
+rules_app = typer.Typer(
+    help="Inspect a run's rules, read-only (works while a loop writes to the same run directory).",
+    no_args_is_help=True,
+)
+app.add_typer(rules_app, name="rules")
+
+RunDirOption = Annotated[Path, typer.Option(help="A run directory (for an evaluation: DIR/arms/ARM).")]
+EmbedderOption = Annotated[str, typer.Option(help="'auto' (the one the memory was built with), 'minilm' or 'hash'.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON to stdout.")]
+
+
+def _read_memory(run_dir: Path, embedder: str, read):
+    """Open the run's memory read-only, apply read(store), close it; errors become one line."""
+    from graph.inspect import open_memory
+
+    try:
+        store = open_memory(run_dir, embedder)
+    except (SelfImproveError, ValueError) as error:
+        raise _fail(error) from error
+    try:
+        return read(store)
+    except (SelfImproveError, ValueError) as error:
+        raise _fail(error) from error
+    finally:
+        store.close()
+
+
+def _rule_table(title: str, rows: list[dict], extra: tuple[str, ...] = ()) -> Table:
+    table = Table(title=title)
+    for column in (*extra, "id", "created", "expert", "status", "helped", "hurt", "text"):
+        table.add_column(column, overflow="fold", no_wrap=column in ("id", "created"))
+    for row in rows:
+        table.add_row(*[("-" if row[c] is None else str(row[c])) for c in (*extra, "id", "created", "expert", "status", "helped", "hurt", "text")])
+    return table
+
+
+@rules_app.command("list")
+def rules_list(
+    run_dir: RunDirOption = Path("runs/loop"),
+    expert: Annotated[Optional[int], typer.Option(help="Only rules trained into this expert.")] = None,
+    status: Annotated[Optional[str], typer.Option(help="Only rules with this status: new, trained, rolled_back, retired.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="At most this many rules, oldest first.")] = None,
+    embedder: EmbedderOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """Table of rules: id, created, expert, status, helped, hurt.
+
+    Example: python run_loop.py rules list --run-dir runs/loop --status trained
+    """
+    from graph.inspect import list_rules
+
+    rows = _read_memory(run_dir, embedder, lambda store: list_rules(store, expert=expert, status=status, limit=limit))
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    Console().print(_rule_table(f"{len(rows)} rules in {run_dir}", rows))
+
+
+@rules_app.command("show")
+def rules_show(
+    rule_id: Annotated[str, typer.Argument(help="The rule id, as `rules list` shows it.")],
+    run_dir: RunDirOption = Path("runs/loop"),
+    embedder: EmbedderOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """One rule's provenance: problem -> failure -> rule -> training prompts -> update -> outcome.
+
+    Example: python run_loop.py rules show r-0123456789abcdef --run-dir runs/loop
+    """
+    from graph.inspect import show_rule
+
+    chain = _read_memory(run_dir, embedder, lambda store: show_rule(store, rule_id))
+    if as_json:
+        typer.echo(json.dumps(chain, indent=2))
+        return
+    rule, failure, update = chain["rule"], chain["failure"], chain["update"]
+    lines = [
+        f"rule     {rule['rule_id']} ({rule['status']}, expert {rule['expert']}, helped {rule['helped']}, hurt {rule['hurt']})",
+        f"         {rule['text']}",
+        f"problem  {chain['problem_id']}: {chain['problem_text'] or '(text not stored)'}",
+        f"failure  {failure['episode_id'] if failure else '-'} (split {failure['split'] if failure else '-'}, cycle {rule['cycle']})",
+        f"prompts  {len(chain['prompts'])} training prompt(s)",
+        f"update   {update['update_id'] if update else '- (not trained)'}"
+        + (f" into expert {update['expert']}; fixed {update['fixed'] or '-'}; broke {update['broke'] or '-'}" if update else ""),
+        f"outcome  {chain['outcome']}",
+    ]
+    lines += [f"merged   {m['problem_id']}: {m['text']}" for m in rule["merged_from"]]
+    typer.echo("\n".join(lines))
+
+
+@rules_app.command("search")
+def rules_search(
+    text: Annotated[str, typer.Argument(help="Text to find similar rules for.")],
+    run_dir: RunDirOption = Path("runs/loop"),
+    k: Annotated[int, typer.Option("--k", help="How many rules to return.")] = 5,
+    embedder: EmbedderOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """The rules most similar to a text, best first.
+
+    Example: python run_loop.py rules search "units before adding" --run-dir runs/loop
+    """
+    from graph.inspect import search_rules
+
+    rows = _read_memory(run_dir, embedder, lambda store: search_rules(store, text, k))
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    Console().print(_rule_table(f"rules nearest to {text!r}", rows, extra=("similarity",)))
+
+
+@rules_app.command("stats")
+def rules_stats(
+    run_dir: RunDirOption = Path("runs/loop"),
+    embedder: EmbedderOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """Counts of rules per expert, status and outcome, and of episodes and graph nodes.
+
+    Example: python run_loop.py rules stats --run-dir runs/loop --json
+    """
+    from graph.inspect import rule_stats
+
+    stats = _read_memory(run_dir, embedder, rule_stats)
+    if as_json:
+        typer.echo(json.dumps(stats, indent=2))
+        return
+    table = Table(title=f"memory of {run_dir}")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for key in ("n_rules", "n_episodes", "n_problems", "retrieved", "helped", "hurt", "graph_nodes", "graph_edges"):
+        table.add_row(key.removeprefix("n_"), str(stats[key]))
+    for group in ("rules_by_status", "rules_by_expert", "rules_by_outcome"):
+        for key, value in stats[group].items():
+            table.add_row(f"rules, {group.removeprefix('rules_by_')} {key}", str(value))
+    Console().print(table)
+
+
+@rules_app.command("graph")
+def rules_graph(
+    run_dir: RunDirOption = Path("runs/loop"),
+    out: Annotated[Path, typer.Option(help="Output file; .html (a self-contained page) or .graphml.")] = Path("memory_graph.html"),
+    fmt: Annotated[Optional[str], typer.Option("--format", help="'html' or 'graphml' (default: from --out's suffix).")] = None,
+    embedder: EmbedderOption = "auto",
+    as_json: JsonOption = False,
+) -> None:
+    """Write the memory graph (problems, rules, experts, episodes, updates) for a browser or a graph tool.
+
+    Example: python run_loop.py rules graph --run-dir runs/loop --out graph.html
+    """
+    from graph.inspect import write_graph
+
+    def write(store):
+        path = write_graph(store, out, fmt, title=str(run_dir))
+        return {"out": str(path), "format": fmt or path.suffix.lstrip(".").lower(),
+                "nodes": store.graph.nx_graph.number_of_nodes(), "edges": store.graph.nx_graph.number_of_edges()}
+
+    result = _read_memory(run_dir, embedder, write)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"wrote {result['out']} ({result['nodes']} nodes, {result['edges']} edges)")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Optional[Path], typer.Option(help="The run directory (for an evaluation: DIR/arms/ARM). Required.")] = None,
+    expert: Annotated[Optional[int], typer.Option(help="The expert to export. Required.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="The PEFT folder to write. Required.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Write one expert of a run's bank as a PEFT LoRA folder (loads with peft.PeftModel).
+
+    Example: python run_loop.py export --run-dir runs/loop --expert 3 --out runs/loop/peft-expert3
+    """
+    from graph.inspect import export_expert
+
+    for name, value in (("--run-dir", run_dir), ("--expert", expert), ("--out", out)):
+        if value is None:
+            raise _fail(ValueError(f"{name} is required"))
+    try:
+        result = export_expert(run_dir, expert, out)
+    except (SelfImproveError, ValueError) as error:
+        raise _fail(error) from error
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    note = "" if result["trained"] else " (this expert was never trained: B = 0, it adds nothing)"
+    typer.echo(f"wrote expert {result['expert']} of {run_dir} to {result['out']}{note}")
+
+
 if __name__ == "__main__":
     app()

@@ -130,6 +130,7 @@ def update(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     info.update(
         update_id=_update_id(state, cycle), snapshot=name, cycle=cycle, picked=expert, pick_reason=reason,
         step_losses=[s["loss_lm"] for s in result.steps],
+        texts=state["texts"],  # every cycle's training texts, e.g. to train a comparison adapter on the same data
     )
     return {"updates": [info], "cycle": cycle + 1, "carry": carry}
 

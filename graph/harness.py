@@ -1,0 +1,615 @@
+"""The GSM8K evaluation harness: protocols, arms, scoring, and the numbers the report shows.
+
+Protocols (every output names the one it comes from):
+  holdout   the loop learns on a stream of learning problems; evaluation problems, disjoint
+            from them by id and by normalised text, are scored by the frozen model (the score
+            before learning) and by every arm after learning.
+  stream    each problem of the evaluation data is scored once, before the loop learns from
+            it, and never re-scored: online accuracy.
+  recovery  the loop learns on the evaluation problems (with their reference solutions), then
+            the problems the frozen model failed are scored again. This measures plasticity,
+            whether the loop can fix what it was shown, not generalisation.
+
+Arms, on identical problems and generation settings (greedy), sharing the base model and seed:
+  frozen       the base model: no rules, no adapters
+  rules        rules retrieved from the arm's memory in the prompt, bare model (no gradient)
+  adapters     the loop's expert bank under the router's weights, no rules in the prompt
+  full         both
+  single-lora  one plain LoRA (a one-expert bank, forced routing, no router) trained with the
+               same trainer on every training text the adapters arm produced, burst by burst
+
+Each learning arm learns in its own folder ``run_dir/arms/<arm>`` (its own bank, memory and
+checkpoints, a valid run directory for ``rules`` and ``export``); a killed evaluation resumes
+from those checkpoints. Evaluation problems never enter ``run_episodes`` in ``holdout``: they
+are only scored, so they cannot reach reflect, diversify or update.
+
+Python use::
+
+    from graph.harness import EvalConfig, evaluate
+    report = evaluate(EvalConfig(model="qwen2.5-coder-0.5b", learn_problems=20, eval_problems=50), "runs/eval")
+    report.summary()["arms"]["full"]["accuracy"]
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import torch
+
+from adapters.bank import BankConfig, ExpertBank
+from adapters.router import Router, RouterConfig
+from adapters.store import BankStore, atomic_write_bytes
+from adapters.stress import StressConfig, StressController
+from adapters.trainer import TestTimeTrainer, TrainerConfig, TrainingExample
+from agents.backend import GenerationBackend, TorchBackend
+from agents.diversifier import Diversifier
+from agents.errors import DataError, SelfImproveError
+from agents.gsm8k import HUB_SPLITS, Problem, load_source, normalise_question, resolve_path, sample_problems
+from agents.models import DEFAULT_MODEL, LoadedModel, load_model
+from agents.reflector import Reflector
+from agents.solver import Attempt, Solver, SolverConfig
+from agents.verifier import VerifierConfig, check
+from graph.context import LoopConfig, RunContext
+from graph.inspect import EMBEDDERS, make_embedder
+from graph.runner import RunDirError, RunSettings, StopFlag, build_context, prepare_run_dir, problem_data, run_episodes
+from graph.stats import PairedComparison, compare, wilson_interval
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("holdout", "stream", "recovery")
+ARMS = ("frozen", "rules", "adapters", "full", "single-lora")
+LOOP_ARMS = ("rules", "adapters", "full")  # the arms that run the loop
+EVAL_FILE = "eval.json"
+
+PROTOCOL_NOTES = {
+    "holdout": "learned on the learning problems only; evaluation problems (disjoint by id and text) "
+               "scored after learning; the frozen arm is the score before learning",
+    "stream": "online accuracy: each problem scored once, before the loop learned from it, never re-scored",
+    "recovery": "re-scored the problems the frozen model failed after the loop learned from them "
+                "(with their reference solutions): plasticity, not generalisation",
+}
+
+
+class EvalInterrupted(SelfImproveError):
+    """The evaluation was stopped (Ctrl-C) after a finished node; it resumes from the arms' checkpoints."""
+
+
+@dataclass
+class EvalConfig:
+    model: str = DEFAULT_MODEL  # model spec: an alias, a folder, a .gguf file or a hub id
+    protocol: Literal["holdout", "stream", "recovery"] = "holdout"
+    arms: tuple[str, ...] = ARMS  # compared arms; 'frozen' is always added (every arm is compared with it)
+    learn_data: str = "train"  # holdout learning problems: 'train', 'test', 'gsm8k:train', or a JSON-lines path
+    eval_data: str = "test"  # scored problems (and, in stream and recovery, the learning stream too)
+    learn_problems: int = 20  # learning problems drawn from learn_data (holdout only)
+    eval_problems: int = 50  # problems drawn from eval_data
+    seed: int = 0  # draws the subsets and seeds the loop, bank and router of every arm
+    cycles: int = 2  # reflect/update rounds per failed learning problem
+    label_free: bool = False  # learn by agreement of sampled answers (scoring always uses labels)
+    max_new_tokens: int = 384  # generation cap per answer, the same for every arm
+    batch_size: int = 8  # problems per scoring call
+    embedder: str = "minilm"  # memory embedder: 'minilm' (all-MiniLM-L6-v2) or 'hash' (tests)
+    bank: BankConfig = field(default_factory=BankConfig)
+    router: RouterConfig = field(default_factory=lambda: RouterConfig(mode="top-k"))
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    stress: StressConfig = field(default_factory=StressConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    canary_size: int = 4  # solved learning problems every update must not break
+    plots: bool = True  # write the PNG plots with the report
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}; got {self.protocol!r}")
+        arms = tuple(self.arms)
+        unknown = [a for a in arms if a not in ARMS]
+        if unknown or not arms:
+            raise ValueError(f"arms must be a non-empty subset of {', '.join(ARMS)}; got {', '.join(arms) or 'none'}")
+        if "single-lora" in arms and "adapters" not in arms:
+            raise ValueError("the single-lora arm trains on the adapters arm's texts: add the adapters arm")
+        self.arms = tuple(a for a in ARMS if a in arms or a == "frozen")  # canonical order, frozen first
+        for name in ("learn_problems", "eval_problems", "cycles", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.embedder not in EMBEDDERS:
+            raise ValueError(f"embedder must be one of {', '.join(EMBEDDERS)}; got {self.embedder!r}")
+        if self.canary_size < 0:
+            raise ValueError(f"canary_size must be >= 0, got {self.canary_size}")
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self), default=str))
+
+
+# ---------------------------------------------------------------- problems
+
+
+@dataclass
+class ProblemSets:
+    learn: list[Problem]  # what the loop learns from, in order
+    scored: list[Problem]  # what the arms are scored on (recovery: the pool the failed ones come from)
+
+    def to_dict(self) -> dict:
+        return {"learn_ids": [p.id for p in self.learn], "scored_ids": [p.id for p in self.scored]}
+
+
+def _source_key(spec: str) -> str:
+    return spec if spec in HUB_SPLITS else str(resolve_path(spec).resolve())
+
+
+def check_disjoint(learn: Sequence[Problem], scored: Sequence[Problem]) -> None:
+    """DataError if a learning problem is also an evaluation problem, by id or by normalised text."""
+    ids = {p.id for p in learn} & {p.id for p in scored}
+    texts = {normalise_question(p.question) for p in learn} & {normalise_question(p.question) for p in scored}
+    if ids or texts:
+        example = sorted(ids)[0] if ids else next(p.id for p in scored if normalise_question(p.question) in texts)
+        raise DataError(f"learning and evaluation problems overlap ({len(ids)} by id, {len(texts)} by text, "
+                        f"e.g. {example}); holdout needs disjoint data")
+
+
+def prepare_problems(config: EvalConfig) -> ProblemSets:
+    """The learning and scored problems of a protocol, drawn by seed; holdout sets are checked disjoint."""
+    pool = load_source(config.eval_data)
+    scored = sample_problems(pool, config.eval_problems, config.seed)
+    missing = [p.id for p in scored if p.label is None]
+    if missing:
+        raise DataError(f"evaluation problems need labels ('answer' ending in '#### N'); {missing[0]} has none")
+    if config.protocol != "holdout":
+        learn = scored  # stream and recovery learn on the scored problems themselves
+    else:
+        if _source_key(config.learn_data) == _source_key(config.eval_data):
+            # One file for both: learning problems come from what the evaluation draw left.
+            taken_ids = {p.id for p in scored}
+            taken_texts = {normalise_question(p.question) for p in scored}
+            rest = [p for p in pool if p.id not in taken_ids and normalise_question(p.question) not in taken_texts]
+        else:
+            rest = load_source(config.learn_data)
+        learn = sample_problems(rest, config.learn_problems, config.seed)
+        check_disjoint(learn, scored)
+    if not config.label_free:
+        unlabelled = [p.id for p in learn if p.label is None]
+        if unlabelled:
+            raise DataError(f"learning problem {unlabelled[0]} has no label; pass label_free=True (--label-free)")
+    return ProblemSets(learn, scored)
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass
+class ItemScore:
+    id: str
+    correct: bool
+    answer: str | None  # the extracted final number; None = no number found (a format failure)
+    strategy: str  # how the answer was extracted
+    tokens: int
+
+
+@dataclass
+class ArmResult:
+    arm: str
+    scores: list[ItemScore]  # in the report's item order
+    seconds: dict  # learn, score
+    learning: dict = field(default_factory=dict)  # what the arm's learning did
+    curve: list[dict] = field(default_factory=list)  # per learning episode: first-try verdict, outcome, phi
+    expert_usage: dict | None = None  # mean routing weight per expert when scored; updates per expert
+
+    @property
+    def n(self) -> int:
+        return len(self.scores)
+
+    @property
+    def correct(self) -> int:
+        return sum(s.correct for s in self.scores)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+    @property
+    def format_failures(self) -> int:
+        """Answers with no number in them at all: counted apart from wrong answers."""
+        return sum(s.answer is None for s in self.scores)
+
+    @property
+    def wrong(self) -> int:
+        return sum(not s.correct and s.answer is not None for s in self.scores)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.scores)
+
+    def summary(self) -> dict:
+        low, high = wilson_interval(self.correct, self.n)
+        return {
+            "n": self.n, "correct": self.correct, "accuracy": self.accuracy, "ci95": [low, high],
+            "wrong": self.wrong, "format_failures": self.format_failures,
+            "last_number_fallbacks": sum(s.strategy == "last_number" for s in self.scores),
+            "tokens": self.tokens, "seconds": self.seconds,
+        }
+
+
+@dataclass
+class EvalReport:
+    protocol: str
+    protocol_note: str
+    config: dict
+    items: list[dict]  # the scored problems: id, question, label
+    learn_ids: list[str]
+    arms: dict[str, ArmResult]
+    comparisons: dict[str, PairedComparison]  # every arm but frozen against frozen
+    leak_check: dict  # training texts that contain an evaluation question (holdout must be 0)
+    run_dir: str
+    seconds: float
+    extra: dict = field(default_factory=dict)  # protocol-specific facts (recovery: the pool it came from)
+    files: dict = field(default_factory=dict)  # report files written, by kind
+
+    def summary(self) -> dict:
+        """The short, script-friendly view: per arm accuracy, interval and comparison with frozen."""
+        arms = {}
+        for name, result in self.arms.items():
+            arms[name] = result.summary()
+            if name in self.comparisons:
+                arms[name]["vs_frozen"] = self.comparisons[name].to_dict()
+        return {
+            "protocol": self.protocol, "protocol_note": self.protocol_note, "model": self.config["model"],
+            "n_scored": len(self.items), "n_learn": len(self.learn_ids), "arms": arms,
+            "leak_check": self.leak_check, **self.extra, "run_dir": self.run_dir, "files": self.files,
+        }
+
+    def to_dict(self) -> dict:
+        out = self.summary()
+        out.update(
+            config=self.config, items=self.items, learn_ids=self.learn_ids, seconds=self.seconds,
+            per_item={name: [asdict(s) for s in r.scores] for name, r in self.arms.items()},
+            learning={name: r.learning for name, r in self.arms.items() if r.learning},
+            curves={name: r.curve for name, r in self.arms.items() if r.curve},
+            expert_usage={name: r.expert_usage for name, r in self.arms.items() if r.expert_usage},
+        )
+        return out
+
+
+@dataclass
+class EvalProgress:
+    arm: str
+    phase: str  # learn | score | train
+    done: int
+    total: int
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resume: bool) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / EVAL_FILE
+    wanted = {"config": {k: v for k, v in config.to_dict().items() if k != "plots"}, **sets.to_dict()}
+    if path.exists():
+        if not resume:
+            raise RunDirError(f"{run_dir} already holds an evaluation; pass --resume to continue it or choose another --run-dir")
+        saved = json.loads(path.read_text())
+        if saved != wanted:
+            differs = sorted(k for k in wanted["config"] if saved.get("config", {}).get(k) != wanted["config"][k])
+            raise RunDirError(f"{run_dir} holds an evaluation with different settings or problems "
+                              f"({', '.join(differs) or 'problem ids'}); use another --run-dir")
+    atomic_write_bytes(path, json.dumps(wanted, indent=2).encode())
+
+
+def arm_settings(config: EvalConfig, arm: str, episodes: int) -> RunSettings:
+    """The loop settings of a learning arm: the shared ones, with the arm's switches."""
+    switches = {"rules": {"adapters": False}, "adapters": {"rules_in_prompt": False}, "full": {}}[arm]
+    return RunSettings(
+        model=config.model,
+        data=config.eval_data if config.protocol != "holdout" else config.learn_data,
+        episodes=episodes,
+        loop=LoopConfig(cycles=config.cycles, label_free=config.label_free, seed=config.seed,
+                        canary_size=config.canary_size, **switches),
+        bank=replace(config.bank, seed=config.seed),
+        router=replace(config.router, seed=config.seed),
+        trainer=config.trainer,
+        stress=config.stress,
+        solver=SolverConfig(max_new_tokens=config.max_new_tokens),
+        verifier=config.verifier,
+    )
+
+
+def _with_backend(ctx: RunContext, backend: GenerationBackend) -> RunContext:
+    """The same run context with every agent generating through ``backend`` (built after the bank)."""
+    return replace(ctx, backend=backend, solver=Solver(backend, ctx.solver.config),
+                   reflector=Reflector(backend, ctx.reflector.config),
+                   diversifier=Diversifier(backend, ctx.diversifier.config))
+
+
+def _score(problem: Problem, attempt: Attempt) -> ItemScore:
+    return ItemScore(problem.id, check(attempt, problem.label).correct, attempt.answer, attempt.strategy, attempt.tokens)
+
+
+def _chunks(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class _Run:
+    """One evaluate() call: the config, its dependencies and the progress hook."""
+
+    def __init__(self, config, run_dir, loader, backend, on_progress, stop, embedder):
+        self.config, self.run_dir = config, run_dir
+        self.loader = loader or (lambda: load_model(config.model))
+        self.backend = backend
+        self.on_progress = on_progress or (lambda _p: None)
+        self.stop = stop
+        self.embedder = embedder
+        self.solver_config = SolverConfig(max_new_tokens=config.max_new_tokens)
+
+    def progress(self, arm: str, phase: str, done: int, total: int) -> None:
+        self.on_progress(EvalProgress(arm, phase, done, total))
+
+    def _backend_for(self, loaded: LoadedModel, bank: ExpertBank | None) -> GenerationBackend:
+        if self.backend is not None:
+            return self.backend(loaded, bank)
+        return TorchBackend(loaded.model, loaded.tokenizer, bank, batch_size=self.config.batch_size)
+
+    def _solve(self, arm: str, solver: Solver, problems: Sequence[Problem], route) -> tuple[list[ItemScore], list]:
+        """Score problems in batches; route(questions) gives (rules, weights) for a batch."""
+        scores, used = [], []
+        for chunk in _chunks(list(problems), self.config.batch_size):
+            rules, weights = route([p.question for p in chunk])
+            attempts = solver.solve([p.question for p in chunk], rules, weights=weights)
+            scores += [_score(p, a) for p, a in zip(chunk, attempts)]
+            if weights is not None:
+                used.append(weights.float().cpu().expand(len(chunk), -1))  # (chunk, n_experts)
+            self.progress(arm, "score", len(scores), len(problems))
+        return scores, used
+
+    # -- frozen
+
+    def frozen(self, problems: Sequence[Problem]) -> ArmResult:
+        loaded = self.loader()
+        solver = Solver(self._backend_for(loaded, None), self.solver_config)
+        start = time.perf_counter()
+        scores, _ = self._solve("frozen", solver, problems, lambda qs: ([[] for _ in qs], None))
+        return ArmResult("frozen", scores, {"learn": 0.0, "score": time.perf_counter() - start})
+
+    # -- loop arms
+
+    def loop_arm(self, arm: str, sets: ProblemSets, scored: Sequence[Problem], resume: bool) -> tuple[ArmResult, list[dict]]:
+        cfg = self.config
+        arm_dir = self.run_dir / "arms" / arm
+        settings = arm_settings(cfg, arm, len(sets.learn))
+        prepare_run_dir(arm_dir, settings, resume)
+        log.info("%s arm: learning on %d problems in %s", arm, len(sets.learn), arm_dir)
+        loaded = self.loader()
+        ctx = build_context(loaded, settings, arm_dir, embedder=self.embedder)
+        if self.backend is not None:
+            ctx = _with_backend(ctx, self.backend(loaded, ctx.bank))
+        try:
+            stream = [problem_data(p, learning=True, label_free=cfg.label_free) for p in sets.learn]
+            states: list[dict] = []
+            start = time.perf_counter()
+            for state in run_episodes(ctx, stream, run_dir=arm_dir, stop=self.stop):
+                states.append(state)
+                self.progress(arm, "learn", len(states), len(stream))
+            if len(states) < len(stream):
+                raise EvalInterrupted(f"stopped while the {arm} arm was learning (episode {len(states) + 1} of {len(stream)})")
+            learn_seconds = time.perf_counter() - start
+            used: list = []
+            start = time.perf_counter()
+            if cfg.protocol == "stream":
+                # Online: the score is each episode's first attempt, made before learning on it.
+                by_id = {p.id: p for p in sets.learn}
+                scores = [_score(by_id[s["problem"]["id"]], Attempt(**s["first"]["attempt"])) for s in states]
+            else:
+                scores, used = self._solve(arm, ctx.solver, scored, lambda qs: self._route(ctx, arm, qs))
+            seconds = {"learn": learn_seconds, "score": time.perf_counter() - start}
+            result = ArmResult(arm, scores, seconds, learning_summary(states), learning_curve(states, sets.learn))
+            if arm != "rules":
+                n = ctx.bank.n_experts
+                # Stream episodes keep only their latest mixture, not the first one: no mean is shown there.
+                mean = torch.cat(used).mean(0).tolist() if used else None  # (n_experts,)
+                updates = (states[-1]["carry"].get("expert_updates") if states else None) or [0] * n
+                result.expert_usage = {"mean_weight": mean, "updates": list(updates)}
+        finally:
+            if ctx.memory is not None:
+                ctx.memory.close()
+        return result, states
+
+    @staticmethod
+    def _route(ctx: RunContext, arm: str, questions: list[str]):
+        """The arm's prompt rules and mixture weights, as the loop's solve node computes them."""
+        memory, prior, rule_texts, _ = ctx.memory_vectors(questions)
+        use_rules, use_adapters = arm in ("rules", "full"), arm in ("adapters", "full")
+        rules = [r[: ctx.solver.config.max_rules] if use_rules else [] for r in rule_texts]
+        if not use_adapters:
+            return rules, None  # the bare model: no expert is applied
+        prompts = [ctx.solver.prompt(q, r) for q, r in zip(questions, rules)]
+        _, weights = ctx.routing(prompts, memory, prior)  # (batch, n_experts)
+        return rules, weights
+
+    # -- single LoRA
+
+    def single_lora(self, bursts: list[list[list[TrainingExample]]], sets: ProblemSets,
+                    scored: Sequence[Problem]) -> ArmResult:
+        """One expert, forced routing: trained burst by burst on the adapters arm's texts."""
+        cfg = self.config
+        arm_dir = self.run_dir / "arms" / "single-lora"
+        loaded = self.loader()
+        bank_config = replace(cfg.bank, n_experts=1, shared_expert=0, seed=cfg.seed)
+        router_config = replace(cfg.router, mode="forced", memory_dim=0, seed=cfg.seed)
+        bank = ExpertBank(loaded.model, bank_config)
+        router = Router(loaded.model.config.hidden_size, 1, router_config).to(loaded.device)
+        trainer = TestTimeTrainer(loaded.model, loaded.tokenizer, bank, router, cfg.trainer, StressController(cfg.stress))
+        solver = Solver(self._backend_for(loaded, bank), self.solver_config)
+        one = bank.one_hot(0)  # (1, 1): the single expert for every sequence
+        total_bursts = sum(len(b) for b in bursts)
+        log.info("single-lora arm: %d update bursts from the adapters arm", total_bursts)
+        trained, train_seconds, score_seconds = 0, 0.0, 0.0
+        results: list[dict] = []
+
+        def train(episode_bursts) -> None:
+            nonlocal trained, train_seconds
+            for burst in episode_bursts:
+                start = time.perf_counter()
+                result = trainer.update(burst, target_expert=0)
+                train_seconds += time.perf_counter() - start
+                results.append({"mode": result.mode, "phi": result.phi, "loss_before": result.loss_before,
+                                "loss_after": result.loss_after, "rolled_back": result.rolled_back, "texts": len(burst)})
+                trained += 1
+                self.progress("single-lora", "train", trained, total_bursts)
+
+        route = lambda qs: ([[] for _ in qs], one)  # noqa: E731
+        if cfg.protocol == "stream":
+            # Online like the loop: score problem i with the LoRA trained on the bursts of episodes < i.
+            scores = []
+            for problem, episode_bursts in zip(sets.learn, bursts):
+                start = time.perf_counter()
+                scores += self._solve("single-lora", solver, [problem], route)[0]
+                score_seconds += time.perf_counter() - start
+                train(episode_bursts)
+        else:
+            for episode_bursts in bursts:
+                train(episode_bursts)
+            start = time.perf_counter()
+            scores, _ = self._solve("single-lora", solver, scored, route)
+            score_seconds = time.perf_counter() - start
+        # Saved as a run directory of its own, so `export --run-dir .../single-lora --expert 0` works.
+        BankStore(arm_dir / "bank").save(bank, router, trainer.stress, extra={"model": cfg.model, "arm": "single-lora"})
+        settings = replace(arm_settings(cfg, "adapters", len(sets.learn)), bank=bank_config, router=router_config)
+        atomic_write_bytes(arm_dir / "run.json", json.dumps(settings.to_dict(), indent=2).encode())
+        learning = {"bursts": len(results), "texts": sum(r["texts"] for r in results),
+                    "rolled_back": sum(r["rolled_back"] for r in results),
+                    "source": "every update burst of the adapters arm, in order, including bursts the loop later undid"}
+        return ArmResult("single-lora", scores, {"learn": train_seconds, "score": score_seconds}, learning)
+
+
+def learning_summary(states: list[dict]) -> dict:
+    """What one arm's learning did, counted over its episodes."""
+    outcomes = [s["outcome"] for s in states]
+    updates = [u for s in states for u in s.get("updates") or []]
+    checks = [c for s in states for c in s.get("canary_checks") or []]
+    return {
+        "episodes": len(states),
+        "right_first_try": sum(bool(s["first"]["correct"]) for s in states),
+        **{k: outcomes.count(k) for k in ("correct", "fixed", "unfixed", "failed", "not_learned")},
+        "rules": sum(len(s.get("rules") or []) for s in states),
+        "updates": len(updates),
+        "mirror_rollbacks": sum(bool(u.get("rolled_back")) for u in updates),
+        "canary_rollbacks": sum(bool(c.get("rolled_back")) for c in checks),
+        "episode_rollbacks": sum(s.get("rolled_back_to") is not None for s in states),
+        "texts": sum(len(u.get("texts") or []) for u in updates),
+    }
+
+
+def learning_curve(states: list[dict], learn: Sequence[Problem]) -> list[dict]:
+    """Per learning episode: right at the first try (against the label), outcome, and the stress phi(t)."""
+    labels = {p.id: p.label for p in learn}
+    curve, phi = [], None
+    for index, state in enumerate(states):
+        updates = state.get("updates") or []
+        if updates:
+            phi = updates[-1]["phi"]  # the controller's reading at the episode's last update
+        label = labels.get(state["problem"]["id"])
+        first = Attempt(**state["first"]["attempt"])
+        curve.append({
+            "episode": index, "id": state["problem"]["id"],
+            "first_correct": bool(check(first, label).correct) if label is not None else bool(state["first"]["correct"]),
+            "outcome": state["outcome"], "updates": len(updates), "phi": phi,
+            "experts": [u["expert"] for u in updates],
+        })
+    return curve
+
+
+def _leak_check(scored: Sequence[Problem], states_by_arm: dict[str, list[dict]]) -> dict:
+    """Rules and training texts (every loop arm) that contain an evaluation question, up to spacing and case."""
+    questions = [normalise_question(p.question) for p in scored]
+    states = [s for arm_states in states_by_arm.values() for s in arm_states]
+    rules = [normalise_question(r["text"]) for s in states for r in s.get("rules") or []]
+    texts = [normalise_question(t["prompt"] + "\n" + t["completion"])
+             for s in states for u in s.get("updates") or [] for t in u.get("texts") or []]
+    hits = sum(any(q in t for q in questions) for t in rules + texts)
+    return {"rules": len(rules), "training_texts": len(texts), "containing_an_evaluation_question": hits}
+
+
+def evaluate(
+    config: EvalConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    loader: Callable[[], LoadedModel] | None = None,
+    backend: Callable[[LoadedModel, ExpertBank | None], GenerationBackend] | None = None,
+    embedder=None,
+    on_progress: Callable[[EvalProgress], None] | None = None,
+    stop: StopFlag | None = None,
+    problems: ProblemSets | None = None,
+) -> EvalReport:
+    """Run every arm of ``config`` under its protocol; write report.json, report.md and plots to run_dir.
+
+    ``loader`` gives a fresh model per arm (default: ``load_model(config.model)``; a bank is
+    injected in place, so arms never share a model object). ``backend(loaded, bank)`` builds the
+    generation backend of an arm once its bank exists (bank None for the frozen arm; default:
+    the torch backend, or whatever ``build_context`` picks for the loop arms). ``embedder`` overrides
+    ``config.embedder``. ``stop`` (a StopFlag) ends the run after the running node; call again
+    with ``resume=True`` to continue. ``problems`` replaces the draw from the config's data
+    (``prepare_problems(config)``); holdout sets are checked disjoint either way.
+    """
+    from graph.report import write_report
+
+    run_dir = Path(run_dir)
+    begin = time.perf_counter()
+    sets = problems if problems is not None else prepare_problems(config)
+    if config.protocol == "holdout":
+        check_disjoint(sets.learn, sets.scored)
+    elif [p.id for p in sets.learn] != [p.id for p in sets.scored]:
+        raise DataError(f"protocol {config.protocol} learns on the scored problems themselves: learn must equal scored")
+    _prepare_eval_dir(run_dir, config, sets, resume)
+    run = _Run(config, run_dir, loader, backend, on_progress, stop,
+               embedder if embedder is not None else make_embedder(config.embedder))
+
+    arms: dict[str, ArmResult] = {}
+    extra: dict = {}
+    frozen_pool = run.frozen(sets.scored)
+    gc.collect()  # each arm loads its own model: free the last one before the next loads
+    scored = sets.scored
+    if config.protocol == "recovery":
+        failed = [p for p, s in zip(sets.scored, frozen_pool.scores) if not s.correct]
+        extra["recovery_pool"] = {"n": len(sets.scored), "frozen_correct": frozen_pool.correct,
+                                  "rescored_failed": len(failed)}
+        scored = failed
+        log.info("recovery: the frozen model failed %d of %d problems; those are re-scored", len(failed), len(sets.scored))
+        keep = {p.id for p in failed}
+        frozen_pool.scores = [s for s in frozen_pool.scores if s.id in keep]
+    arms["frozen"] = frozen_pool
+
+    states_by_arm: dict[str, list[dict]] = {}
+    for arm in (a for a in config.arms if a in LOOP_ARMS):
+        arms[arm], states_by_arm[arm] = run.loop_arm(arm, sets, scored, resume)
+        gc.collect()
+    if "single-lora" in config.arms:
+        missing = [u for s in states_by_arm["adapters"] for u in s.get("updates") or [] if "texts" not in u]
+        if missing:
+            raise RunDirError("the adapters arm's updates carry no training texts (made by an older version); "
+                              "run the evaluation in a new --run-dir")
+        bursts = [[[TrainingExample(t["prompt"], t["completion"]) for t in u["texts"]] for u in s.get("updates") or []]
+                  for s in states_by_arm["adapters"]]
+        arms["single-lora"] = run.single_lora(bursts, sets, scored)
+
+    comparisons = {name: compare([s.correct for s in arms["frozen"].scores], [s.correct for s in r.scores])
+                   for name, r in arms.items() if name != "frozen"}
+    report = EvalReport(
+        protocol=config.protocol,
+        protocol_note=PROTOCOL_NOTES[config.protocol],
+        config=config.to_dict(),
+        items=[{"id": p.id, "question": p.question, "label": p.label} for p in scored],
+        learn_ids=[p.id for p in sets.learn],
+        arms=arms,
+        comparisons=comparisons,
+        leak_check=_leak_check(scored, states_by_arm) if config.protocol == "holdout" else {"not_applicable": config.protocol},
+        run_dir=str(run_dir),
+        seconds=time.perf_counter() - begin,
+        extra=extra,
+    )
+    write_report(report, run_dir, plots=config.plots)
+    return report

@@ -1,0 +1,339 @@
+"""The evaluation harness: data subsets, protocols, arms, reports and the eval command.
+
+The arms run on the real tiny model (its bank, router, trainer and Chroma memory) with a
+scripted generation backend whose answers depend on what the arm brings: rules in the
+prompt, or a trained expert in the mixture.
+"""
+
+import json
+import re
+import sys
+import types
+
+import pytest
+from chromadb.api.client import SharedSystemClient
+from typer.testing import CliRunner
+
+from adapters.bank import BankConfig, LoRABankLinear
+from adapters.trainer import TestTimeTrainer, TrainerConfig
+from agents.errors import DataError
+from agents.gsm8k import Problem, load_source, problem_id, sample_problems
+from agents.prompts import DIVERSIFY_SYSTEM, REFLECT_SYSTEM, SOLVER_SYSTEM
+from graph.harness import EvalConfig, EvalInterrupted, evaluate, prepare_problems
+from graph.inspect import export_expert
+from graph.runner import RunDirError, StopFlag
+from run_loop import app
+from tests.fakes import ScriptedBackend
+
+LEARN = [(f"A crate holds {n} jars and a second crate holds {n} more jars. How many jars in all?", 2 * n, f"{n} + {n} = {2 * n}")
+         for n in (11, 13, 17, 19)]
+EVAL = [
+    ("Sam reads 6 pages a day for 7 days. How many pages does he read?", 42, "6 * 7 = 42"),  # frozen right; rules confuse it
+    ("A shelf has 9 rows of 4 books. How many books?", 36, "9 * 4 = 36"),  # frozen writes no number
+    ("Ann had 40 dollars and spent 15. How many dollars are left?", 25, "40 - 15 = 25"),
+    ("Bo walks 3 miles each morning and 2 each evening. How many miles a day?", 5, "3 + 2 = 5"),
+]
+EVAL_Q = [q for q, _, _ in EVAL]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps({"question": q, "answer": f"{s}\n#### {a}"}) + "\n" for q, a, s in rows))
+    return str(path)
+
+
+class Model:
+    """A scripted model: rules in the prompt or a trained expert in the mixture make it right."""
+
+    def __init__(self):
+        self.loaded = None  # the latest model the harness loaded (one per arm)
+        self.labels = {q: a for q, a, _ in LEARN + EVAL}
+        self.backends = []
+
+    def loader(self):
+        from agents.models import load_model
+
+        self.loaded = load_model("tiny-random")
+        return self.loaded
+
+    def backend(self, loaded, bank):
+        backend = ScriptedBackend(self.script)
+        self.backends.append(backend)
+        return backend
+
+    def trained(self):
+        return any(bool(m.lora_B.detach().any()) for m in self.loaded.model.modules() if isinstance(m, LoRABankLinear))
+
+    def script(self, prompt, sampling, weights):
+        if SOLVER_SYSTEM[:30] in prompt:
+            question = re.search(r"Problem: (.*?)</user>", prompt, re.DOTALL).group(1).strip()
+            with_rules = "Rules learned from earlier mistakes" in prompt
+            adapted = weights is not None and self.trained()  # a mixture over a bank with a trained expert
+            if question == EVAL_Q[0]:
+                return "I get 41.\nThe answer is 41." if with_rules else "6 * 7 = 42.\nThe answer is 42."
+            if with_rules or adapted:
+                return f"Working it out.\nThe answer is {self.labels[question]}."
+            if question == EVAL_Q[1]:
+                return "I am not sure how to do this one."
+            return "I think it is 1.\nThe answer is 1."
+        if REFLECT_SYSTEM[:30] in prompt:
+            return "RULE: Read every quantity in the question before combining them."
+        if DIVERSIFY_SYSTEM in prompt:
+            if "NEW short math word problem" in prompt:
+                return "Problem: A bag has 2 red and 3 blue marbles. How many marbles?\n\n2 + 3 = 5. The answer is 5."
+            return "Go through each quantity, name its unit, and combine them in the order the question asks."
+        raise AssertionError(f"unexpected prompt: {prompt[:200]}")
+
+    def prompts(self, needle):
+        return [p for b in self.backends for p in b.prompts_containing(needle)]
+
+
+def _config(tmp_path, **kw):
+    data = {"learn_data": _write(tmp_path / "learn.jsonl", LEARN), "eval_data": _write(tmp_path / "eval.jsonl", EVAL)}
+    base = dict(model="tiny-random", learn_problems=4, eval_problems=4, cycles=2, max_new_tokens=16, embedder="hash",
+                bank=BankConfig(n_experts=4), trainer=TrainerConfig(steps_per_update=1), batch_size=3)
+    return EvalConfig(**{**data, **base, **kw})
+
+
+def _evaluate(config, run_dir, model, **kw):
+    SharedSystemClient.clear_system_cache()
+    return evaluate(config, run_dir, loader=model.loader, backend=model.backend, **kw)
+
+
+# ---------------------------------------------------------------- data
+
+
+def _problems(n, split="s"):
+    return [Problem(problem_id(split, f"Question {i}?"), f"Question {i}?", "s", str(i), split) for i in range(n)]
+
+
+def test_sample_problems_is_deterministic_by_seed_and_ids():
+    problems = _problems(30)
+    first = sample_problems(problems, 10, seed=3)
+    assert [p.id for p in first] == [p.id for p in sample_problems(list(reversed(problems)), 10, seed=3)]
+    assert [p.id for p in sample_problems(problems, 5, seed=3)] == [p.id for p in first[:5]]  # a larger n extends
+    assert {p.id for p in sample_problems(problems, 10, seed=4)} != {p.id for p in first}
+    with pytest.raises(DataError, match="only 30"):
+        sample_problems(problems, 31, seed=0)
+    with pytest.raises(DataError, match="same question twice"):
+        sample_problems(problems + problems[:1], 3, seed=0)
+
+
+def test_hub_source_without_a_hub_is_one_data_error_line(monkeypatch):
+    with pytest.raises(DataError) as err:
+        load_source("gsm8k:test")  # conftest sets HF_HUB_OFFLINE=1; this machine has no hub either
+    assert "cannot load gsm8k:test from the Hugging Face hub" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_hub_source_parses_rows_like_the_local_files(monkeypatch):
+    rows = [{"question": "Tom has 3 apples and buys 5. How many?", "answer": "3+5=<<3+5=8>>8\n#### 8"}]
+    calls = []
+    fake = types.SimpleNamespace(load_dataset=lambda *a, **k: calls.append((a, k)) or rows)
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    (problem,) = load_source("gsm8k:train")
+    assert calls == [(("gsm8k", "main"), {"split": "train"})]
+    assert problem.id == problem_id("train", rows[0]["question"]) and problem.label == "8" and problem.solution == "3+5=8"
+
+
+def test_overlap_between_learning_and_evaluation_data_fails_loudly(tmp_path):
+    config = _config(tmp_path)
+    # The same question under another file name: a different id, the same text.
+    config.learn_data = _write(tmp_path / "other.jsonl", LEARN[:3] + [EVAL[2]])
+    with pytest.raises(DataError, match=r"overlap \(0 by id, 1 by text"):
+        prepare_problems(config)
+    # One file for both: the learning draw comes from what the evaluation draw left.
+    both = _write(tmp_path / "both.jsonl", LEARN + EVAL)
+    sets = prepare_problems(_config(tmp_path, learn_data=both, eval_data=both, learn_problems=4, eval_problems=4))
+    assert not {p.question for p in sets.learn} & {p.question for p in sets.scored}
+    assert len(sets.learn) == len(sets.scored) == 4
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"protocol": "nope"}, "protocol must be one of holdout, stream, recovery"),
+    ({"arms": ("rules", "magic")}, "arms must be a non-empty subset"),
+    ({"arms": ("single-lora",)}, "add the adapters arm"),
+    ({"eval_problems": 0}, "eval_problems must be >= 1"),
+    ({"embedder": "bert"}, "embedder must be one of"),
+])
+def test_config_errors_name_the_value(kw, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        EvalConfig(**kw)
+    assert EvalConfig(arms=("rules",)).arms == ("frozen", "rules")  # frozen is always the baseline
+
+
+# ---------------------------------------------------------------- holdout
+
+
+@pytest.fixture(scope="module")
+def holdout(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("holdout")
+    model = Model()
+    trained_texts = []
+    real_update = TestTimeTrainer.update
+
+    def spy(self, examples, *args, **kwargs):
+        trained_texts.extend(e.prompt + "\n" + e.completion for e in examples)
+        return real_update(self, examples, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TestTimeTrainer, "update", spy)
+        report = _evaluate(_config(tmp), tmp / "run", model)
+    return report, model, trained_texts, tmp / "run"
+
+
+def test_holdout_arms_score_as_scripted_with_flips_and_tests(holdout):
+    report, *_ = holdout
+    arms = report.summary()["arms"]
+    assert list(arms) == ["frozen", "rules", "adapters", "full", "single-lora"]
+    assert {k: (v["correct"], v["n"]) for k, v in arms.items()} == {
+        "frozen": (1, 4), "rules": (3, 4), "adapters": (4, 4), "full": (3, 4), "single-lora": (4, 4)}
+    assert arms["frozen"]["format_failures"] == 1 and arms["frozen"]["wrong"] == 2  # counted apart
+    rules = arms["rules"]["vs_frozen"]
+    assert rules["flips"] == {"right_right": 0, "wrong_right": 3, "right_wrong": 1, "wrong_wrong": 0}
+    assert rules["p_value"] == pytest.approx(2 * (1 + 4) / 16)  # b=3, c=1
+    assert arms["adapters"]["vs_frozen"]["delta"] == pytest.approx(0.75)
+    low, high = arms["frozen"]["ci95"]
+    assert low < 0.25 < high
+    learning = report.arms["adapters"].learning
+    assert learning["fixed"] >= 1 and learning["updates"] >= 1 and learning["texts"] >= 1
+    assert report.arms["single-lora"].learning["bursts"] == learning["updates"]
+    usage = report.arms["full"].expert_usage
+    assert len(usage["mean_weight"]) == 4 and sum(usage["updates"]) >= 1
+
+
+def test_holdout_evaluation_problems_never_reach_reflect_diversify_or_training(holdout):
+    report, model, trained_texts, _ = holdout
+    reflect_prompts = model.prompts(REFLECT_SYSTEM[:30])
+    diversify_prompts = model.prompts(DIVERSIFY_SYSTEM)
+    assert reflect_prompts and diversify_prompts and trained_texts  # the check is not vacuous
+    assert any(solution in p for _, _, solution in LEARN for p in reflect_prompts)  # learning solutions do reach it
+    for question, label, solution in EVAL:
+        for text in reflect_prompts + diversify_prompts + trained_texts:
+            assert question not in text and solution not in text
+    eval_ids = {item["id"] for item in report.items}
+    assert not eval_ids & set(report.learn_ids)
+    assert report.leak_check["containing_an_evaluation_question"] == 0
+    assert report.leak_check["rules"] >= 2 and report.leak_check["training_texts"] >= 1
+    # every solve of an evaluation question is a scoring call: no other node saw them
+    solve_prompts = model.prompts(SOLVER_SYSTEM[:30])
+    assert sum(EVAL_Q[2] in p for p in solve_prompts) == 5  # once per arm
+
+
+def test_holdout_report_files_are_written_and_readable(holdout):
+    from matplotlib.image import imread
+
+    report, _, _, run_dir = holdout
+    data = json.loads((run_dir / "report.json").read_text())
+    assert data["protocol"] == "holdout" and "disjoint" in data["protocol_note"]
+    assert data["arms"]["rules"]["vs_frozen"]["flips"]["right_wrong"] == 1
+    assert [r["id"] for r in data["per_item"]["frozen"]] == [i["id"] for i in data["items"]]
+    assert set(data["curves"]) == {"rules", "adapters", "full"}
+    md = (run_dir / "report.md").read_text()
+    assert md.startswith("# GSM8K evaluation, protocol: holdout")
+    assert "| rules | 3/4 | 75.0% |" in md and "McNemar" in md and "no answer" in md
+    for name in ("accuracy.png", "learning.png", "experts.png"):
+        image = imread(run_dir / name)
+        assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300, name
+        assert f"]({name})" in md
+    assert (run_dir / "arms" / "full" / "run.json").is_file()
+    # the single LoRA is saved as a run directory of its own: it exports like any expert
+    exported = export_expert(run_dir / "arms" / "single-lora", 0, run_dir / "peft-single")
+    assert exported["trained"] and (run_dir / "peft-single" / "adapter_model.safetensors").is_file()
+
+
+def test_a_second_evaluation_in_the_same_dir_needs_resume(holdout, tmp_path):
+    _, model, _, run_dir = holdout
+    with pytest.raises(RunDirError, match="--resume"):
+        _evaluate(_config(run_dir.parent), run_dir, model)
+
+
+# ---------------------------------------------------------------- stream and recovery
+
+
+def test_stream_scores_each_problem_once_before_learning_then_resumes_after_a_stop(tmp_path):
+    model = Model()
+    config = _config(tmp_path, protocol="stream", arms=("rules", "adapters", "single-lora"), plots=False)
+    stop = StopFlag()
+
+    def on_progress(p):
+        if p.arm == "rules" and p.phase == "learn" and p.done == 2:
+            stop.set()
+
+    with pytest.raises(EvalInterrupted, match="rules arm"):
+        _evaluate(config, tmp_path / "run", model, on_progress=on_progress, stop=stop)
+    report = _evaluate(config, tmp_path / "run", model, resume=True)
+    assert report.protocol == "stream" and report.leak_check == {"not_applicable": "stream"}
+    order = [item["id"] for item in report.items]
+    assert report.learn_ids == order  # the stream is the scored set, in one seeded order
+    special = problem_id("eval", EVAL_Q[0])  # right without rules, wrong with them
+    # rules: no rule exists before the first failure; every first attempt after it carries one
+    expected, have_rule = [], False
+    for pid in order:
+        right = (pid == special) != have_rule
+        expected.append(right)
+        have_rule = have_rule or not right
+    assert [s.correct for s in report.arms["rules"].scores] == expected
+    # single-lora: problem i is scored with the LoRA trained on the adapters arm's bursts of episodes < i
+    updated = [c["updates"] > 0 for c in report.arms["adapters"].curve]
+    assert any(updated)
+    expected = [pid == special or any(updated[:i]) for i, pid in enumerate(order)]
+    assert [s.correct for s in report.arms["single-lora"].scores] == expected
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "protocol: stream" in md and "online accuracy" in md.lower()
+
+
+def test_recovery_rescores_frozen_failures_and_says_so(tmp_path):
+    model = Model()
+    config = _config(tmp_path, protocol="recovery", arms=("adapters",), plots=False)
+    report = _evaluate(config, tmp_path / "run", model)
+    summary = report.summary()
+    assert summary["protocol"] == "recovery" and "plasticity, not generalisation" in summary["protocol_note"]
+    assert summary["recovery_pool"] == {"n": 4, "frozen_correct": 1, "rescored_failed": 3}
+    assert summary["arms"]["frozen"]["correct"] == 0 and summary["arms"]["adapters"]["correct"] == 3
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "protocol: recovery" in md and "plasticity, not generalisation" in md
+
+
+# ---------------------------------------------------------------- the eval command (tiny-random, real generation)
+
+
+def test_eval_command_writes_a_report_and_prints_json(tmp_path):
+    learn = _write(tmp_path / "learn.jsonl", LEARN)
+    scored = _write(tmp_path / "eval.jsonl", EVAL)
+    SharedSystemClient.clear_system_cache()
+    result = CliRunner().invoke(app, [
+        "eval", "--model", "tiny-random", "--learn-data", learn, "--eval-data", scored, "--learn-problems", "1",
+        "--eval-problems", "2", "--arms", "rules", "--cycles", "1", "--max-new-tokens", "4", "--embedder", "hash",
+        "--experts", "2", "--threads", "2", "--run-dir", str(tmp_path / "run"), "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["protocol"] == "holdout" and set(summary["arms"]) == {"frozen", "rules"}
+    assert summary["arms"]["rules"]["n"] == 2 and "vs_frozen" in summary["arms"]["rules"]
+    assert (tmp_path / "run" / "report.md").is_file() and (tmp_path / "run" / "accuracy.png").is_file()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--protocol", "nope"], "protocol must be one of"),
+    (["--arms", "rules,magic"], "arms must be a non-empty subset"),
+    (["--eval-problems", "0"], "eval_problems must be >= 1"),
+    (["--eval-data", "/nonexistent/eval.jsonl"], "not found"),
+    (["--eval-data", "gsm8k:test"], "cannot load gsm8k:test"),
+    (["--threads", "-1"], "--threads must be >= 0"),
+])
+def test_eval_bad_arguments_are_one_line_errors(tmp_path, args, needle):
+    result = CliRunner().invoke(app, ["eval", "--model", "tiny-random", "--embedder", "hash",
+                                      "--run-dir", str(tmp_path / "run"), *args])
+    assert result.exit_code == 1, result.output
+    assert needle in result.output
+    assert [line for line in result.output.splitlines() if line.strip()] == [result.output.strip()]
+
+
+def test_eval_overlapping_files_are_refused(tmp_path):
+    learn = _write(tmp_path / "learn.jsonl", LEARN + EVAL[:1])
+    scored = _write(tmp_path / "eval.jsonl", EVAL)
+    result = CliRunner().invoke(app, ["eval", "--model", "tiny-random", "--embedder", "hash", "--learn-data", learn,
+                                      "--eval-data", scored, "--learn-problems", "5", "--eval-problems", "4",
+                                      "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "overlap" in result.output
+    assert not (tmp_path / "run").exists()  # refused before anything was written
