@@ -26,7 +26,23 @@ def leaks_answer(text: str, label: str | None) -> bool:
     return answer is not None and any(same_number(v, answer) for v in numbers_in(text))
 
 
-def rule_problem(text: str, label: str | None, max_chars: int, max_sentences: int) -> str | None:
+_WORD = re.compile(r"[a-z']{4,}")
+
+
+def echoes_instructions(text: str, instructions: tuple[str, ...], threshold: float = 0.6) -> bool:
+    """True if most of the rule's longer words come from one of the instruction texts.
+
+    Small models often answer "write a rule" by repeating the request or its example.
+    """
+    words = set(_WORD.findall(text.lower()))
+    if len(words) < 3:
+        return False
+    return any(len(words & set(_WORD.findall(i.lower()))) / len(words) >= threshold for i in instructions)
+
+
+def rule_problem(
+    text: str, label: str | None, max_chars: int, max_sentences: int, echoes: tuple[str, ...] = ()
+) -> str | None:
     """Why a rule is unacceptable, or None if it passes."""
     body = text.strip()
     if not body:
@@ -38,4 +54,6 @@ def rule_problem(text: str, label: str | None, max_chars: int, max_sentences: in
         return f"it has {len(sentences)} sentences; at most {max_sentences}"
     if leaks_answer(body, label):
         return "it contains the problem's answer"
+    if echoes and echoes_instructions(body, echoes):
+        return "it repeats the instructions or the example instead of stating a lesson"
     return None

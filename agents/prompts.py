@@ -17,17 +17,21 @@ SOLUTION_COMPLETION = "{solution}\nThe answer is {label}."
 # ---------------------------------------------------------------- reflector
 
 REFLECT_SYSTEM = (
-    "You review a wrong solution to a math word problem and write one general rule that would "
-    "have prevented the mistake. The rule must help on other problems too: do not mention this "
-    "problem's numbers, names or final answer."
+    "You are a math teacher. A student solved a word problem wrongly. Find the step where the "
+    "reasoning went wrong, and state the lesson as one general rule for problems of the same kind."
 )
 
 REFLECT_USER = (
     "Problem: {question}\n\n"
-    "Wrong solution:\n{attempt}\n\n"
+    "Student's wrong solution:\n{attempt}\n\n"
     "{reference}{previous}"
-    "Write exactly one rule in one or two sentences, starting with 'RULE:'."
+    "Write one rule of one or two sentences that names the kind of step that went wrong and how to "
+    "do it correctly, without this problem's specific numbers. Start with 'RULE:'.\n"
+    "The form, for a different mistake: {example}"
 )
+
+# Shown as the form of a rule; a rule that merely repeats it (or the instructions) is refused.
+REFLECT_EXAMPLE = "RULE: When a price is given per item, multiply it by the number of items before adding other costs."
 
 REFLECT_REFERENCE = "A correct reference solution:\n{solution}\n\n"
 

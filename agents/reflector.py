@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from agents.backend import GenerationBackend, Sampling
 from agents.errors import SelfImproveError
 from agents.guard import rule_problem
-from agents.prompts import REFLECT_PREVIOUS, REFLECT_REFERENCE, REFLECT_RETRY, REFLECT_SYSTEM, REFLECT_USER
+from agents.prompts import (
+    REFLECT_EXAMPLE,
+    REFLECT_PREVIOUS,
+    REFLECT_REFERENCE,
+    REFLECT_RETRY,
+    REFLECT_SYSTEM,
+    REFLECT_USER,
+)
 
 _RULE = re.compile(r"RULE:\s*(.+)", re.IGNORECASE | re.DOTALL)
 
@@ -75,7 +82,9 @@ class Reflector:
             raise ValueError("an evaluation problem's reference solution must never reach the reflector")
         reference = REFLECT_REFERENCE.format(solution=reference_solution) if reference_solution else ""
         previous = REFLECT_PREVIOUS.format(rule=previous_rule) if previous_rule else ""
-        user = REFLECT_USER.format(question=question, attempt=wrong_attempt, reference=reference, previous=previous)
+        user = REFLECT_USER.format(
+            question=question, attempt=wrong_attempt, reference=reference, previous=previous, example=REFLECT_EXAMPLE
+        )
         rejected: list[str] = []
         cfg = self.config
         for attempt in range(1, cfg.max_attempts + 1):
@@ -85,7 +94,11 @@ class Reflector:
                 [self.backend.chat_prompt(REFLECT_SYSTEM, request)], max_new_tokens=cfg.max_new_tokens, sampling=sampling
             )
             rule = parse_rule(out.text)
-            reason = "it has no 'RULE:' line" if not rule else rule_problem(rule, label, cfg.max_chars, cfg.max_sentences)
+            reason = (
+                "it has no 'RULE:' line"
+                if not rule
+                else rule_problem(rule, label, cfg.max_chars, cfg.max_sentences, echoes=(REFLECT_SYSTEM, REFLECT_USER, REFLECT_EXAMPLE))
+            )
             if reason is None:
                 return Reflection(rule, attempt, rejected)
             rejected.append(reason)

@@ -107,3 +107,13 @@ def test_diversifier_fails_when_every_text_leaks():
     backend = ScriptedBackend(lambda p, s, w: "Everything here says 42 again and again.")
     with pytest.raises(DiversifyError, match="no training text"):
         Diversifier(backend, DiversifierConfig(shapes=("principle", "checklist"))).diversify("r", label="42")
+
+
+def test_reflector_refuses_a_rule_that_repeats_its_instructions():
+    from agents.prompts import REFLECT_EXAMPLE
+
+    drafts = iter([REFLECT_EXAMPLE, "RULE: Do not use this problem's specific numbers.", "RULE: Convert hours to minutes before adding times."])
+    backend = ScriptedBackend(lambda p, s, w: next(drafts))
+    reflection = Reflector(backend).reflect("q", "w", label="5", learning_split=True)
+    assert reflection.rule == "Convert hours to minutes before adding times."
+    assert reflection.rejected == ["it repeats the instructions or the example instead of stating a lesson"] * 2

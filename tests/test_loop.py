@@ -39,7 +39,7 @@ class World:
         self.rules = iter([])
 
     def script(self, prompt, sampling, weights):
-        if "Problem:" in prompt and "Write exactly one rule" not in prompt and "Rule:" not in prompt:
+        if "Problem:" in prompt and "Start with 'RULE:'" not in prompt and "Rule:" not in prompt:
             question = re.search(r"Problem: (.*?)</user>", prompt, re.DOTALL).group(1)
             is_trained = trained(self.ctx)
             if any(q in question for q in self.broken_after):
@@ -47,7 +47,7 @@ class World:
             if any(q in question for q in self.right_before) or (is_trained and any(q in question for q in self.right_after)):
                 return _right(question)
             return "I think it is 1.\nThe answer is 1."
-        if "Write exactly one rule" in prompt:
+        if "Start with 'RULE:'" in prompt:
             return next(self.rules, "RULE: Read every quantity in the question before combining them.")
         if "NEW short math word problem" in prompt:
             return "Problem: A bag has 2 red and 3 blue marbles. How many marbles?\n\n2 + 3 = 5. The answer is 5."
@@ -104,7 +104,7 @@ def test_correct_first_try_commits_without_learning(make_run, tmp_path):
     (final,) = _run(ctx, [APPLES], tmp_path / "run")
     assert final["outcome"] == "correct" and final["updates"] == [] and final["rules"] == []
     assert final["carry"]["canary"][0]["id"] == "p-apples"
-    assert not backend.prompts_containing("Write exactly one rule")
+    assert not backend.prompts_containing("Start with 'RULE:'")
     assert not trained(ctx)
     assert ctx.memory.stats().n_episodes == 1
 
@@ -120,7 +120,7 @@ def test_wrong_answer_is_reflected_trained_and_fixed(make_run, tmp_path):
     assert update["expert"] != ctx.bank.config.shared_expert or update["mode"] == "single"
     assert any(not torch.equal(v, base.bank[k]) for k, v in BankSnapshot.capture(ctx.bank, ctx.router).bank.items())
     # the reflector saw the learning problem's reference solution, never an answer-bearing rule
-    (reflect_prompt,) = backend.prompts_containing("Write exactly one rule")
+    (reflect_prompt,) = backend.prompts_containing("Start with 'RULE:'")
     assert "4 * 6 = 24" in reflect_prompt
     (rule,) = ctx.memory.list_rules()
     assert rule.expert == update["expert"] and rule.helped == 1 and rule.status == "trained"
@@ -142,7 +142,7 @@ def test_unfixed_problem_uses_all_cycles_then_rolls_back(make_run, tmp_path):
     (final,) = _run(ctx, [CAKES], tmp_path / "run")
     assert final["outcome"] == "unfixed" and len(final["updates"]) == 2
     assert [r["text"] for r in final["rules"]] == ["Count the boxes first.", "Multiply only after reading units."]
-    second_reflection = backend.prompts_containing("Write exactly one rule")[1]
+    second_reflection = backend.prompts_containing("Start with 'RULE:'")[1]
     assert "Earlier rule: Count the boxes first." in second_reflection
     after = BankSnapshot.capture(ctx.bank, ctx.router)
     assert all(torch.equal(v, before.bank[k]) for k, v in after.bank.items())  # the episode was undone
@@ -168,7 +168,7 @@ def test_holdout_problems_never_reach_reflect_diversify_or_update(make_run, tmp_
     ctx, backend = make_run(World())
     (final,) = _run(ctx, [dict(CAKES, solution=None)], tmp_path / "run", learning=False)
     assert final["outcome"] == "not_learned"
-    assert not backend.prompts_containing("Write exactly one rule")
+    assert not backend.prompts_containing("Start with 'RULE:'")
     assert not backend.prompts_containing("Rule:")
     assert final["updates"] == [] and not trained(ctx)
 
