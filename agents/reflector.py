@@ -61,6 +61,10 @@ def parse_rule(text: str) -> str:
     return match.group(1).strip().split("\n\n")[0].replace("\n", " ").strip()
 
 
+def _same_text(a: str, b: str) -> bool:
+    return " ".join(a.lower().split()).rstrip(".") == " ".join(b.lower().split()).rstrip(".")
+
+
 class Reflector:
     def __init__(self, backend: GenerationBackend, config: ReflectorConfig | None = None):
         self.backend = backend
@@ -99,6 +103,8 @@ class Reflector:
                 if not rule
                 else rule_problem(rule, label, cfg.max_chars, cfg.max_sentences, echoes=(REFLECT_SYSTEM, REFLECT_USER, REFLECT_EXAMPLE))
             )
+            if reason is None and previous_rule and _same_text(rule, previous_rule):
+                reason = "it repeats the earlier rule that did not fix the mistake"
             if reason is None:
                 return Reflection(rule, attempt, rejected)
             rejected.append(reason)

@@ -117,3 +117,11 @@ def test_reflector_refuses_a_rule_that_repeats_its_instructions():
     reflection = Reflector(backend).reflect("q", "w", label="5", learning_split=True)
     assert reflection.rule == "Convert hours to minutes before adding times."
     assert reflection.rejected == ["it repeats the instructions or the example instead of stating a lesson"] * 2
+
+
+def test_reflector_refuses_to_repeat_the_previous_rule():
+    drafts = iter(["RULE: Add carefully.", "RULE: Check which quantities are per day."])
+    backend = ScriptedBackend(lambda p, s, w: next(drafts))
+    reflection = Reflector(backend).reflect("q", "w", label="5", learning_split=True, previous_rule="Add  carefully")
+    assert reflection.rule == "Check which quantities are per day."
+    assert reflection.rejected == ["it repeats the earlier rule that did not fix the mistake"]
