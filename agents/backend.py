@@ -2,18 +2,34 @@
 
 A backend turns chat messages into prompts and prompts into completions under an expert
 mixture. ``TorchBackend`` is the reference: it runs the transformers model with the bank
-in the same process and works for every model spec and for training.
+in the same process and works for every model spec and for training. ``LlamaCppBackend``
+(``agents.backend_llamacpp``) serves the model's GGUF with llama.cpp and applies the same
+mixture as LoRA adapters; ``make_backend`` picks one by name, or "auto".
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from adapters.bank import ExpertBank
+from agents.errors import SelfImproveError
 from agents.generation import Generation, chat_prompt, generate
+
+if TYPE_CHECKING:
+    from agents.backend_llamacpp import LlamaCppConfig
+    from agents.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "llama.cpp")
+
+
+class BackendError(SelfImproveError):
+    """A generation backend cannot be built or used as asked (missing package or GGUF, bad request)."""
 
 
 @dataclass(frozen=True)
@@ -100,3 +116,40 @@ class TorchBackend:
                     top_p=sampling.top_p,
                 )
         return results
+
+
+def make_backend(
+    name: str,
+    loaded: LoadedModel,
+    bank: ExpertBank | None,
+    *,
+    batch_size: int = 8,
+    llamacpp: LlamaCppConfig | None = None,
+) -> GenerationBackend:
+    """The backend called `name` ("torch", "llama.cpp" or "auto") for a loaded model and its bank.
+
+    "auto" takes llama.cpp when it can serve this model exactly as loaded: xllamacpp is
+    installed, the model came from a GGUF file (``loaded.gguf_path``) and runs on the CPU
+    (on CUDA the torch backend is the fast one). Otherwise it takes torch, and says why.
+    An explicit "llama.cpp" that cannot be served is an error, never a silent fallback.
+    """
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
+    if name == "torch":
+        return TorchBackend(loaded.model, loaded.tokenizer, bank, batch_size=batch_size)
+    from agents.backend_llamacpp import LlamaCppBackend, LlamaCppConfig, xllamacpp_available
+
+    missing = None
+    if not xllamacpp_available():
+        missing = "xllamacpp is not installed (pip install xllamacpp)"
+    elif loaded.gguf_path is None or not loaded.gguf_path.is_file():
+        missing = f"model {loaded.spec!r} has no GGUF file"
+    elif loaded.device.type != "cpu":
+        missing = f"the model runs on {loaded.device}, where the torch backend is the fast one"
+    if missing is not None:
+        if name == "llama.cpp":
+            raise BackendError(f"cannot use the llama.cpp backend: {missing}")
+        log.info("backend auto: torch, because %s", missing)
+        return TorchBackend(loaded.model, loaded.tokenizer, bank, batch_size=batch_size)
+    config = llamacpp or LlamaCppConfig(parallel=batch_size)
+    return LlamaCppBackend(loaded.gguf_path, loaded.tokenizer, bank, config)

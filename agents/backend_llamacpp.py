@@ -1,0 +1,503 @@
+"""The llama.cpp generation backend: the model's GGUF served by llama.cpp, experts as LoRA adapters.
+
+llama.cpp runs in this process through xllamacpp (prebuilt CPU wheels on PyPI; the
+alternative, llama-cpp-python, ships only a source archive there and compiles llama.cpp
+for many minutes on install). xllamacpp embeds llama.cpp's server: one model, several
+slots decoded together in one batch (continuous batching), a per-slot prompt cache, and
+per-request LoRA scales.
+
+Weights. By default llama.cpp serves a float16 copy of the GGUF with every tensor
+dequantized (``LlamaCppConfig.weights``): the values the torch backend runs in float32. Its
+kernels for quantized weights round the activations to 8 bits, which on the 0.5B model
+changed the final answer on a quarter to a half of the GSM8K problems measured; float
+weights keep float activations and gave the torch backend's texts exactly (bare model).
+
+Mixture semantics. Every expert whose B is not all zero is written as a GGUF LoRA file
+(``adapters.gguf_lora``) and loaded once; a request sets adapter ``n``'s scale to the
+mixture weight ``w_n``, and llama.cpp adds ``w_n * alpha/r * B_n A_n x`` per adapter, the
+bank's delta exactly. Experts with zero weight or zero B are skipped, as in the bank. The
+bank changes in place during training; each parameter's in-place version counter tells
+when, and the next ``generate`` rewrites the changed experts and restarts the server
+(about 2 s for 16 experts on the 0.5B model), since llama.cpp loads adapters only at start.
+
+Token ids. Prompts are tokenized with the transformers tokenizer, sent as ids, and the
+returned ids are decoded with the same tokenizer, so a prompt and a completion mean the
+same ids as in the torch backend. The server streams one frame per token with that
+token's id, except that it holds back tokens which leave the text in the middle of a
+UTF-8 character; such tokens are recovered from the bytes of the frame that completes
+the character and the frame's token count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from adapters.bank import ExpertBank
+from adapters.gguf_lora import GgufBase, export_expert_loras, write_dense_gguf
+from agents.backend import GREEDY, BackendError, Sampling
+from agents.generation import ANSWER_COMPLETE, Generation, chat_prompt
+
+log = logging.getLogger(__name__)
+
+# The torch backend's stop criterion decodes this many trailing tokens (AnswerLineComplete).
+_STOP_WINDOW = 48
+# The server holds back a token that ends mid-character until the character is complete: at
+# most 3 more tokens (4 bytes). Asking for that many extra tokens flushes the ids of the last
+# allowed ones; the stream is cut at max_new_tokens.
+_FLUSH_SLACK = 3
+_KV_TYPES = ("f16", "f32")
+_FLASH = ("auto", "on", "off")
+_WEIGHTS = ("f16", "f32", "gguf")
+
+
+@dataclass
+class LlamaCppConfig:
+    # Which weights llama.cpp multiplies. "gguf": the file as shipped (Q4_K_M for the default
+    # model): fastest, but its kernels round activations to 8 bits; the same final answer as
+    # torch on 3, 4 and 6 of 8 GSM8K problems in three runs (measured). "f16" / "f32": a copy
+    # of the GGUF with every tensor dequantized (made once, cached): the numbers torch runs,
+    # with float activations; f16: identical texts on 8 of 8 bare (twice; f32 too), the same
+    # final answer on 7 of 8 under a top-2 mixture. A GGUF without quantized tensors is
+    # served as it is.
+    weights: str = "f16"
+    threads: int | None = None  # llama.cpp threads; None: torch.get_num_threads(), the count the run set
+    parallel: int = 8  # sequences decoded together (server slots); more requests wait for a slot
+    ctx_per_sequence: int = 1024  # KV cache positions per slot: prompt + max_new_tokens must fit
+    cache_prompt: bool = True  # reuse a slot's KV cache for the prefix its next prompt shares
+    kv_cache: str = "f16"  # KV cache type: "f16" (llama.cpp's default) or "f32" (closest to torch float32)
+    # llama.cpp's flash attention on CPU computes in f16 (logit errors ~1e-3 relative, measured on
+    # the tiny model; ~1e-6 with "off" and an f32 cache): "auto" (llama.cpp decides), "on" or "off".
+    flash_attention: str = "auto"
+    adapter_dir: str | None = None  # where expert LoRA files go; None: a temp dir removed at close()
+    verbosity: int = -1  # llama.cpp's log threshold: -1 silent, 3 everything (to stderr)
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
+        if self.parallel < 1:
+            raise ValueError(f"parallel must be >= 1, got {self.parallel}")
+        if self.ctx_per_sequence < 16:
+            raise ValueError(f"ctx_per_sequence must be >= 16, got {self.ctx_per_sequence}")
+        if self.weights not in _WEIGHTS:
+            raise ValueError(f"weights must be one of {_WEIGHTS}, got {self.weights!r}")
+        if self.kv_cache not in _KV_TYPES:
+            raise ValueError(f"kv_cache must be one of {_KV_TYPES}, got {self.kv_cache!r}")
+        if self.flash_attention not in _FLASH:
+            raise ValueError(f"flash_attention must be one of {_FLASH}, got {self.flash_attention!r}")
+
+
+def xllamacpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("xllamacpp") is not None
+
+
+class LlamaCppBackend:
+    """GenerationBackend on llama.cpp: the GGUF base model, with the bank's experts as LoRA adapters."""
+
+    name = "llama.cpp"
+
+    def __init__(
+        self,
+        gguf_path: str | Path,
+        tokenizer,
+        bank: ExpertBank | None = None,
+        config: LlamaCppConfig | None = None,
+    ):
+        if not xllamacpp_available():
+            raise BackendError("the llama.cpp backend needs xllamacpp: pip install xllamacpp")
+        self.gguf_path = Path(gguf_path)
+        if not self.gguf_path.is_file():
+            raise BackendError(f"the llama.cpp backend needs a GGUF model file; {self.gguf_path} does not exist")
+        self.tokenizer, self.bank = tokenizer, bank
+        self.config = config or LlamaCppConfig()
+        self.model_path = self._served_weights()  # what llama.cpp loads: the GGUF or its dense copy
+        self.base = GgufBase.read(self.gguf_path) if bank is not None else None
+        if self.config.adapter_dir is None:
+            self._adapter_dir = Path(tempfile.mkdtemp(prefix="selfimprove-lora-"))
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._adapter_dir, True)
+        else:
+            self._adapter_dir = Path(self.config.adapter_dir)
+            self._cleanup = None
+        self._server = None
+        self._adapters: dict[int, int] = {}  # expert -> llama.cpp adapter index
+        self._files: dict[int, Path] = {}  # expert -> its GGUF LoRA file, as loaded
+        self._bank_state: tuple | None = None  # the bank's parameter versions when the files were written
+        self._slot_lora: dict[int, tuple] = {}  # slot -> adapter scales its KV cache was computed with
+        self._lock = threading.Lock()  # one generate at a time: a restart must not cut a running request
+        self._closed = False
+        self._token_bytes, self._bytes_token = _byte_tables(tokenizer)
+        self._stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+
+    # --- the GenerationBackend protocol ---------------------------------------------------
+
+    def chat_prompt(self, system: str | None, user: str) -> str:
+        return chat_prompt(self.tokenizer, system, user)
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        weights: torch.Tensor | None = None,
+        max_new_tokens: int = 384,
+        stop_at_answer: bool = False,
+        sampling: Sampling = GREEDY,
+    ) -> list[Generation]:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not prompts:
+            return []
+        scales = self._scale_rows(weights, len(prompts))
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        longest = max(len(i) for i in ids)
+        if longest + max_new_tokens + _FLUSH_SLACK > self.config.ctx_per_sequence:
+            raise BackendError(
+                f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} (+{_FLUSH_SLACK}) exceeds "
+                f"ctx_per_sequence={self.config.ctx_per_sequence}; raise LlamaCppConfig.ctx_per_sequence"
+            )
+        with self._lock:
+            self._sync()
+            slots = min(self.config.parallel, len(prompts))
+
+            def run_slot(slot: int) -> list[tuple[int, list[int]]]:
+                # Slot `slot` takes prompts slot, slot + slots, ...: one request at a time per slot,
+                # so the slot's KV cache holds exactly the previous request of this thread.
+                done = []
+                for i in range(slot, len(prompts), slots):
+                    row = scales[0 if len(scales) == 1 else i]
+                    request = self._request(i, slot, ids[i], row, max_new_tokens, sampling)
+                    done.append((i, self._complete(request, max_new_tokens, stop_at_answer)))
+                return done
+
+            start = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="llamacpp") as pool:
+                finished = [pair for chunk in pool.map(run_slot, range(slots)) for pair in chunk]
+            seconds = time.perf_counter() - start
+            outputs = [out for _, out in sorted(finished, key=lambda pair: pair[0])]
+        results = []
+        for out in outputs:
+            while out and out[-1] in self._stop_ids:
+                out.pop()
+            results.append(Generation(self.tokenizer.decode(out, skip_special_tokens=True), len(out), seconds))
+        return results
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Rewrite the adapters from the bank now (generate does this by itself when the bank changed)."""
+        with self._lock:
+            self._bank_state = None
+            self._sync()
+
+    def close(self) -> None:
+        """Stop llama.cpp and remove the temporary adapter files; the backend cannot be used afterwards."""
+        with self._lock:
+            self._closed = True
+            self._server = None  # the server's destructor ends its loop thread
+            if self._cleanup is not None:
+                self._cleanup()
+
+    def __enter__(self) -> LlamaCppBackend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def description(self) -> str:
+        """One line for run logs and reports: what serves the generations, and how."""
+        from importlib.metadata import version
+
+        cfg = self.config
+        return (
+            f"llama.cpp (xllamacpp {version('xllamacpp')}), {cfg.weights} weights from {self.gguf_path.name}, "
+            f"{cfg.parallel} slots, {cfg.threads or torch.get_num_threads()} threads, KV {cfg.kv_cache}"
+        )
+
+    @property
+    def loaded_experts(self) -> list[int]:
+        """Experts loaded as LoRA adapters (the others have B = 0 and add nothing)."""
+        with self._lock:
+            self._sync()
+            return sorted(self._adapters)
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _bank_versions(self) -> tuple | None:
+        if self.bank is None:
+            return None
+        # Every in-place change (optimizer step, copy_ on load or rollback) bumps a tensor's
+        # version counter; a replaced parameter changes identity.
+        return tuple((id(p), p._version) for p in self.bank.adapter_parameters())
+
+    def _sync(self) -> None:
+        """Make the loaded adapters match the bank, restarting llama.cpp when they change."""
+        if self._closed:
+            raise BackendError("this llama.cpp backend was closed")
+        state = self._bank_versions()
+        if self._server is not None and state == self._bank_state:
+            return
+        files = export_expert_loras(self.bank, self._adapter_dir, self.base) if self.bank is not None else {}
+        if self._server is None or files != self._files:
+            self._server = None  # free the old model and KV cache before the new server allocates
+            self._server = self._start(files)
+            self._files = files
+            self._adapters = {expert: index for index, expert in enumerate(sorted(files))}
+            self._slot_lora = {}
+            self._prune(set(files.values()))
+        self._bank_state = state
+
+    def _start(self, files: dict[int, Path]):
+        import xllamacpp
+
+        if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE" and not _warned_wait_policy:
+            _warn_wait_policy()
+
+        cfg = self.config
+        threads = cfg.threads or torch.get_num_threads()
+        params = xllamacpp.CommonParams()
+        params.model.path = str(self.model_path)
+        params.n_parallel = cfg.parallel
+        params.n_ctx = cfg.parallel * cfg.ctx_per_sequence
+        params.cpuparams.n_threads = threads
+        params.cpuparams_batch.n_threads = threads
+        params.n_gpu_layers = 0
+        kv_type = xllamacpp.ggml_type.GGML_TYPE_F32 if cfg.kv_cache == "f32" else xllamacpp.ggml_type.GGML_TYPE_F16
+        params.cache_type_k = kv_type
+        params.cache_type_v = kv_type
+        flash = xllamacpp.llama_flash_attn_type
+        params.flash_attn_type = {
+            "auto": flash.LLAMA_FLASH_ATTN_TYPE_AUTO,
+            "on": flash.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            "off": flash.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        }[cfg.flash_attention]
+        params.port = 0  # the embedded server's HTTP listener binds a free loopback port; we call it in-process
+        params.verbosity = cfg.verbosity
+        params.warmup = False
+        params.lora_init_without_apply = True  # every adapter starts at scale 0; requests set the mixture
+        # llama.cpp reuses a slot's cached prompt, and restores saved prompt states, even when the
+        # request's LoRA scales differ from those the cache was computed with (measured: wrong
+        # tokens). So the host-memory prompt cache is off and _request reuses a slot's cache only
+        # under the same scales.
+        params.cache_ram_mib = 0
+        params.cache_idle_slots = False
+        params.lora_adapters = [xllamacpp.CommonAdapterLoraInfo(str(files[e]), 0.0) for e in sorted(files)]
+        started = time.perf_counter()
+        try:
+            server = xllamacpp.Server(params)
+        except RuntimeError as err:
+            raise BackendError(
+                f"llama.cpp could not load {self.model_path} with {len(files)} LoRA adapters ({err}); "
+                "set LlamaCppConfig.verbosity=3 to see its log"
+            ) from err
+        log.info(
+            "llama.cpp serving %s with %d adapters, %d slots x %d positions, %d threads (%.1f s)",
+            self.model_path.name, len(files), cfg.parallel, cfg.ctx_per_sequence, threads,
+            time.perf_counter() - started,
+        )
+        return server
+
+    def _served_weights(self) -> Path:
+        """The GGUF as shipped, or its dense copy in the cache (written once, then reused)."""
+        from gguf import GGMLQuantizationType, GGUFReader
+
+        if self.config.weights == "gguf":
+            return self.gguf_path
+        dense = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+        if all(t.tensor_type in dense for t in GGUFReader(self.gguf_path).tensors):
+            return self.gguf_path
+        stat = self.gguf_path.stat()
+        identity = f"{self.gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        key = hashlib.sha256(identity.encode()).hexdigest()[:16]
+        # The same cache root as agents.models: SELFIMPROVE_CACHE, else ~/.cache/selfimprove.
+        root = Path(os.environ.get("SELFIMPROVE_CACHE") or Path.home() / ".cache" / "selfimprove").expanduser()
+        path = root / "gguf-dense" / f"{self.gguf_path.stem}-{key}-{self.config.weights}.gguf"
+        if not path.is_file():
+            started = time.perf_counter()
+            log.info("writing a %s copy of %s to %s (once)", self.config.weights, self.gguf_path.name, path)
+            write_dense_gguf(self.gguf_path, path, self.config.weights)
+            log.info("wrote %s in %.0f s", path.name, time.perf_counter() - started)
+        return path
+
+    def _prune(self, keep: set[Path]) -> None:
+        """Delete expert files of earlier bank states (content-named, so none is in use now)."""
+        for old in self._adapter_dir.glob("expert*-*.gguf"):
+            if old not in keep:
+                old.unlink(missing_ok=True)
+
+    def _scale_rows(self, weights: torch.Tensor | None, batch: int) -> list[list[float] | None]:
+        if weights is None:
+            return [None]
+        if self.bank is None:
+            raise BackendError("mixture weights were given but this backend has no expert bank")
+        if weights.dim() == 1:
+            weights = weights.unsqueeze(0)  # (1, n)
+        if weights.dim() != 2 or weights.shape[1] != self.bank.n_experts or weights.shape[0] not in (1, batch):
+            raise BackendError(
+                f"mixture weights must have shape (1 or {batch}, {self.bank.n_experts}), got {tuple(weights.shape)}"
+            )
+        if not torch.isfinite(weights).all():
+            raise BackendError("mixture weights contain NaN or inf")
+        return weights.detach().float().cpu().tolist()
+
+    def _request(self, index: int, slot: int, ids: list[int], scales: list[float] | None, max_new_tokens: int,
+                 sampling: Sampling) -> dict:
+        lora = [{"id": adapter, "scale": 0.0 if scales is None else float(scales[expert])}
+                for expert, adapter in self._adapters.items()]
+        key = tuple(item["scale"] for item in lora)
+        reuse = self.config.cache_prompt and self._slot_lora.get(slot) == key
+        self._slot_lora[slot] = key
+        request = {
+            "prompt": ids,
+            "id_slot": slot,
+            "max_tokens": max_new_tokens + _FLUSH_SLACK,
+            "stream": True,
+            "logprobs": 1,  # each frame then carries its token id
+            "timings_per_token": True,  # and the running token count, which reveals held-back tokens
+            "cache_prompt": reuse,
+            "lora": lora,
+            # Only the samplers transformers' generate uses: temperature and top-p.
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "top_k": 0,
+            "min_p": 0.0,
+            "typical_p": 1.0,
+            "repeat_penalty": 1.0,
+            "seed": sampling.seed + index,  # per prompt, so sampled runs repeat
+        }
+        return request
+
+    def _complete(self, request: dict, max_new_tokens: int, stop_at_answer: bool) -> list[int]:
+        stream = _TokenStream(self, max_new_tokens, stop_at_answer)
+        self._server.handle_completions(request, stream.on_frame)
+        if stream.error is not None:
+            raise BackendError(f"llama.cpp failed a completion: {stream.error}")
+        return stream.ids
+
+
+_warned_wait_policy = False
+
+
+def _warn_wait_policy() -> None:
+    # llama.cpp's threads meet at an OpenMP barrier after every op. xllamacpp uses the
+    # libgomp that torch loaded (same soname), which read OMP_WAIT_POLICY when torch was
+    # imported; its default spin-wait collapses when other processes share the cores
+    # (measured, 2 threads on a busy 2-core machine, Qwen 0.5B: 1.2 tok/s spinning, 10.7
+    # with OMP_WAIT_POLICY=PASSIVE set before torch was imported).
+    global _warned_wait_policy
+    _warned_wait_policy = True
+    log.warning(
+        "OMP_WAIT_POLICY is not PASSIVE: on a machine shared with other jobs llama.cpp can run "
+        "several times slower; set OMP_WAIT_POLICY=PASSIVE before torch is imported"
+    )
+
+
+class _TokenStream:
+    """Collects one request's token ids from the server's frames; asks to stop once the answer is complete."""
+
+    def __init__(self, backend: LlamaCppBackend, max_new_tokens: int, stop_at_answer: bool):
+        self.backend = backend
+        self.max_new_tokens = max_new_tokens
+        self.stop_at_answer = stop_at_answer
+        self.ids: list[int] = []
+        self.error: str | None = None
+        self.done = False
+
+    def on_frame(self, frame: dict) -> bool:
+        """Called from the server per frame; returning True ends the request (llama.cpp cancels it)."""
+        if self.done:
+            return True
+        if "choices" not in frame:
+            self.error = str(frame.get("error", frame))[:500]
+            return True
+        choice = frame["choices"][0]
+        items = (choice.get("logprobs") or {}).get("content") or []
+        counted = (frame.get("timings") or {}).get("predicted_n")
+        # Tokens counted but not shown were held back and come out with this frame's first token.
+        held_back = 0 if counted is None else counted - len(self.ids) - len(items)
+        for k, item in enumerate(items):
+            new = self._recover(item, held_back) + [item["id"]] if k == 0 and held_back > 0 else [item["id"]]
+            for token in new:
+                self.ids.append(token)
+                if len(self.ids) >= self.max_new_tokens or (self.stop_at_answer and self._answer_complete()):
+                    self.done = True
+                    return True
+        return choice.get("finish_reason") is not None
+
+    def _recover(self, item: dict, count: int) -> list[int]:
+        """The ids of `count` tokens held back before item's token, from the bytes the frame carries."""
+        own = self.backend._token_bytes[item["id"]]
+        frame_bytes = bytes(item.get("bytes") or [])
+        recovered = None
+        if frame_bytes.endswith(own):
+            gap = frame_bytes[: len(frame_bytes) - len(own)]
+            recovered = _segment(gap, count, self.backend._bytes_token)
+            if recovered is None:
+                recovered = _segment(gap, None, self.backend._bytes_token)
+        if recovered is None or len(recovered) != count:
+            log.warning("could not recover %d held-back token ids exactly; token counts may be off", count)
+        return recovered or []
+
+    def _answer_complete(self) -> bool:
+        tail = self.backend.tokenizer.decode(self.ids[-_STOP_WINDOW:], skip_special_tokens=True)
+        return bool(ANSWER_COMPLETE.search(tail))
+
+
+def _byte_tables(tokenizer) -> tuple[list[bytes], dict[bytes, int]]:
+    """Each token id's bytes as the tokenizer decodes it, and the reverse map (non-empty, first id wins)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+    added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    table = []
+    for token_id, token in enumerate(tokens):
+        if token_id in added or token is None or not all(c in byte_of for c in token):
+            text = tokenizer.decode([token_id], skip_special_tokens=True)
+            table.append(text.encode("utf-8", errors="surrogatepass"))
+        else:
+            table.append(bytes(byte_of[c] for c in token))
+    reverse: dict[bytes, int] = {}
+    for token_id, data in enumerate(table):
+        if data and token_id not in added:
+            reverse.setdefault(data, token_id)
+    return table, reverse
+
+
+def _segment(gap: bytes, count: int | None, vocab: dict[bytes, int]) -> list[int] | None:
+    """Token ids whose bytes concatenate to `gap`: exactly `count` of them, or fewest when None.
+
+    Longest first piece first, so the usual case (one held-back multi-byte token) is found at once.
+    """
+    if not gap:
+        return [] if count in (None, 0) else None
+    if len(gap) > 64:
+        return None  # a held-back run is a few bytes of one character; anything longer is not one
+    if count == 0:
+        return None
+    best = None
+    for cut in range(len(gap), 0, -1):
+        head = vocab.get(gap[:cut])
+        if head is None:
+            continue
+        rest = _segment(gap[cut:], None if count is None else count - 1, vocab)
+        if rest is None:
+            continue
+        if count is not None:
+            return [head, *rest]
+        if best is None or 1 + len(rest) < len(best):
+            best = [head, *rest]
+    return best
