@@ -25,7 +25,7 @@ from adapters.bank import BankConfig, ExpertBank
 from adapters.router import Router, RouterConfig
 from adapters.store import BankStore, atomic_write_bytes
 from adapters.stress import StressConfig, StressController
-from agents.backend import GenerationBackend, TorchBackend
+from agents.backend import GenerationBackend, make_backend
 from agents.diversifier import Diversifier, DiversifierConfig
 from agents.errors import SelfImproveError
 from agents.gsm8k import Problem
@@ -119,7 +119,7 @@ def build_context(
         log.info("reloaded the bank from %s", store.current)
     else:
         store.save(bank, router, stress, extra={"model": settings.model})
-    backend = backend or TorchBackend(model, tok, bank)
+    backend = backend or make_backend(settings.backend, loaded, bank)
     return RunContext(
         config=settings.loop,
         backend=backend,

@@ -66,6 +66,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     for args, needle in [
         (["--episodes", "0"], "--episodes must be >= 1"),
         (["--embedder", "nope"], "--embedder must be"),
+        (["--backend", "nope"], "--backend must be one of"),
         (["--data", str(tmp_path / "missing.jsonl")], "not found"),
         (["--model", "no-such-model", "--embedder", "hash"], "unknown model spec"),
     ]:
