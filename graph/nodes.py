@@ -62,14 +62,19 @@ def solve(state: LoopState, runtime: Runtime[RunContext]) -> dict:
 def verify(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     ctx, problem = runtime.context, state["problem"]
     attempt = Attempt(**state["attempt"])
-    if ctx.config.label_free:
-        (verdict,) = _judge_samples(ctx, state, problem, attempt)
-    else:
-        verdict = {"attempt": state["attempt"], **asdict(check(attempt, problem["label"]))}
+    verdict = _verdict(ctx, state, problem, attempt)
     update = {"verdict": verdict}
     if "first" not in state:
         update["first"] = verdict
     return update
+
+
+def _verdict(ctx: RunContext, state: LoopState, problem: ProblemData, attempt: Attempt) -> dict:
+    """The attempt checked against the label, or, label-free, a vote of sampled answers."""
+    if ctx.config.label_free:
+        (verdict,) = _judge_samples(ctx, state, problem, attempt)
+        return verdict
+    return {"attempt": asdict(attempt), **asdict(check(attempt, problem["label"]))}
 
 
 def _judge_samples(ctx: RunContext, state: LoopState, problem: ProblemData, attempt: Attempt) -> list[dict]:
@@ -139,10 +144,7 @@ def reevaluate(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     ctx, problem = runtime.context, state["problem"]
     rules, _, _, weights, _ = _route(ctx, problem["question"])
     (attempt,) = ctx.solver.solve([problem["question"]], [rules], weights=weights)
-    if ctx.config.label_free:
-        (verdict,) = _judge_samples(ctx, state, problem, attempt)
-    else:
-        verdict = {"attempt": asdict(attempt), **asdict(check(attempt, problem["label"]))}
+    verdict = _verdict(ctx, state, problem, attempt)
     canary = [c for c in (state.get("carry") or {}).get("canary", []) if c["id"] != problem["id"]]
     result = {"checked": len(canary), "correct": len(canary), "broke": [], "rolled_back": False}
     if canary:
