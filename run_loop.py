@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 
-# llama.cpp shares torch's OpenMP runtime; busy-waiting threads starved it on a shared CPU
-# (1.2 vs 10.7 tokens/s measured here). Must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# llama.cpp shares torch's OpenMP runtime, whose threads busy-wait at every barrier. Spinning
+# briefly then sleeping was fastest both alone (= full spin, 1.6x PASSIVE) and with two busy
+# processes on the cores (1.3x PASSIVE, 3.7x full spin), measured here. Read when torch loads.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import json
 import logging
@@ -45,6 +47,17 @@ def main(
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+
+
+BACKEND_HELP = ("Generation backend: auto (bare-model calls on llama.cpp, expert mixtures on torch, when the "
+                "model has a GGUF and runs on CPU; else torch), torch, or llama.cpp (everything, mixtures as LoRA scales).")
+
+
+def _check_backend(name: str) -> None:
+    from agents.backend import BACKENDS
+
+    if name not in BACKENDS:
+        raise _fail(ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {name!r}"))
 
 
 def _fail(err: Exception) -> typer.Exit:
@@ -151,7 +164,7 @@ def run(
     max_new_tokens: Annotated[int, typer.Option(help="Generation cap per answer.")] = 384,
     seed: Annotated[int, typer.Option(help="Seeds sampling and expert choice.")] = 0,
     threads: Annotated[int, typer.Option(help="Torch CPU threads (0: torch's default).")] = 0,
-    backend: Annotated[str, typer.Option(help="Generation backend: torch, llama.cpp, or auto (llama.cpp when the model has a GGUF and runs on CPU).")] = "torch",
+    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
 ) -> None:
     """Run the self-improvement loop over a stream of problems, resumably.
 
@@ -173,10 +186,7 @@ def run(
         raise _fail(ValueError(f"--embedder must be 'minilm' or 'hash', got {embedder!r}"))
     if episodes < 1:
         raise _fail(ValueError(f"--episodes must be >= 1, got {episodes}"))
-    from agents.backend import BACKENDS
-
-    if backend not in BACKENDS:
-        raise _fail(ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}"))
+    _check_backend(backend)
     set_threads(threads)
     try:
         settings = RunSettings(
@@ -193,7 +203,7 @@ def run(
         ctx = build_context(loaded, settings, run_dir, embedder=HashEmbedding(dim=384) if embedder == "hash" else MiniLMEmbedding())
     except (SelfImproveError, ValueError) as error:
         raise _fail(error) from error
-    err.print(f"backend: {getattr(ctx.backend, 'description', ctx.backend.name)}; model {model} on {loaded.device} ({loaded.dtype}); run dir {run_dir}",
+    err.print(f"backend: {ctx.backend.description}; model {model} on {loaded.device} ({loaded.dtype}); run dir {run_dir}",
               markup=False, highlight=False)
     stop = StopFlag()
 
@@ -276,7 +286,9 @@ def eval_command(
     experts: Annotated[int, typer.Option(help="Experts in each arm's bank.")] = 16,
     steps: Annotated[int, typer.Option(help="Optimizer steps per update burst.")] = 3,
     max_new_tokens: Annotated[int, typer.Option(help="Generation cap per answer, the same for every arm.")] = 384,
-    batch_size: Annotated[int, typer.Option(help="Problems per scoring call.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Problems per scoring call (and llama.cpp slots).")] = 8,
+    backend: Annotated[str, typer.Option(help=BACKEND_HELP + " Every arm's answers are scored on one backend kind: "
+                                          "torch under auto when an arm applies experts.")] = "auto",
     threads: Annotated[int, typer.Option(help="Torch CPU threads (0: torch's default).")] = 0,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write the PNG plots.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON to stdout.")] = False,
@@ -302,13 +314,17 @@ def eval_command(
         config = EvalConfig(
             model=model, protocol=protocol, arms=chosen, learn_data=learn_data, eval_data=eval_data,
             learn_problems=learn_problems, eval_problems=eval_problems, seed=seed, cycles=cycles, label_free=label_free,
-            max_new_tokens=max_new_tokens, batch_size=batch_size, embedder=embedder,
+            max_new_tokens=max_new_tokens, batch_size=batch_size, backend=backend, embedder=embedder,
             bank=BankConfig(n_experts=experts), trainer=TrainerConfig(steps_per_update=steps), plots=plots,
         )
         problems = prepare_problems(config)  # data errors before anything is written or shown
     except (SelfImproveError, ValueError) as error:
         raise _fail(error) from error
     set_threads(threads)
+    from graph.harness import learning_backend, scoring_backend
+
+    err.print(f"backend: answers scored on {scoring_backend(config)}, learning on {learning_backend(config)} "
+              "(each arm's exact backend is recorded in report.json and report.md)", markup=False, highlight=False)
     stop = StopFlag()
     previous = _ctrl_c_stops(stop, err)
     try:

@@ -272,15 +272,20 @@ def write_llama_gguf(model, tokenizer, path: str | Path) -> Path:
     return path
 
 
-_DENSE_TYPES = {"f32": (np.float32, "ALL_F32"), "f16": (np.float16, "MOSTLY_F16")}
+# Encodings for the re-encoded copy: a numpy dtype, or None for Q8_0 (blocks of 32 int8 values
+# with one f16 scale: within half a step of 1/127 of each block's largest weight).
+_DENSE_TYPES = {"f32": (np.float32, "ALL_F32"), "f16": (np.float16, "MOSTLY_F16"), "q8_0": (None, "MOSTLY_Q8_0")}
 
 
 def write_dense_gguf(source: str | Path, dest: str | Path, dtype: str = "f32") -> Path:
-    """Copy a GGUF model with every tensor dequantized to float32 (or float16), metadata unchanged.
+    """Copy a GGUF model with every tensor dequantized and re-encoded as ``dtype``, metadata unchanged.
 
     The torch backend runs the dequantized weights in float32; llama.cpp serving the float32
-    copy multiplies the same numbers with float32 activations, where its quantized kernels
-    round activations to 8 bits. Written to a temp file and renamed, so ``dest`` is whole or absent.
+    copy multiplies the same numbers with float32 activations. "f16" rounds each weight to
+    11 significant bits; "q8_0" re-quantizes the dequantized weights in blocks of 32 (the
+    matrices only; norms and biases stay float32), half the bytes of f16, and llama.cpp then
+    rounds activations to 8 bits as well. Written to a temp file and renamed, so ``dest`` is
+    whole or absent.
     """
     import gguf
 
@@ -304,8 +309,15 @@ def write_dense_gguf(source: str | Path, dest: str | Path, dtype: str = "f32") -
         writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
         for tensor in reader.tensors:
             data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-            # Norms and biases stay float32, as llama.cpp's converter keeps 1-D tensors.
-            writer.add_tensor(tensor.name, data.astype(np.float32 if data.ndim == 1 else np_type))
+            if data.ndim == 1 or (np_type is None and data.shape[-1] % 32):
+                # Norms and biases stay float32, as llama.cpp's converter keeps 1-D tensors.
+                writer.add_tensor(tensor.name, data.astype(np.float32))
+            elif np_type is None:
+                quant = gguf.GGMLQuantizationType.Q8_0
+                blocks = gguf.quants.quantize(data.astype(np.float32), quant)
+                writer.add_tensor(tensor.name, blocks, raw_shape=blocks.shape, raw_dtype=quant)
+            else:
+                writer.add_tensor(tensor.name, data.astype(np_type))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -4,7 +4,12 @@ A backend turns chat messages into prompts and prompts into completions under an
 mixture. ``TorchBackend`` is the reference: it runs the transformers model with the bank
 in the same process and works for every model spec and for training. ``LlamaCppBackend``
 (``agents.backend_llamacpp``) serves the model's GGUF with llama.cpp and applies the same
-mixture as LoRA adapters; ``make_backend`` picks one by name, or "auto".
+mixture as LoRA adapters. ``SplitBackend`` sends bare-model calls to llama.cpp and
+mixtures to torch: llama.cpp batches only sequences with equal adapter scales, and each
+active LoRA costs it about as much as the base model on this CPU (measured, see
+bench/bench_generation.py), while the torch bank mixes per row in one batch at almost no
+cost. ``make_backend`` picks one by name; "auto" is the split one when llama.cpp can serve
+the model, else torch.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ GREEDY = Sampling()
 @runtime_checkable
 class GenerationBackend(Protocol):
     name: str
+    description: str  # one line for run logs and reports: what generates, and how
 
     def chat_prompt(self, system: str | None, user: str) -> str:
         """The model's chat-templated prompt for one user turn (and an optional system turn)."""
@@ -82,6 +88,12 @@ class TorchBackend:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.tokenizer, self.bank, self.batch_size = model, tokenizer, bank, batch_size
+
+    @property
+    def description(self) -> str:
+        weight = next(self.model.parameters())
+        return (f"torch {torch.__version__} (transformers generate), {weight.dtype} weights on {weight.device}, "
+                f"batches of {self.batch_size}, {torch.get_num_threads()} threads")
 
     def chat_prompt(self, system: str | None, user: str) -> str:
         return chat_prompt(self.tokenizer, system, user)
@@ -118,6 +130,47 @@ class TorchBackend:
         return results
 
 
+class SplitBackend:
+    """Bare-model generations on a fast backend, expert mixtures on the reference one.
+
+    A call without weights (or with all-zero weights, which apply no expert) goes to
+    ``fast``; any other mixture goes to ``reference``, which holds the bank. Each side is
+    equivalent to torch on its own calls, so the split changes speed, not results.
+    """
+
+    name = "auto"
+
+    def __init__(self, fast: GenerationBackend, reference: GenerationBackend):
+        self.fast, self.reference = fast, reference
+
+    @property
+    def description(self) -> str:
+        return f"bare model: {self.fast.description}; expert mixtures: {self.reference.description}"
+
+    def chat_prompt(self, system: str | None, user: str) -> str:
+        return self.reference.chat_prompt(system, user)
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        weights: torch.Tensor | None = None,
+        max_new_tokens: int = 384,
+        stop_at_answer: bool = False,
+        sampling: Sampling = GREEDY,
+    ) -> list[Generation]:
+        bare = weights is None or not bool(weights.detach().ne(0).any())
+        backend = self.fast if bare else self.reference
+        return backend.generate(prompts, weights=None if bare else weights, max_new_tokens=max_new_tokens,
+                                stop_at_answer=stop_at_answer, sampling=sampling)
+
+    def close(self) -> None:
+        for side in (self.fast, self.reference):
+            close = getattr(side, "close", None)
+            if close is not None:
+                close()
+
+
 def make_backend(
     name: str,
     loaded: LoadedModel,
@@ -128,10 +181,12 @@ def make_backend(
 ) -> GenerationBackend:
     """The backend called `name` ("torch", "llama.cpp" or "auto") for a loaded model and its bank.
 
-    "auto" takes llama.cpp when it can serve this model exactly as loaded: xllamacpp is
-    installed, the model came from a GGUF file (``loaded.gguf_path``) and runs on the CPU
-    (on CUDA the torch backend is the fast one). Otherwise it takes torch, and says why.
-    An explicit "llama.cpp" that cannot be served is an error, never a silent fallback.
+    "llama.cpp" serves every call there, mixtures as LoRA scales. "auto" is a SplitBackend
+    (bare calls on llama.cpp, mixtures on torch) when llama.cpp can serve this model exactly
+    as loaded: xllamacpp is installed, the model came from a GGUF file (``loaded.gguf_path``)
+    and runs on the CPU (on CUDA the torch backend is the fast one). Otherwise it takes
+    torch, and says why. An explicit "llama.cpp" that cannot be served is an error, never a
+    silent fallback.
     """
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
@@ -152,4 +207,7 @@ def make_backend(
         log.info("backend auto: torch, because %s", missing)
         return TorchBackend(loaded.model, loaded.tokenizer, bank, batch_size=batch_size)
     config = llamacpp or LlamaCppConfig(parallel=batch_size)
+    if name == "auto":
+        fast = LlamaCppBackend(loaded.gguf_path, loaded.tokenizer, None, config)
+        return SplitBackend(fast, TorchBackend(loaded.model, loaded.tokenizer, bank, batch_size=batch_size))
     return LlamaCppBackend(loaded.gguf_path, loaded.tokenizer, bank, config)

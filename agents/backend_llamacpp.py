@@ -7,10 +7,10 @@ slots decoded together in one batch (continuous batching), a per-slot prompt cac
 per-request LoRA scales.
 
 Weights. By default llama.cpp serves a float16 copy of the GGUF with every tensor
-dequantized (``LlamaCppConfig.weights``): the values the torch backend runs in float32. Its
-kernels for quantized weights round the activations to 8 bits, which on the 0.5B model
-changed the final answer on a quarter to a half of the GSM8K problems measured; float
-weights keep float activations and gave the torch backend's texts exactly (bare model).
+dequantized (``LlamaCppConfig.weights``): the values the torch backend runs in float32, with
+float activations; it reached torch's final answer on every bare-model problem measured.
+Kernels for 8-bit and 4-bit weights (a Q8_0 copy, or the shipped Q4_K_M) are faster but
+round activations to 8 bits, which changed the final answer on about half of the problems.
 
 Mixture semantics. Every expert whose B is not all zero is written as a GGUF LoRA file
 (``adapters.gguf_lora``) and loaded once; a request sets adapter ``n``'s scale to the
@@ -60,18 +60,18 @@ _STOP_WINDOW = 48
 _FLUSH_SLACK = 3
 _KV_TYPES = ("f16", "f32")
 _FLASH = ("auto", "on", "off")
-_WEIGHTS = ("f16", "f32", "gguf")
+_WEIGHTS = ("f16", "f32", "q8_0", "gguf")
 
 
 @dataclass
 class LlamaCppConfig:
-    # Which weights llama.cpp multiplies. "gguf": the file as shipped (Q4_K_M for the default
-    # model): fastest, but its kernels round activations to 8 bits; the same final answer as
-    # torch on 3, 4 and 6 of 8 GSM8K problems in three runs (measured). "f16" / "f32": a copy
-    # of the GGUF with every tensor dequantized (made once, cached): the numbers torch runs,
-    # with float activations; f16: identical texts on 8 of 8 bare (twice; f32 too), the same
-    # final answer on 7 of 8 under a top-2 mixture. A GGUF without quantized tensors is
-    # served as it is.
+    # Which weights llama.cpp multiplies, all made from the GGUF once and cached. "f16" (the
+    # default) / "f32": every tensor dequantized, the numbers torch runs, with float
+    # activations: the same final answer as torch on 16 of 16 GSM8K problems (bare model), 1.2x
+    # its tokens/s at 8 sequences. "q8_0": the dequantized weights re-quantized in blocks of 32;
+    # "gguf": the file as shipped (Q4_K_M for the default model). Their kernels round
+    # activations to 8 bits: 1.5x torch's tokens/s, but the same final answer on only 9 and 7
+    # of those 16 (bench/bench_generation.py). A GGUF without quantized tensors is served as is.
     weights: str = "f16"
     threads: int | None = None  # llama.cpp threads; None: torch.get_num_threads(), the count the run set
     parallel: int = 8  # sequences decoded together (server slots); more requests wait for a slot
@@ -263,7 +263,8 @@ class LlamaCppBackend:
     def _start(self, files: dict[int, Path]):
         import xllamacpp
 
-        if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE" and not _warned_wait_policy:
+        bounded_wait = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" or "GOMP_SPINCOUNT" in os.environ
+        if not bounded_wait and not _warned_wait_policy:
             _warn_wait_policy()
 
         cfg = self.config
@@ -393,15 +394,15 @@ _warned_wait_policy = False
 
 def _warn_wait_policy() -> None:
     # llama.cpp's threads meet at an OpenMP barrier after every op. xllamacpp uses the
-    # libgomp that torch loaded (same soname), which read OMP_WAIT_POLICY when torch was
+    # libgomp that torch loaded (same soname), which read its wait settings when torch was
     # imported; its default spin-wait collapses when other processes share the cores
-    # (measured, 2 threads on a busy 2-core machine, Qwen 0.5B: 1.2 tok/s spinning, 10.7
-    # with OMP_WAIT_POLICY=PASSIVE set before torch was imported).
+    # (measured, 2 threads, Qwen 0.5B, two busy processes on the 2 cores: 2.3 tok/s with
+    # full spin, 6.7 PASSIVE, 8.5 with GOMP_SPINCOUNT=10000; alone: 21.9, 14.1 and 21.9).
     global _warned_wait_policy
     _warned_wait_policy = True
     log.warning(
-        "OMP_WAIT_POLICY is not PASSIVE: on a machine shared with other jobs llama.cpp can run "
-        "several times slower; set OMP_WAIT_POLICY=PASSIVE before torch is imported"
+        "OpenMP threads spin-wait without bound: on a machine shared with other jobs llama.cpp can "
+        "run several times slower; set GOMP_SPINCOUNT=10000 before torch is imported (run_loop.py does)"
     )
 
 

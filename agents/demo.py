@@ -69,6 +69,7 @@ class DemoReport:
     after: list[ScoredAnswer]
     update: dict
     seconds: dict = field(default_factory=dict)
+    backend: str = ""  # what generated the answers
 
     def accuracy(self, which: str) -> float:
         rows = getattr(self, which)
@@ -102,7 +103,11 @@ def run_demo(config: DemoConfig, status: Callable[[str], None] = log.info) -> De
     bank = ExpertBank(model, BankConfig())
     router = Router(model.config.hidden_size, bank.n_experts, RouterConfig())
     trainer = TestTimeTrainer(model, tok, bank, router)
-    solver = Solver(TorchBackend(model, tok, bank), SolverConfig(max_new_tokens=config.max_new_tokens))
+    # Before and after run on one backend, torch, the only one that applies an expert cheaply:
+    # a llama.cpp "before" would differ from a torch "after" by kernel numerics alone.
+    backend = TorchBackend(model, tok, bank)
+    status(f"backend: {backend.description}")
+    solver = Solver(backend, SolverConfig(max_new_tokens=config.max_new_tokens))
     questions = [p.question for p in scored]
 
     status(f"solving {len(scored)} test problems with the frozen model")
@@ -137,6 +142,7 @@ def run_demo(config: DemoConfig, status: Callable[[str], None] = log.info) -> De
         after=after,
         update=update,
         seconds=seconds,
+        backend=backend.description,
     )
     atomic_write_bytes(config.run_dir / "demo_report.json", json.dumps(asdict(report), indent=2).encode())
     return report

@@ -47,7 +47,7 @@ from adapters.router import Router, RouterConfig
 from adapters.store import BankStore, atomic_write_bytes
 from adapters.stress import StressConfig, StressController
 from adapters.trainer import TestTimeTrainer, TrainerConfig, TrainingExample
-from agents.backend import GenerationBackend, TorchBackend
+from agents.backend import BACKENDS, GenerationBackend, make_backend
 from agents.diversifier import Diversifier
 from agents.errors import DataError, SelfImproveError
 from agents.gsm8k import HUB_SPLITS, Problem, load_source, normalise_question, resolve_path, sample_problems
@@ -65,6 +65,26 @@ log = logging.getLogger(__name__)
 PROTOCOLS = ("holdout", "stream", "recovery")
 ARMS = ("frozen", "rules", "adapters", "full", "single-lora")
 LOOP_ARMS = ("rules", "adapters", "full")  # the arms that run the loop
+MIXTURE_ARMS = ("adapters", "full", "single-lora")  # the arms that generate under expert mixtures
+
+
+def scoring_backend(config: EvalConfig) -> str:
+    """The backend kind that generates every scored answer of every arm in this evaluation.
+
+    Arms are compared answer by answer, so they must share numerics: llama.cpp's 8-bit
+    kernels and torch's float32 reach different final answers on some problems (see
+    bench/bench_generation.py), which would pass for an effect of learning. "auto" sends bare
+    calls to llama.cpp and mixtures to torch, so when an arm applies experts every arm is
+    scored on torch; otherwise the fast bare path scores them all.
+    """
+    if config.backend == "auto" and any(arm in MIXTURE_ARMS for arm in config.arms):
+        return "torch"
+    return config.backend
+
+
+def learning_backend(config: EvalConfig) -> str:
+    """The backend kind of the loop arms' learning: unscored generations may take the fast path."""
+    return scoring_backend(config) if config.protocol == "stream" else config.backend  # stream scores first tries
 EVAL_FILE = "eval.json"
 
 PROTOCOL_NOTES = {
@@ -94,6 +114,7 @@ class EvalConfig:
     label_free: bool = False  # learn by agreement of sampled answers (scoring always uses labels)
     max_new_tokens: int = 384  # generation cap per answer, the same for every arm
     batch_size: int = 8  # problems per scoring call
+    backend: str = "auto"  # generation backend of every arm: 'auto', 'torch' or 'llama.cpp' (agents.backend)
     embedder: str = "minilm"  # memory embedder: 'minilm' (all-MiniLM-L6-v2) or 'hash' (tests)
     bank: BankConfig = field(default_factory=BankConfig)
     router: RouterConfig = field(default_factory=lambda: RouterConfig(mode="top-k"))
@@ -116,6 +137,8 @@ class EvalConfig:
         for name in ("learn_problems", "eval_problems", "cycles", "max_new_tokens", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         if self.embedder not in EMBEDDERS:
             raise ValueError(f"embedder must be one of {', '.join(EMBEDDERS)}; got {self.embedder!r}")
         if self.canary_size < 0:
@@ -197,6 +220,7 @@ class ArmResult:
     learning: dict = field(default_factory=dict)  # what the arm's learning did
     curve: list[dict] = field(default_factory=list)  # per learning episode: first-try verdict, outcome, phi
     expert_usage: dict | None = None  # mean routing weight per expert when scored; updates per expert
+    backend: str = ""  # the generation backend's description (what generated, and how)
 
     @property
     def n(self) -> int:
@@ -229,7 +253,7 @@ class ArmResult:
             "n": self.n, "correct": self.correct, "accuracy": self.accuracy, "ci95": [low, high],
             "wrong": self.wrong, "format_failures": self.format_failures,
             "last_number_fallbacks": sum(s.strategy == "last_number" for s in self.scores),
-            "tokens": self.tokens, "seconds": self.seconds,
+            "tokens": self.tokens, "seconds": self.seconds, "backend": self.backend,
         }
 
 
@@ -314,6 +338,8 @@ def arm_settings(config: EvalConfig, arm: str, episodes: int) -> RunSettings:
         stress=config.stress,
         solver=SolverConfig(max_new_tokens=config.max_new_tokens),
         verifier=config.verifier,
+        backend=learning_backend(config),
+        batch_size=config.batch_size,
     )
 
 
@@ -326,6 +352,13 @@ def _with_backend(ctx: RunContext, backend: GenerationBackend) -> RunContext:
 
 def _score(problem: Problem, attempt: Attempt) -> ItemScore:
     return ItemScore(problem.id, check(attempt, problem.label).correct, attempt.answer, attempt.strategy, attempt.tokens)
+
+
+def _close(backend: GenerationBackend) -> None:
+    """Free what a backend holds outside Python's reach (llama.cpp's model and KV cache)."""
+    close = getattr(backend, "close", None)
+    if close is not None:
+        close()
 
 
 def _chunks(items: Sequence, size: int):
@@ -351,7 +384,7 @@ class _Run:
     def _backend_for(self, loaded: LoadedModel, bank: ExpertBank | None) -> GenerationBackend:
         if self.backend is not None:
             return self.backend(loaded, bank)
-        return TorchBackend(loaded.model, loaded.tokenizer, bank, batch_size=self.config.batch_size)
+        return make_backend(scoring_backend(self.config), loaded, bank, batch_size=self.config.batch_size)
 
     def _solve(self, arm: str, solver: Solver, problems: Sequence[Problem], route) -> tuple[list[ItemScore], list]:
         """Score problems in batches; route(questions) gives (rules, weights) for a batch."""
@@ -369,10 +402,15 @@ class _Run:
 
     def frozen(self, problems: Sequence[Problem]) -> ArmResult:
         loaded = self.loader()
-        solver = Solver(self._backend_for(loaded, None), self.solver_config)
-        start = time.perf_counter()
-        scores, _ = self._solve("frozen", solver, problems, lambda qs: ([[] for _ in qs], None))
-        return ArmResult("frozen", scores, {"learn": 0.0, "score": time.perf_counter() - start})
+        backend = self._backend_for(loaded, None)
+        try:
+            start = time.perf_counter()
+            scores, _ = self._solve("frozen", Solver(backend, self.solver_config), problems,
+                                    lambda qs: ([[] for _ in qs], None))
+            seconds = time.perf_counter() - start
+        finally:
+            _close(backend)
+        return ArmResult("frozen", scores, {"learn": 0.0, "score": seconds}, backend=backend.description)
 
     # -- loop arms
 
@@ -396,16 +434,25 @@ class _Run:
             if len(states) < len(stream):
                 raise EvalInterrupted(f"stopped while the {arm} arm was learning (episode {len(states) + 1} of {len(stream)})")
             learn_seconds = time.perf_counter() - start
+            learning = {**learning_summary(states), "backend": ctx.backend.description}
             used: list = []
             start = time.perf_counter()
             if cfg.protocol == "stream":
                 # Online: the score is each episode's first attempt, made before learning on it.
                 by_id = {p.id: p for p in sets.learn}
                 scores = [_score(by_id[s["problem"]["id"]], Attempt(**s["first"]["attempt"])) for s in states]
+                scored_by = ctx.backend.description
             else:
-                scores, used = self._solve(arm, ctx.solver, scored, lambda qs: self._route(ctx, arm, qs))
+                _close(ctx.backend)  # learning is over: free it before the scoring backend loads
+                backend = self._backend_for(loaded, ctx.bank)
+                try:
+                    solver = Solver(backend, ctx.solver.config)
+                    scores, used = self._solve(arm, solver, scored, lambda qs: self._route(ctx, arm, qs))
+                finally:
+                    _close(backend)
+                scored_by = backend.description
             seconds = {"learn": learn_seconds, "score": time.perf_counter() - start}
-            result = ArmResult(arm, scores, seconds, learning_summary(states), learning_curve(states, sets.learn))
+            result = ArmResult(arm, scores, seconds, learning, learning_curve(states, sets.learn), backend=scored_by)
             if arm != "rules":
                 n = ctx.bank.n_experts
                 # Stream episodes keep only their latest mixture, not the first one: no mean is shown there.
@@ -413,6 +460,7 @@ class _Run:
                 updates = (states[-1]["carry"].get("expert_updates") if states else None) or [0] * n
                 result.expert_usage = {"mean_weight": mean, "updates": list(updates)}
         finally:
+            _close(ctx.backend)
             if ctx.memory is not None:
                 ctx.memory.close()
         return result, states
@@ -442,7 +490,8 @@ class _Run:
         bank = ExpertBank(loaded.model, bank_config)
         router = Router(loaded.model.config.hidden_size, 1, router_config).to(loaded.device)
         trainer = TestTimeTrainer(loaded.model, loaded.tokenizer, bank, router, cfg.trainer, StressController(cfg.stress))
-        solver = Solver(self._backend_for(loaded, bank), self.solver_config)
+        backend = self._backend_for(loaded, bank)
+        solver = Solver(backend, self.solver_config)
         one = bank.one_hot(0)  # (1, 1): the single expert for every sequence
         total_bursts = sum(len(b) for b in bursts)
         log.info("single-lora arm: %d update bursts from the adapters arm", total_bursts)
@@ -461,20 +510,23 @@ class _Run:
                 self.progress("single-lora", "train", trained, total_bursts)
 
         route = lambda qs: ([[] for _ in qs], one)  # noqa: E731
-        if cfg.protocol == "stream":
-            # Online like the loop: score problem i with the LoRA trained on the bursts of episodes < i.
-            scores = []
-            for problem, episode_bursts in zip(sets.learn, bursts):
+        try:
+            if cfg.protocol == "stream":
+                # Online like the loop: score problem i with the LoRA trained on the bursts of episodes < i.
+                scores = []
+                for problem, episode_bursts in zip(sets.learn, bursts):
+                    start = time.perf_counter()
+                    scores += self._solve("single-lora", solver, [problem], route)[0]
+                    score_seconds += time.perf_counter() - start
+                    train(episode_bursts)
+            else:
+                for episode_bursts in bursts:
+                    train(episode_bursts)
                 start = time.perf_counter()
-                scores += self._solve("single-lora", solver, [problem], route)[0]
-                score_seconds += time.perf_counter() - start
-                train(episode_bursts)
-        else:
-            for episode_bursts in bursts:
-                train(episode_bursts)
-            start = time.perf_counter()
-            scores, _ = self._solve("single-lora", solver, scored, route)
-            score_seconds = time.perf_counter() - start
+                scores, _ = self._solve("single-lora", solver, scored, route)
+                score_seconds = time.perf_counter() - start
+        finally:
+            _close(backend)
         # Saved as a run directory of its own, so `export --run-dir .../single-lora --expert 0` works.
         BankStore(arm_dir / "bank").save(bank, router, trainer.stress, extra={"model": cfg.model, "arm": "single-lora"})
         settings = replace(arm_settings(cfg, "adapters", len(sets.learn)), bank=bank_config, router=router_config)
@@ -482,7 +534,8 @@ class _Run:
         learning = {"bursts": len(results), "texts": sum(r["texts"] for r in results),
                     "rolled_back": sum(r["rolled_back"] for r in results),
                     "source": "every update burst of the adapters arm, in order, including bursts the loop later undid"}
-        return ArmResult("single-lora", scores, {"learn": train_seconds, "score": score_seconds}, learning)
+        return ArmResult("single-lora", scores, {"learn": train_seconds, "score": score_seconds}, learning,
+                         backend=backend.description)
 
 
 def learning_summary(states: list[dict]) -> dict:

@@ -66,7 +66,8 @@ class RunSettings:
     solver: SolverConfig = field(default_factory=SolverConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     memory_url: str | None = None
-    backend: str = "torch"
+    backend: str = "auto"  # generation backend: 'auto', 'torch' or 'llama.cpp' (agents.backend.make_backend)
+    batch_size: int = 8  # sequences generated together (llama.cpp: server slots)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -119,7 +120,7 @@ def build_context(
         log.info("reloaded the bank from %s", store.current)
     else:
         store.save(bank, router, stress, extra={"model": settings.model})
-    backend = backend or make_backend(settings.backend, loaded, bank)
+    backend = backend or make_backend(settings.backend, loaded, bank, batch_size=settings.batch_size)
     return RunContext(
         config=settings.loop,
         backend=backend,

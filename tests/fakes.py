@@ -12,6 +12,7 @@ class ScriptedBackend:
     """Answers each prompt with script(prompt, sampling, weights_row) and records every call."""
 
     name = "scripted"
+    description = "scripted (tests)"
 
     def __init__(self, script: Callable[[str, Sampling, object], str]):
         self.script = script

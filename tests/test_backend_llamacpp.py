@@ -21,9 +21,9 @@ from adapters.gguf_lora import (  # noqa: E402
     write_dense_gguf,
     write_llama_gguf,
 )
-from agents.backend import BackendError, Sampling, TorchBackend, make_backend  # noqa: E402
+from agents.backend import BackendError, Sampling, SplitBackend, TorchBackend, make_backend  # noqa: E402
 from agents.backend_llamacpp import LlamaCppBackend, LlamaCppConfig, _segment, _TokenStream  # noqa: E402
-from agents.generation import AnswerLineComplete  # noqa: E402
+from agents.generation import AnswerLineComplete, Generation  # noqa: E402
 from agents.models import load_model  # noqa: E402
 
 QUESTIONS = [
@@ -135,6 +135,30 @@ def test_dense_copy_keeps_metadata_and_values(tiny_gguf, tmp_path):
         expected = GGMLQuantizationType.F16 if len(original.shape) == 2 else GGMLQuantizationType.F32
         assert tensor.tensor_type == expected
         assert np.allclose(tensor.data.astype(np.float32), original.data, atol=1e-3)
+
+
+def test_q8_0_copy_quantizes_the_matrices_in_blocks_of_32(tiny_gguf, tmp_path):
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    q8 = write_dense_gguf(tiny_gguf, tmp_path / "tiny-q8.gguf", "q8_0")
+    pairs = {t.name: t for t in GGUFReader(tiny_gguf).tensors}
+    kinds = set()
+    for tensor in GGUFReader(q8).tensors:
+        original = np.asarray(pairs[tensor.name].data, dtype=np.float32)
+        kinds.add(tensor.tensor_type)
+        if len(original.shape) == 1 or original.shape[-1] % 32:
+            assert tensor.tensor_type == GGMLQuantizationType.F32
+            assert np.array_equal(tensor.data, original)
+            continue
+        assert tensor.tensor_type == GGMLQuantizationType.Q8_0
+        values = dequantize(tensor.data, tensor.tensor_type).reshape(original.shape)
+        blocks = original.reshape(-1, 32)
+        step = np.abs(blocks).max(axis=1, keepdims=True) / 127  # one int8 step per block
+        error = np.abs(values.reshape(-1, 32) - blocks)
+        assert (error <= 0.57 * step + 1e-12).all()  # half a step, plus up to 127 x the f16 scale's error (2^-11)
+    assert GGMLQuantizationType.Q8_0 in kinds
 
 
 def test_unsupported_architecture_is_refused():
@@ -300,10 +324,57 @@ def test_make_backend_selects_by_name_and_auto(tiny_bank, tiny_gguf):
     loaded.gguf_path = tiny_gguf
     backend = make_backend("auto", loaded, bank)
     try:
-        assert backend.name == "llama.cpp"
-        assert "f16 weights from tiny.gguf" in backend.description
+        assert isinstance(backend, SplitBackend)
+        assert backend.fast.name == "llama.cpp" and backend.fast.bank is None  # no adapters: bare calls only
+        assert backend.reference.name == "torch" and backend.reference.bank is bank
+        assert "bare model: llama.cpp" in backend.description and "expert mixtures: torch" in backend.description
     finally:
         backend.close()
+    backend = make_backend("llama.cpp", loaded, bank)
+    try:
+        assert backend.name == "llama.cpp" and backend.bank is bank
+        assert "weights from tiny.gguf" in backend.description
+    finally:
+        backend.close()
+
+
+class _Recording:
+    """A backend that records the weights it was called with."""
+
+    def __init__(self, name):
+        self.name, self.description, self.calls = name, name, []
+
+    def chat_prompt(self, system, user):
+        return user
+
+    def generate(self, prompts, *, weights=None, **_):
+        self.calls.append(weights)
+        return [Generation(self.name, 1, 0.0) for _ in prompts]
+
+
+def test_split_backend_sends_bare_calls_to_the_fast_side_and_mixtures_to_the_reference():
+    fast, reference = _Recording("fast"), _Recording("reference")
+    split = SplitBackend(fast, reference)
+    assert [g.text for g in split.generate(["a", "b"])] == ["fast", "fast"]
+    assert split.generate(["a"], weights=torch.zeros(1, 4))[0].text == "fast"  # zero weights apply no expert
+    mixture = torch.tensor([[0.0, 0.7, 0.3, 0.0]])
+    assert split.generate(["a"], weights=mixture)[0].text == "reference"
+    assert fast.calls == [None, None] and torch.equal(reference.calls[0], mixture)
+
+
+def test_split_backend_matches_torch_on_the_tiny_model(tiny_gguf, tiny_bank):
+    """Bare calls through llama.cpp and mixtures through torch: both token-identical to torch alone."""
+    loaded, bank = tiny_bank
+    ref = TorchBackend(loaded.model, loaded.tokenizer, bank)
+    split = SplitBackend(LlamaCppBackend(tiny_gguf, loaded.tokenizer, None, EXACT), ref)
+    try:
+        prompts = _prompts(ref)
+        assert _same(split.generate(prompts, max_new_tokens=12), ref.generate(prompts, max_new_tokens=12))
+        mixture = bank.one_hot(2)
+        assert _same(split.generate(prompts, weights=mixture, max_new_tokens=12),
+                     ref.generate(prompts, weights=mixture, max_new_tokens=12))
+    finally:
+        split.close()
 
 
 # --- the real model (slow) ---------------------------------------------------------------------
