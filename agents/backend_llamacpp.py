@@ -222,8 +222,9 @@ class LlamaCppBackend:
         from importlib.metadata import version
 
         cfg = self.config
+        served = f"{cfg.weights} copy of {self.gguf_path.name}" if self.model_path != self.gguf_path else self.gguf_path.name
         return (
-            f"llama.cpp (xllamacpp {version('xllamacpp')}), {cfg.weights} weights from {self.gguf_path.name}, "
+            f"llama.cpp (xllamacpp {version('xllamacpp')}) serving {served}, "
             f"{cfg.parallel} slots, {cfg.threads or torch.get_num_threads()} threads, KV {cfg.kv_cache}"
         )
 
@@ -401,8 +402,8 @@ def _warn_wait_policy() -> None:
     global _warned_wait_policy
     _warned_wait_policy = True
     log.warning(
-        "OpenMP threads spin-wait without bound: on a machine shared with other jobs llama.cpp can "
-        "run several times slower; set GOMP_SPINCOUNT=10000 before torch is imported (run_loop.py does)"
+        "OpenMP threads spin-wait long (libgomp's default): on a machine shared with other jobs llama.cpp "
+        "can run several times slower; set GOMP_SPINCOUNT=10000 before torch is imported (run_loop.py does)"
     )
 
 

@@ -71,11 +71,12 @@ MIXTURE_ARMS = ("adapters", "full", "single-lora")  # the arms that generate und
 def scoring_backend(config: EvalConfig) -> str:
     """The backend kind that generates every scored answer of every arm in this evaluation.
 
-    Arms are compared answer by answer, so they must share numerics: llama.cpp's 8-bit
-    kernels and torch's float32 reach different final answers on some problems (see
-    bench/bench_generation.py), which would pass for an effect of learning. "auto" sends bare
-    calls to llama.cpp and mixtures to torch, so when an arm applies experts every arm is
-    scored on torch; otherwise the fast bare path scores them all.
+    Arms are compared answer by answer, so they must share numerics: llama.cpp does not
+    compute torch's float32 numbers (its f16 copy rounds the weights; its 8-bit kernels
+    reached a different final answer on about half the problems, bench/bench_generation.py),
+    and such flips would pass for an effect of learning. "auto" sends bare calls to
+    llama.cpp and mixtures to torch, so when an arm applies experts every arm is scored on
+    torch; otherwise the fast bare path scores them all.
     """
     if config.backend == "auto" and any(arm in MIXTURE_ARMS for arm in config.arms):
         return "torch"
@@ -308,6 +309,10 @@ class EvalProgress:
 # ---------------------------------------------------------------- the run
 
 
+# Settings added after evaluations were first saved, with the values those evaluations ran with.
+LEGACY_CONFIG = {"backend": "torch"}
+
+
 def _prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resume: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / EVAL_FILE
@@ -316,6 +321,7 @@ def _prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resu
         if not resume:
             raise RunDirError(f"{run_dir} already holds an evaluation; pass --resume to continue it or choose another --run-dir")
         saved = json.loads(path.read_text())
+        saved["config"] = {**LEGACY_CONFIG, **saved.get("config", {})}
         if saved != wanted:
             differs = sorted(k for k in wanted["config"] if saved.get("config", {}).get(k) != wanted["config"][k])
             raise RunDirError(f"{run_dir} holds an evaluation with different settings or problems "
@@ -384,7 +390,8 @@ class _Run:
     def _backend_for(self, loaded: LoadedModel, bank: ExpertBank | None) -> GenerationBackend:
         if self.backend is not None:
             return self.backend(loaded, bank)
-        return make_backend(scoring_backend(self.config), loaded, bank, batch_size=self.config.batch_size)
+        return make_backend(scoring_backend(self.config), loaded, bank, batch_size=self.config.batch_size,
+                            max_new_tokens=self.config.max_new_tokens)
 
     def _solve(self, arm: str, solver: Solver, problems: Sequence[Problem], route) -> tuple[list[ItemScore], list]:
         """Score problems in batches; route(questions) gives (rules, weights) for a batch."""
@@ -447,7 +454,7 @@ class _Run:
                 backend = self._backend_for(loaded, ctx.bank)
                 try:
                     solver = Solver(backend, ctx.solver.config)
-                    scores, used = self._solve(arm, solver, scored, lambda qs: self._route(ctx, arm, qs))
+                    scores, used = self._solve(arm, solver, scored, lambda qs: self._route(ctx, solver, arm, qs))
                 finally:
                     _close(backend)
                 scored_by = backend.description
@@ -466,14 +473,14 @@ class _Run:
         return result, states
 
     @staticmethod
-    def _route(ctx: RunContext, arm: str, questions: list[str]):
+    def _route(ctx: RunContext, solver: Solver, arm: str, questions: list[str]):
         """The arm's prompt rules and mixture weights, as the loop's solve node computes them."""
         memory, prior, rule_texts, _ = ctx.memory_vectors(questions)
         use_rules, use_adapters = arm in ("rules", "full"), arm in ("adapters", "full")
-        rules = [r[: ctx.solver.config.max_rules] if use_rules else [] for r in rule_texts]
+        rules = [r[: solver.config.max_rules] if use_rules else [] for r in rule_texts]
         if not use_adapters:
             return rules, None  # the bare model: no expert is applied
-        prompts = [ctx.solver.prompt(q, r) for q, r in zip(questions, rules)]
+        prompts = [solver.prompt(q, r) for q, r in zip(questions, rules)]
         _, weights = ctx.routing(prompts, memory, prior)  # (batch, n_experts)
         return rules, weights
 
@@ -602,8 +609,9 @@ def evaluate(
 
     ``loader`` gives a fresh model per arm (default: ``load_model(config.model)``; a bank is
     injected in place, so arms never share a model object). ``backend(loaded, bank)`` builds the
-    generation backend of an arm once its bank exists (bank None for the frozen arm; default:
-    the torch backend, or whatever ``build_context`` picks for the loop arms). ``embedder`` overrides
+    generation backends of an arm once its bank exists (bank None for the frozen arm; default:
+    ``make_backend`` of ``scoring_backend(config)`` for scoring and of ``learning_backend(config)``
+    for the loop arms' learning). ``embedder`` overrides
     ``config.embedder``. ``stop`` (a StopFlag) ends the run after the running node; call again
     with ``resume=True`` to continue. ``problems`` replaces the draw from the config's data
     (``prepare_problems(config)``); holdout sets are checked disjoint either way.

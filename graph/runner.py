@@ -77,6 +77,11 @@ def run_id_for(run_dir: Path) -> str:
     return Path(run_dir).resolve().name
 
 
+# Settings a resumed run may change: how many episodes, and how text is generated (backends
+# give the same answers within their measured tolerance; none changes what was learned).
+RESUMABLE_CHANGES = ("episodes", "backend", "batch_size")
+
+
 def prepare_run_dir(run_dir: Path, settings: RunSettings, resume: bool) -> None:
     """Create the run directory, or check that a resumed one belongs to the same settings."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +91,7 @@ def prepare_run_dir(run_dir: Path, settings: RunSettings, resume: bool) -> None:
         if not resume:
             raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
         saved = json.loads(saved_path.read_text())
-        differs = sorted(k for k in wanted if k != "episodes" and saved.get(k) != wanted[k])
+        differs = sorted(k for k in wanted if k not in RESUMABLE_CHANGES and saved.get(k) != wanted[k])
         if differs:
             raise RunDirError(f"{run_dir} holds a run with different settings ({', '.join(differs)}); use another --run-dir")
     atomic_write_bytes(saved_path, json.dumps(wanted, indent=2).encode())
@@ -120,7 +125,8 @@ def build_context(
         log.info("reloaded the bank from %s", store.current)
     else:
         store.save(bank, router, stress, extra={"model": settings.model})
-    backend = backend or make_backend(settings.backend, loaded, bank, batch_size=settings.batch_size)
+    backend = backend or make_backend(settings.backend, loaded, bank, batch_size=settings.batch_size,
+                                      max_new_tokens=settings.solver.max_new_tokens)
     return RunContext(
         config=settings.loop,
         backend=backend,

@@ -17,12 +17,18 @@ class ScriptedBackend:
     def __init__(self, script: Callable[[str, Sampling, object], str]):
         self.script = script
         self.calls: list[dict] = []
+        self.closed = False  # like llama.cpp's backend: unusable after close()
+
+    def close(self) -> None:
+        self.closed = True
 
     def chat_prompt(self, system: str | None, user: str) -> str:
+        assert not self.closed, "chat_prompt on a closed backend"
         return f"<system>{system or ''}</system>\n<user>{user}</user>\n<assistant>"
 
     def generate(self, prompts: Sequence[str], *, weights=None, max_new_tokens: int = 384,
                  stop_at_answer: bool = False, sampling: Sampling = GREEDY) -> list[Generation]:
+        assert not self.closed, "generate on a closed backend"
         outs = []
         for i, prompt in enumerate(prompts):
             row = None if weights is None else weights[0 if weights.shape[0] == 1 else i]

@@ -333,7 +333,7 @@ def test_make_backend_selects_by_name_and_auto(tiny_bank, tiny_gguf):
     backend = make_backend("llama.cpp", loaded, bank)
     try:
         assert backend.name == "llama.cpp" and backend.bank is bank
-        assert "weights from tiny.gguf" in backend.description
+        assert "serving tiny.gguf," in backend.description  # an f32 GGUF is served as it is, not copied
     finally:
         backend.close()
 

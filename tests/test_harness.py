@@ -22,6 +22,7 @@ from agents.prompts import DIVERSIFY_SYSTEM, REFLECT_SYSTEM, SOLVER_SYSTEM
 from graph.harness import (
     EvalConfig,
     EvalInterrupted,
+    _prepare_eval_dir,
     arm_settings,
     evaluate,
     learning_backend,
@@ -262,6 +263,28 @@ def test_holdout_report_files_are_written_and_readable(holdout):
     # the single LoRA is saved as a run directory of its own: it exports like any expert
     exported = export_expert(run_dir / "arms" / "single-lora", 0, run_dir / "peft-single")
     assert exported["trained"] and (run_dir / "peft-single" / "adapter_model.safetensors").is_file()
+
+
+def test_resuming_an_evaluation_saved_before_the_backend_setting_means_torch(holdout, tmp_path):
+    _, _, _, run_dir = holdout
+    saved = json.loads((run_dir / "eval.json").read_text())
+    assert saved["config"]["backend"] == "auto"
+    old_dir = tmp_path / "old"
+    old_dir.mkdir()
+    del saved["config"]["backend"]  # written by a version without the setting, which scored on torch
+    (old_dir / "eval.json").write_text(json.dumps(saved))
+    config = EvalConfig(**{**_config(tmp_path).__dict__, "learn_data": saved["config"]["learn_data"],
+                           "eval_data": saved["config"]["eval_data"]})
+    with pytest.raises(RunDirError, match="backend"):
+        _prepare_eval_dir(old_dir, config, prepare_problems(config), resume=True)
+    torch_config = EvalConfig(**{**config.__dict__, "backend": "torch"})
+    _prepare_eval_dir(old_dir, torch_config, prepare_problems(torch_config), resume=True)
+
+
+def test_every_backend_an_evaluation_builds_is_closed_and_none_is_used_after(holdout):
+    _, model, _, _ = holdout  # ScriptedBackend asserts on any call after close()
+    assert len(model.backends) == 1 + 2 * 3 + 1  # frozen; learning and scoring per loop arm; single-lora
+    assert all(b.closed for b in model.backends)
 
 
 def test_a_second_evaluation_in_the_same_dir_needs_resume(holdout, tmp_path):

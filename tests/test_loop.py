@@ -243,3 +243,21 @@ def test_stop_between_nodes_then_resume_equals_uninterrupted_run(make_run, tmp_p
     got = _state_of(resumed, _run(resumed, problems, tmp_path / "b"))
     assert got[1] == want[1] and got[2] == want[2]
     assert all(torch.equal(want[0][k], got[0][k]) for k in want[0])
+
+
+def test_resume_accepts_a_run_saved_before_backend_settings_existed(tmp_path):
+    """How text is generated may change on resume; what is learned may not."""
+    import json
+
+    from graph.runner import RUN_FILE, RunDirError, prepare_run_dir
+
+    settings = RunSettings(model="tiny-random", data="train", episodes=2)
+    old = settings.to_dict()
+    del old["batch_size"]
+    old["backend"] = "torch"  # an older run: no batch size, torch by default
+    (tmp_path / RUN_FILE).write_text(json.dumps(old))
+    prepare_run_dir(tmp_path, settings, resume=True)
+    assert json.loads((tmp_path / RUN_FILE).read_text())["backend"] == "auto"  # now recorded as resumed
+    changed = RunSettings(model="tiny-random", data="train", episodes=2, loop=LoopConfig(cycles=5))
+    with pytest.raises(RunDirError, match=r"different settings \(loop\)"):
+        prepare_run_dir(tmp_path, changed, resume=True)
