@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,28 +151,37 @@ def _digest(tensors: dict[str, np.ndarray], base: GgufBase, alpha: float) -> str
     return digest.hexdigest()
 
 
+@contextmanager
+def _atomic_gguf(dest: Path, arch: str):
+    """A GGUFWriter on a temp file beside ``dest``, renamed over it once written: ``dest`` is whole or absent."""
+    import gguf
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_lora_gguf(tensors: dict[str, np.ndarray], path: Path, base: GgufBase, alpha: float) -> Path:
     """Write LoRA tensors as a llama.cpp adapter file, atomically (temp file, then rename)."""
     import gguf
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, base.arch)
+    with _atomic_gguf(path, base.arch) as writer:
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
         for name, array in tensors.items():
             writer.add_tensor(name, array)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -295,11 +305,7 @@ def write_dense_gguf(source: str | Path, dest: str | Path, dtype: str = "f32") -
     reader = gguf.GGUFReader(source)
     arch = reader.fields["general.architecture"].contents()
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, arch)
+    with _atomic_gguf(dest, arch) as writer:
         for field in reader.fields.values():
             if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.file_type"):
                 continue  # written by the writer itself, or changed below
@@ -318,12 +324,4 @@ def write_dense_gguf(source: str | Path, dest: str | Path, dtype: str = "f32") -
                 writer.add_tensor(tensor.name, blocks, raw_shape=blocks.shape, raw_dtype=quant)
             else:
                 writer.add_tensor(tensor.name, data.astype(np_type))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return dest
