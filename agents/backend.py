@@ -166,10 +166,15 @@ class SplitBackend:
                                 stop_at_answer=stop_at_answer, sampling=sampling)
 
     def close(self) -> None:
-        for side in (self.fast, self.reference):
-            close = getattr(side, "close", None)
-            if close is not None:
-                close()
+        close_backend(self.fast)
+        close_backend(self.reference)
+
+
+def close_backend(backend: GenerationBackend) -> None:
+    """Free what a backend holds outside Python's reach (llama.cpp's model and KV cache); torch holds nothing."""
+    close = getattr(backend, "close", None)
+    if close is not None:
+        close()
 
 
 def make_backend(

@@ -47,7 +47,7 @@ from adapters.router import Router, RouterConfig
 from adapters.store import BankStore, atomic_write_bytes
 from adapters.stress import StressConfig, StressController
 from adapters.trainer import TestTimeTrainer, TrainerConfig, TrainingExample
-from agents.backend import BACKENDS, GenerationBackend, make_backend
+from agents.backend import BACKENDS, GenerationBackend, close_backend, make_backend
 from agents.diversifier import Diversifier
 from agents.errors import DataError, SelfImproveError
 from agents.gsm8k import HUB_SPLITS, Problem, load_source, normalise_question, resolve_path, sample_problems
@@ -360,13 +360,6 @@ def _score(problem: Problem, attempt: Attempt) -> ItemScore:
     return ItemScore(problem.id, check(attempt, problem.label).correct, attempt.answer, attempt.strategy, attempt.tokens)
 
 
-def _close(backend: GenerationBackend) -> None:
-    """Free what a backend holds outside Python's reach (llama.cpp's model and KV cache)."""
-    close = getattr(backend, "close", None)
-    if close is not None:
-        close()
-
-
 def _chunks(items: Sequence, size: int):
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -416,7 +409,7 @@ class _Run:
                                     lambda qs: ([[] for _ in qs], None))
             seconds = time.perf_counter() - start
         finally:
-            _close(backend)
+            close_backend(backend)
         return ArmResult("frozen", scores, {"learn": 0.0, "score": seconds}, backend=backend.description)
 
     # -- loop arms
@@ -450,13 +443,13 @@ class _Run:
                 scores = [_score(by_id[s["problem"]["id"]], Attempt(**s["first"]["attempt"])) for s in states]
                 scored_by = ctx.backend.description
             else:
-                _close(ctx.backend)  # learning is over: free it before the scoring backend loads
+                close_backend(ctx.backend)  # learning is over: free it before the scoring backend loads
                 backend = self._backend_for(loaded, ctx.bank)
                 try:
                     solver = Solver(backend, ctx.solver.config)
                     scores, used = self._solve(arm, solver, scored, lambda qs: self._route(ctx, solver, arm, qs))
                 finally:
-                    _close(backend)
+                    close_backend(backend)
                 scored_by = backend.description
             seconds = {"learn": learn_seconds, "score": time.perf_counter() - start}
             result = ArmResult(arm, scores, seconds, learning, learning_curve(states, sets.learn), backend=scored_by)
@@ -467,7 +460,7 @@ class _Run:
                 updates = (states[-1]["carry"].get("expert_updates") if states else None) or [0] * n
                 result.expert_usage = {"mean_weight": mean, "updates": list(updates)}
         finally:
-            _close(ctx.backend)
+            close_backend(ctx.backend)
             if ctx.memory is not None:
                 ctx.memory.close()
         return result, states
@@ -533,7 +526,7 @@ class _Run:
                 scores, _ = self._solve("single-lora", solver, scored, route)
                 score_seconds = time.perf_counter() - start
         finally:
-            _close(backend)
+            close_backend(backend)
         # Saved as a run directory of its own, so `export --run-dir .../single-lora --expert 0` works.
         BankStore(arm_dir / "bank").save(bank, router, trainer.stress, extra={"model": cfg.model, "arm": "single-lora"})
         settings = replace(arm_settings(cfg, "adapters", len(sets.learn)), bank=bank_config, router=router_config)
