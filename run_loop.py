@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from agents.backend import DEFAULT_BATCH_SIZE
 from agents.errors import SelfImproveError
 from agents.models import DEFAULT_MODEL, list_models
 
@@ -49,8 +50,8 @@ def main(
     )
 
 
-BACKEND_HELP = ("Generation backend: auto (bare-model calls on llama.cpp, expert mixtures on torch, when the "
-                "model has a GGUF and runs on CPU; else torch), torch, or llama.cpp (everything, mixtures as LoRA scales).")
+BACKEND_HELP = ("Generation backend: auto (= torch, the fastest measured here), torch (continuous batching in the "
+                "model's own precision), or llama.cpp (the model's GGUF, expert mixtures as LoRA scales).")
 
 
 def _check_backend(name: str) -> None:
@@ -286,9 +287,8 @@ def eval_command(
     experts: Annotated[int, typer.Option(help="Experts in each arm's bank.")] = 16,
     steps: Annotated[int, typer.Option(help="Optimizer steps per update burst.")] = 3,
     max_new_tokens: Annotated[int, typer.Option(help="Generation cap per answer, the same for every arm.")] = 384,
-    batch_size: Annotated[int, typer.Option(help="Problems per scoring call (and llama.cpp slots).")] = 8,
-    backend: Annotated[str, typer.Option(help=BACKEND_HELP + " Every arm's answers are scored on one backend kind: "
-                                          "torch under auto when an arm applies experts.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Sequences generated together (torch and llama.cpp slots).")] = DEFAULT_BATCH_SIZE,
+    backend: Annotated[str, typer.Option(help=BACKEND_HELP + " Every arm scores and learns on this one backend.")] = "auto",
     threads: Annotated[int, typer.Option(help="Torch CPU threads (0: torch's default).")] = 0,
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write the PNG plots.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON to stdout.")] = False,
@@ -321,9 +321,7 @@ def eval_command(
     except (SelfImproveError, ValueError) as error:
         raise _fail(error) from error
     set_threads(threads)
-    from graph.harness import learning_backend, scoring_backend
-
-    err.print(f"backend: answers scored on {scoring_backend(config)}, learning on {learning_backend(config)} "
+    err.print(f"backend: {config.backend} for every arm's scoring and learning "
               "(each arm's exact backend is recorded in report.json and report.md)", markup=False, highlight=False)
     stop = StopFlag()
     previous = _ctrl_c_stops(stop, err)

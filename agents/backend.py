@@ -2,25 +2,25 @@
 
 A backend turns chat messages into prompts and prompts into completions under an expert
 mixture. ``TorchBackend`` is the reference: it runs the transformers model with the bank
-in the same process and works for every model spec and for training. ``LlamaCppBackend``
+in the same process and works for every model spec and for training; by default it decodes
+with continuous batching (``agents.continuous_batching``). ``LlamaCppBackend``
 (``agents.backend_llamacpp``) serves the model's GGUF with llama.cpp and applies the same
-mixture as LoRA adapters. ``SplitBackend`` sends bare-model calls to llama.cpp and
-mixtures to torch: llama.cpp batches only sequences with equal adapter scales (a different
-top-2 mixture per row ran at a quarter of the torch bank's speed), and two active LoRAs took
-a third of its speed, while the torch bank mixes per row in one batch at about 10% cost
-(measured, bench/bench_generation.py). ``make_backend`` picks one by name; "auto" is the split one when llama.cpp can serve
-the model, else torch.
+mixture as LoRA adapters. ``make_backend`` picks one by name; "auto" is torch: scoring 32
+GSM8K problems here, continuous batching in float32 ran 1.9x as fast as llama.cpp on its
+f16 copy at 32 slots, with the plain transformers answers token for token (llama.cpp f16:
+31 of 32), and llama.cpp's 8-bit kernels change about half the final answers
+(bench/bench_generation.py).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from adapters.bank import ExpertBank
+from agents.continuous_batching import ContinuousBatcher
 from agents.errors import SelfImproveError
 from agents.generation import Generation, chat_prompt, generate
 
@@ -28,9 +28,12 @@ if TYPE_CHECKING:
     from agents.backend_llamacpp import LlamaCppConfig
     from agents.models import LoadedModel
 
-log = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "torch", "llama.cpp")
+BACKENDS = ("auto", "torch", "llama.cpp")  # "auto" is torch (see above)
+# Sequences generated together: torch's continuous-batching slots, llama.cpp's server slots.
+# Wider decode steps keep the CPU's float32 matrix kernels busy: 48 or 64 slots scored 50
+# GSM8K problems 1.2x faster than 32 here. The key/value cache grows with them (Qwen 0.5B:
+# 24 KB per token, so 64 slots of 1,100 tokens, a long reflect prompt and its answer, 1.7 GB).
+DEFAULT_BATCH_SIZE = 64
 
 
 class BackendError(SelfImproveError):
@@ -80,20 +83,41 @@ class GenerationBackend(Protocol):
 
 
 class TorchBackend:
-    """The reference backend: transformers generate with the expert bank in this process."""
+    """The reference backend: the transformers model with the expert bank in this process.
+
+    ``engine`` "continuous" (the default) decodes through ``agents.continuous_batching``:
+    ``batch_size`` slots refilled as answers finish, float32 throughout, the same greedy
+    tokens as transformers ``generate`` on every problem measured (bench/bench_generation.py).
+    "generate" is plain transformers ``generate`` in batches of ``batch_size``: the reference
+    the benchmark and the equivalence tests compare with.
+    """
 
     name = "torch"
+    ENGINES = ("continuous", "generate")
 
-    def __init__(self, model, tokenizer, bank: ExpertBank | None, batch_size: int = 8):
+    def __init__(self, model, tokenizer, bank: ExpertBank | None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 engine: str = "continuous"):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model, self.tokenizer, self.bank, self.batch_size = model, tokenizer, bank, batch_size
+        if engine not in self.ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(self.ENGINES)}, got {engine!r}")
+        self.model, self.tokenizer, self.bank, self.batch_size, self.engine = model, tokenizer, bank, batch_size, engine
+        self._batcher: ContinuousBatcher | None = None
+
+    @property
+    def batcher(self) -> ContinuousBatcher:
+        if self._batcher is None:
+            self._batcher = ContinuousBatcher(self.model, self.tokenizer, self.bank, slots=self.batch_size)
+        return self._batcher
 
     @property
     def description(self) -> str:
         weight = next(self.model.parameters())
-        return (f"torch {torch.__version__} (transformers generate), {weight.dtype} weights on {weight.device}, "
-                f"batches of {self.batch_size}, {torch.get_num_threads()} threads")
+        if self.engine == "continuous":
+            how = f"continuous batching, {self.batch_size} slots, {self.batcher.features}"
+        else:
+            how = f"transformers generate, batches of {self.batch_size}"
+        return f"torch {torch.__version__} ({how}), {weight.dtype} weights on {weight.device}, {torch.get_num_threads()} threads"
 
     def chat_prompt(self, system: str | None, user: str) -> str:
         return chat_prompt(self.tokenizer, system, user)
@@ -107,6 +131,13 @@ class TorchBackend:
         stop_at_answer: bool = False,
         sampling: Sampling = GREEDY,
     ) -> list[Generation]:
+        if weights is not None and weights.shape[0] not in (1, len(prompts)):
+            raise BackendError(f"got mixture weights for {weights.shape[0]} rows and {len(prompts)} prompts")
+        if self.engine == "continuous":
+            return self.batcher.generate(
+                prompts, weights, max_new_tokens=max_new_tokens, stop_at_answer=stop_at_answer,
+                temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
+            )
         results: list[Generation] = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = list(prompts[start : start + self.batch_size])
@@ -130,46 +161,6 @@ class TorchBackend:
         return results
 
 
-class SplitBackend:
-    """Bare-model generations on a fast backend, expert mixtures on the reference one.
-
-    A call without weights (or with all-zero weights, which apply no expert) goes to
-    ``fast``; any other mixture goes to ``reference``, which holds the bank. With llama.cpp on
-    its default f16 copy as ``fast``, bare calls reached torch's final answer on 16 of 16
-    problems measured: the split changes speed, and results only within that tolerance.
-    """
-
-    name = "auto"
-
-    def __init__(self, fast: GenerationBackend, reference: GenerationBackend):
-        self.fast, self.reference = fast, reference
-
-    @property
-    def description(self) -> str:
-        return f"bare model: {self.fast.description}; expert mixtures: {self.reference.description}"
-
-    def chat_prompt(self, system: str | None, user: str) -> str:
-        return self.reference.chat_prompt(system, user)
-
-    def generate(
-        self,
-        prompts: Sequence[str],
-        *,
-        weights: torch.Tensor | None = None,
-        max_new_tokens: int = 384,
-        stop_at_answer: bool = False,
-        sampling: Sampling = GREEDY,
-    ) -> list[Generation]:
-        bare = weights is None or not bool(weights.detach().ne(0).any())
-        backend = self.fast if bare else self.reference
-        return backend.generate(prompts, weights=None if bare else weights, max_new_tokens=max_new_tokens,
-                                stop_at_answer=stop_at_answer, sampling=sampling)
-
-    def close(self) -> None:
-        close_backend(self.fast)
-        close_backend(self.reference)
-
-
 def close_backend(backend: GenerationBackend) -> None:
     """Free what a backend holds outside Python's reach (llama.cpp's model and KV cache); torch holds nothing."""
     close = getattr(backend, "close", None)
@@ -182,43 +173,30 @@ def make_backend(
     loaded: LoadedModel,
     bank: ExpertBank | None,
     *,
-    batch_size: int = 8,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     max_new_tokens: int = 384,
     llamacpp: LlamaCppConfig | None = None,
 ) -> GenerationBackend:
-    """The backend called `name` ("torch", "llama.cpp" or "auto") for a loaded model and its bank.
+    """The backend called `name` ("torch", "llama.cpp" or "auto", which is torch) for a loaded model and its bank.
 
     ``max_new_tokens`` is the solver's answer cap, which sizes llama.cpp's context per sequence.
-
-    "llama.cpp" serves every call there, mixtures as LoRA scales. "auto" is a SplitBackend
-    (bare calls on llama.cpp, mixtures on torch) when llama.cpp can serve this model exactly
-    as loaded: xllamacpp is installed, the model came from a GGUF file (``loaded.gguf_path``)
-    and runs on the CPU (on CUDA the torch backend is the fast one). Otherwise it takes
-    torch, and says why. An explicit "llama.cpp" that cannot be served is an error, never a
-    silent fallback.
+    "llama.cpp" serves every call there, mixtures as LoRA scales; when it cannot serve this
+    model as loaded (xllamacpp missing, no GGUF file, a CUDA model) that is an error, never
+    a silent fallback.
     """
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
-    if name == "torch":
+    if name in ("torch", "auto"):
         return TorchBackend(loaded.model, loaded.tokenizer, bank, batch_size=batch_size)
     from agents.backend_llamacpp import LlamaCppBackend, LlamaCppConfig, xllamacpp_available
 
-    missing = None
     if not xllamacpp_available():
-        missing = "xllamacpp is not installed (pip install xllamacpp)"
-    elif loaded.gguf_path is None or not loaded.gguf_path.is_file():
-        missing = f"model {loaded.spec!r} has no GGUF file"
-    elif loaded.device.type != "cpu":
-        missing = f"the model runs on {loaded.device}, where the torch backend is the fast one"
-    if missing is not None:
-        if name == "llama.cpp":
-            raise BackendError(f"cannot use the llama.cpp backend: {missing}")
-        log.info("backend auto: torch, because %s", missing)
-        return TorchBackend(loaded.model, loaded.tokenizer, bank, batch_size=batch_size)
+        raise BackendError("cannot use the llama.cpp backend: xllamacpp is not installed (pip install xllamacpp)")
+    if loaded.gguf_path is None or not loaded.gguf_path.is_file():
+        raise BackendError(f"cannot use the llama.cpp backend: model {loaded.spec!r} has no GGUF file")
+    if loaded.device.type != "cpu":
+        raise BackendError(f"cannot use the llama.cpp backend: the model runs on {loaded.device}, not the CPU")
     # A reflect prompt holds a whole answer (up to the solver's max_new_tokens) plus the
     # question, the reference solution and a rule; llama.cpp needs room for it in every slot.
     config = llamacpp or LlamaCppConfig(parallel=batch_size, ctx_per_sequence=2 * max_new_tokens + 1024)
-    if name == "auto":
-        fast = LlamaCppBackend(loaded.gguf_path, loaded.tokenizer, None, config)
-        return SplitBackend(fast, TorchBackend(loaded.model, loaded.tokenizer, bank, batch_size=batch_size))
     return LlamaCppBackend(loaded.gguf_path, loaded.tokenizer, bank, config)

@@ -24,7 +24,7 @@ ANSWER_COMPLETE = re.compile(
 class Generation:
     text: str  # the generated text, prompt excluded
     new_tokens: int  # tokens generated, up to and including the stop
-    seconds: float  # wall time of the batch this sequence was part of
+    seconds: float  # wall time of the call (batch) that generated it
 
 
 class AnswerLineComplete(StoppingCriteria):

@@ -47,7 +47,7 @@ from adapters.router import Router, RouterConfig
 from adapters.store import BankStore, atomic_write_bytes
 from adapters.stress import StressConfig, StressController
 from adapters.trainer import TestTimeTrainer, TrainerConfig, TrainingExample
-from agents.backend import BACKENDS, GenerationBackend, close_backend, make_backend
+from agents.backend import BACKENDS, DEFAULT_BATCH_SIZE, GenerationBackend, close_backend, make_backend
 from agents.diversifier import Diversifier
 from agents.errors import DataError, SelfImproveError
 from agents.gsm8k import HUB_SPLITS, Problem, load_source, normalise_question, resolve_path, sample_problems
@@ -64,28 +64,10 @@ log = logging.getLogger(__name__)
 
 PROTOCOLS = ("holdout", "stream", "recovery")
 ARMS = ("frozen", "rules", "adapters", "full", "single-lora")
+SCORE_CALL_BATCHES = 4  # batches' worth of problems per scoring call (see _Run._solve)
 LOOP_ARMS = ("rules", "adapters", "full")  # the arms that run the loop
-MIXTURE_ARMS = ("adapters", "full", "single-lora")  # the arms that generate under expert mixtures
 
 
-def scoring_backend(config: EvalConfig) -> str:
-    """The backend kind that generates every scored answer of every arm in this evaluation.
-
-    Arms are compared answer by answer, so they must share numerics: llama.cpp does not
-    compute torch's float32 numbers (its f16 copy rounds the weights; its 8-bit kernels
-    reached a different final answer on about half the problems, bench/bench_generation.py),
-    and such flips would pass for an effect of learning. "auto" sends bare calls to
-    llama.cpp and mixtures to torch, so when an arm applies experts every arm is scored on
-    torch; otherwise the fast bare path scores them all.
-    """
-    if config.backend == "auto" and any(arm in MIXTURE_ARMS for arm in config.arms):
-        return "torch"
-    return config.backend
-
-
-def learning_backend(config: EvalConfig) -> str:
-    """The backend kind of the loop arms' learning: unscored generations may take the fast path."""
-    return scoring_backend(config) if config.protocol == "stream" else config.backend  # stream scores first tries
 EVAL_FILE = "eval.json"
 
 PROTOCOL_NOTES = {
@@ -114,7 +96,7 @@ class EvalConfig:
     cycles: int = 2  # reflect/update rounds per failed learning problem
     label_free: bool = False  # learn by agreement of sampled answers (scoring always uses labels)
     max_new_tokens: int = 384  # generation cap per answer, the same for every arm
-    batch_size: int = 8  # problems per scoring call
+    batch_size: int = DEFAULT_BATCH_SIZE  # sequences generated together (torch and llama.cpp slots)
     backend: str = "auto"  # generation backend of every arm: 'auto', 'torch' or 'llama.cpp' (agents.backend)
     embedder: str = "minilm"  # memory embedder: 'minilm' (all-MiniLM-L6-v2) or 'hash' (tests)
     bank: BankConfig = field(default_factory=BankConfig)
@@ -344,7 +326,7 @@ def arm_settings(config: EvalConfig, arm: str, episodes: int) -> RunSettings:
         stress=config.stress,
         solver=SolverConfig(max_new_tokens=config.max_new_tokens),
         verifier=config.verifier,
-        backend=learning_backend(config),
+        backend=config.backend,
         batch_size=config.batch_size,
     )
 
@@ -383,13 +365,17 @@ class _Run:
     def _backend_for(self, loaded: LoadedModel, bank: ExpertBank | None) -> GenerationBackend:
         if self.backend is not None:
             return self.backend(loaded, bank)
-        return make_backend(scoring_backend(self.config), loaded, bank, batch_size=self.config.batch_size,
+        return make_backend(self.config.backend, loaded, bank, batch_size=self.config.batch_size,
                             max_new_tokens=self.config.max_new_tokens)
 
     def _solve(self, arm: str, solver: Solver, problems: Sequence[Problem], route) -> tuple[list[ItemScore], list]:
-        """Score problems in batches; route(questions) gives (rules, weights) for a batch."""
+        """Score problems in calls of several batches; route(questions) gives (rules, weights) for a call.
+
+        A call holds SCORE_CALL_BATCHES batches' worth of problems: continuous batching refills
+        its slots within a call, and progress is reported after each.
+        """
         scores, used = [], []
-        for chunk in _chunks(list(problems), self.config.batch_size):
+        for chunk in _chunks(list(problems), SCORE_CALL_BATCHES * self.config.batch_size):
             rules, weights = route([p.question for p in chunk])
             attempts = solver.solve([p.question for p in chunk], rules, weights=weights)
             scores += [_score(p, a) for p, a in zip(chunk, attempts)]
@@ -603,8 +589,8 @@ def evaluate(
     ``loader`` gives a fresh model per arm (default: ``load_model(config.model)``; a bank is
     injected in place, so arms never share a model object). ``backend(loaded, bank)`` builds the
     generation backends of an arm once its bank exists (bank None for the frozen arm; default:
-    ``make_backend`` of ``scoring_backend(config)`` for scoring and of ``learning_backend(config)``
-    for the loop arms' learning). ``embedder`` overrides
+    ``make_backend(config.backend, ...)``, the same kind for scoring and learning in every arm:
+    arms are compared answer by answer, so they must share numerics). ``embedder`` overrides
     ``config.embedder``. ``stop`` (a StopFlag) ends the run after the running node; call again
     with ``resume=True`` to continue. ``problems`` replaces the draw from the config's data
     (``prepare_problems(config)``); holdout sets are checked disjoint either way.

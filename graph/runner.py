@@ -25,7 +25,7 @@ from adapters.bank import BankConfig, ExpertBank
 from adapters.router import Router, RouterConfig
 from adapters.store import BankStore, atomic_write_bytes
 from adapters.stress import StressConfig, StressController
-from agents.backend import GenerationBackend, make_backend
+from agents.backend import DEFAULT_BATCH_SIZE, GenerationBackend, make_backend
 from agents.diversifier import Diversifier, DiversifierConfig
 from agents.errors import SelfImproveError
 from agents.gsm8k import Problem
@@ -67,7 +67,7 @@ class RunSettings:
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     memory_url: str | None = None
     backend: str = "auto"  # generation backend: 'auto', 'torch' or 'llama.cpp' (agents.backend.make_backend)
-    batch_size: int = 8  # sequences generated together (llama.cpp: server slots)
+    batch_size: int = DEFAULT_BATCH_SIZE  # sequences generated together (torch and llama.cpp slots)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))

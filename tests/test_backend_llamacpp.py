@@ -21,9 +21,9 @@ from adapters.gguf_lora import (  # noqa: E402
     write_dense_gguf,
     write_llama_gguf,
 )
-from agents.backend import BackendError, Sampling, SplitBackend, TorchBackend, make_backend  # noqa: E402
+from agents.backend import BackendError, Sampling, TorchBackend, make_backend  # noqa: E402
 from agents.backend_llamacpp import LlamaCppBackend, LlamaCppConfig, _segment, _TokenStream  # noqa: E402
-from agents.generation import AnswerLineComplete, Generation  # noqa: E402
+from agents.generation import AnswerLineComplete  # noqa: E402
 from agents.models import load_model  # noqa: E402
 
 QUESTIONS = [
@@ -316,65 +316,19 @@ def test_missing_gguf_is_an_error(tiny_bank, tmp_path):
 def test_make_backend_selects_by_name_and_auto(tiny_bank, tiny_gguf):
     loaded, bank = tiny_bank
     assert make_backend("torch", loaded, bank).name == "torch"
-    assert make_backend("auto", loaded, bank).name == "torch"  # tiny-random has no GGUF
+    assert make_backend("auto", loaded, bank).name == "torch"
     with pytest.raises(BackendError, match="no GGUF"):
         make_backend("llama.cpp", loaded, bank)
     with pytest.raises(BackendError, match="unknown backend"):
         make_backend("vllm", loaded, bank)
     loaded.gguf_path = tiny_gguf
-    backend = make_backend("auto", loaded, bank)
-    try:
-        assert isinstance(backend, SplitBackend)
-        assert backend.fast.name == "llama.cpp" and backend.fast.bank is None  # no adapters: bare calls only
-        assert backend.reference.name == "torch" and backend.reference.bank is bank
-        assert "bare model: llama.cpp" in backend.description and "expert mixtures: torch" in backend.description
-    finally:
-        backend.close()
+    assert make_backend("auto", loaded, bank).name == "torch"  # a GGUF does not change auto: torch is faster
     backend = make_backend("llama.cpp", loaded, bank)
     try:
         assert backend.name == "llama.cpp" and backend.bank is bank
         assert "serving tiny.gguf," in backend.description  # an f32 GGUF is served as it is, not copied
     finally:
         backend.close()
-
-
-class _Recording:
-    """A backend that records the weights it was called with."""
-
-    def __init__(self, name):
-        self.name, self.description, self.calls = name, name, []
-
-    def chat_prompt(self, system, user):
-        return user
-
-    def generate(self, prompts, *, weights=None, **_):
-        self.calls.append(weights)
-        return [Generation(self.name, 1, 0.0) for _ in prompts]
-
-
-def test_split_backend_sends_bare_calls_to_the_fast_side_and_mixtures_to_the_reference():
-    fast, reference = _Recording("fast"), _Recording("reference")
-    split = SplitBackend(fast, reference)
-    assert [g.text for g in split.generate(["a", "b"])] == ["fast", "fast"]
-    assert split.generate(["a"], weights=torch.zeros(1, 4))[0].text == "fast"  # zero weights apply no expert
-    mixture = torch.tensor([[0.0, 0.7, 0.3, 0.0]])
-    assert split.generate(["a"], weights=mixture)[0].text == "reference"
-    assert fast.calls == [None, None] and torch.equal(reference.calls[0], mixture)
-
-
-def test_split_backend_matches_torch_on_the_tiny_model(tiny_gguf, tiny_bank):
-    """Bare calls through llama.cpp and mixtures through torch: both token-identical to torch alone."""
-    loaded, bank = tiny_bank
-    ref = TorchBackend(loaded.model, loaded.tokenizer, bank)
-    split = SplitBackend(LlamaCppBackend(tiny_gguf, loaded.tokenizer, None, EXACT), ref)
-    try:
-        prompts = _prompts(ref)
-        assert _same(split.generate(prompts, max_new_tokens=12), ref.generate(prompts, max_new_tokens=12))
-        mixture = bank.one_hot(2)
-        assert _same(split.generate(prompts, weights=mixture, max_new_tokens=12),
-                     ref.generate(prompts, weights=mixture, max_new_tokens=12))
-    finally:
-        split.close()
 
 
 # --- the real model (slow) ---------------------------------------------------------------------

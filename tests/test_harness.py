@@ -25,9 +25,7 @@ from graph.harness import (
     _prepare_eval_dir,
     arm_settings,
     evaluate,
-    learning_backend,
     prepare_problems,
-    scoring_backend,
 )
 from graph.inspect import export_expert
 from graph.runner import RunDirError, StopFlag
@@ -169,17 +167,6 @@ def test_config_errors_name_the_value(kw, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
         EvalConfig(**kw)
     assert EvalConfig(arms=("rules",)).arms == ("frozen", "rules")  # frozen is always the baseline
-
-
-def test_every_arm_is_scored_on_one_backend_kind():
-    """Under auto, mixtures run on torch, so an evaluation with an expert arm scores every arm on torch."""
-    every = EvalConfig(backend="auto")
-    assert (scoring_backend(every), learning_backend(every)) == ("torch", "auto")
-    assert learning_backend(EvalConfig(backend="auto", protocol="stream")) == "torch"  # first tries are the scores
-    bare_only = EvalConfig(backend="auto", arms=("rules",))
-    assert (scoring_backend(bare_only), learning_backend(bare_only)) == ("auto", "auto")
-    assert scoring_backend(EvalConfig(backend="llama.cpp")) == "llama.cpp"
-    assert arm_settings(every, "full", 3).backend == "auto"
 
 
 # ---------------------------------------------------------------- holdout

@@ -1,0 +1,294 @@
+"""Continuous batching for the torch backend: a fixed set of sequence slots that never idle.
+
+transformers ``generate`` runs a batch until its longest answer ends: finished rows keep
+being computed as padding, and the next batch waits. Here each of ``slots`` rows leaves as
+soon as its answer is complete, and a waiting prompt takes its place, so every decode step
+computes only live sequences, in batches large enough for the CPU's matrix kernels. The
+keys and values live in one preallocated buffer per layer (no per-step concatenation), and
+a token prefix shared by every prompt (the chat template and instructions) is computed once
+and copied into each slot when all rows share one expert mixture.
+
+The model's own modules run every step (its attention, rotary embedding and the expert
+bank's routed LoRA layers); only the cache and the mask are ours: the mask says, per row,
+which cached positions hold its prefix, its prompt and its answer so far.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from adapters.bank import ExpertBank
+from agents.cpu_kernels import ExactGreedyHead, PackedLinears
+from agents.generation import ANSWER_COMPLETE, Generation
+
+MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth a separate forward pass
+ANSWER_WINDOW = 48  # generated tokens decoded per answer-line check, as the generate path does
+
+
+class SlotCache:
+    """Keys and values of ``slots`` sequences, row i of a forward call being slot ``first + i``.
+
+    transformers' attention layers call ``update`` with the new keys and values of a call and
+    attend over what it returns; ``positions`` (rows,) or a ``start`` offset says where the call's
+    tokens go. Duck-typed, like transformers' Cache for what the model's forward uses of it.
+    """
+
+    def __init__(self, n_layers: int, slots: int, kv_heads: int, head_dim: int, capacity: int, dtype, device):
+        shape = (slots, kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.capacity = capacity
+        # Set by the caller before each forward: the slot rows it covers, where its tokens go and
+        # how many cached positions the attention reads.
+        self.first = 0
+        self.start = 0  # a block of tokens written at [start, start + length) in every row, or
+        self.positions: torch.Tensor | None = None  # one token per row, at its own position
+        self.width = 0
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        rows = key.shape[0]
+        keys = self.keys[layer_idx][self.first : self.first + rows]  # a view: (rows, kv_heads, capacity, dim)
+        values = self.values[layer_idx][self.first : self.first + rows]
+        if self.positions is None:
+            keys[:, :, self.start : self.start + key.shape[2]] = key
+            values[:, :, self.start : self.start + key.shape[2]] = value
+        else:
+            index = torch.arange(rows, device=key.device)
+            keys[index, :, self.positions] = key[:, :, 0]
+            values[index, :, self.positions] = value[:, :, 0]
+        return keys[:, :, : self.width], values[:, :, : self.width]
+
+    def move(self, source: int, dest: int, length: int) -> None:
+        """Copy slot ``source``'s first ``length`` positions into slot ``dest``."""
+        for keys, values in zip(self.keys, self.values):
+            keys[dest, :, :length] = keys[source, :, :length]
+            values[dest, :, :length] = values[source, :, :length]
+
+    def copy_prefix(self, prefix: SlotCache, length: int, dest: slice) -> None:
+        """Copy row 0's first ``length`` positions of another cache into slots ``dest``."""
+        for keys, values, pkeys, pvalues in zip(self.keys, self.values, prefix.keys, prefix.values):
+            keys[dest, :, :length] = pkeys[0:1, :, :length]
+            values[dest, :, :length] = pvalues[0:1, :, :length]
+
+
+@dataclass
+class _Row:
+    """One live sequence: which prompt it answers and where its tokens sit in its slot."""
+
+    prompt: int  # index into the call's prompts
+    start: int  # first position of its own tokens (the prefix, if any, sits before the padding)
+    length: int  # positions filled so far
+    tokens: list[int] = field(default_factory=list)  # generated so far
+
+
+class ContinuousBatcher:
+    """Greedy or sampled decoding of many prompts through ``slots`` continuously refilled rows."""
+
+    def __init__(self, model, tokenizer, bank: ExpertBank | None, slots: int = 16):
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.model, self.tokenizer, self.bank, self.slots = model, tokenizer, bank, slots
+        config = model.config
+        self.n_layers = config.num_hidden_layers
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        eos = model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.stop_ids = set(eos) | {tokenizer.eos_token_id}  # what ends a sequence, as generate does
+        self.strip_ids = self.stop_ids | {tokenizer.pad_token_id}  # what the generate path strips
+        self.head = ExactGreedyHead.for_model(model)
+        self.packed = PackedLinears.for_model(model, slots, exclude=(model.get_output_embeddings(),))
+
+    @property
+    def features(self) -> str:
+        """What speeds this batcher up beyond slots, for run logs and reports."""
+        parts = ["shared-prefix KV reuse"]
+        if self.head is not None:
+            parts.append("bfloat16-screened exact greedy head")
+        if self.packed is not None:
+            parts.append(f"MKL-packed linears at {self.slots} rows")
+        return ", ".join(parts)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        weights: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int = 384,
+        stop_at_answer: bool = True,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> list[Generation]:
+        """Completions of templated prompts; ``weights`` (len(prompts) or 1, n_experts), None = bare model."""
+        if not prompts:
+            return []
+        if weights is not None and weights.shape[0] not in (1, len(prompts)):
+            raise ValueError(f"got mixture weights for {weights.shape[0]} rows and {len(prompts)} prompts")
+        started = time.perf_counter()
+        device = next(self.model.parameters()).device
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        if not all(ids):
+            raise ValueError(f"prompt {next(i for i, t in enumerate(ids) if not t)} is empty")
+        shared = weights is None or weights.shape[0] == 1 or bool((weights == weights[:1]).all())
+        prefix = _common_prefix(ids) if shared and len(ids) > 1 else 0
+        prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
+        prefix = min(prefix, min(len(i) for i in ids) - 1)  # every prompt keeps a token to prefill
+        slots = min(self.slots, len(prompts))
+        capacity = max(len(i) for i in ids) + max_new_tokens
+        dtype = next(self.model.parameters()).dtype
+        cache = SlotCache(self.n_layers, slots, self.kv_heads, self.head_dim, capacity, dtype, device)
+        generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+        pick = _Picker(temperature, top_p, generator, self.head)
+
+        prefix_cache = None
+        if prefix:
+            prefix_cache = SlotCache(self.n_layers, 1, self.kv_heads, self.head_dim, prefix, dtype, device)
+            self._forward_block(prefix_cache, 0, [ids[0][:prefix]], 0, weights[:1] if weights is not None else None)
+
+        waiting = list(range(len(prompts)))
+        waiting.reverse()  # pop() takes prompts in order
+        live: list[tuple[_Row, int]] = []  # slot i: a row and its newest token, not yet in the cache
+        done: dict[int, list[int]] = {}
+        while waiting or live:
+            if waiting and len(live) < slots:
+                # Fill free slots before decoding, so that every decode step runs all slots together.
+                group = [waiting.pop() for _ in range(min(slots - len(live), len(waiting)))]
+                first = len(live)
+                if prefix_cache is not None:
+                    cache.copy_prefix(prefix_cache, prefix, slice(first, first + len(group)))
+                suffixes = [ids[p][prefix:] for p in group]
+                width = max(len(s) for s in suffixes)
+                out = self._forward_block(cache, first, suffixes, prefix, _rows_of(weights, group, device))
+                fresh = [_Row(p, prefix + width - len(s), prefix + width) for p, s in zip(group, suffixes)]
+            else:
+                first = 0
+                fresh = [row for row, _ in live]
+                out = self._decode_step(cache, live, prefix, _rows_of(weights, [r.prompt for r in fresh], device))
+            live = live[:first] + self._settle(cache, first, list(zip(fresh, pick(out))), done, max_new_tokens, stop_at_answer)
+
+        seconds = time.perf_counter() - started
+        results = []
+        for p in range(len(prompts)):
+            tokens = list(done[p])
+            while tokens and tokens[-1] in self.strip_ids:
+                tokens.pop()
+            results.append(Generation(self.tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), seconds))
+        return results
+
+    def _settle(self, cache: SlotCache, first: int, entries, done: dict, max_new_tokens: int, stop_at_answer: bool):
+        """Record each row's new token; finished rows leave, the rest close up from slot ``first`` on."""
+        kept = []
+        for slot, (row, token) in enumerate(entries, start=first):
+            if token not in self.stop_ids:
+                row.tokens.append(token)
+            if (token in self.stop_ids or len(row.tokens) >= max_new_tokens
+                    or (stop_at_answer and self._answer_complete(row.tokens))):
+                done[row.prompt] = row.tokens
+                continue
+            if slot != first + len(kept):
+                cache.move(slot, first + len(kept), row.length)
+            kept.append((row, token))
+        return kept
+
+    def _answer_complete(self, tokens: list[int]) -> bool:
+        return bool(ANSWER_COMPLETE.search(self.tokenizer.decode(tokens[-ANSWER_WINDOW:], skip_special_tokens=True)))
+
+    def _forward(self, cache: SlotCache, input_ids, positions, mask, weights) -> torch.Tensor:
+        """The last position's hidden state (rows, hidden) when the head is ours, else its logits (rows, vocab)."""
+        kwargs = dict(input_ids=input_ids, position_ids=positions, attention_mask=mask, cache=cache, use_cache=True)
+        if self.head is not None:
+            run = lambda: self.model.get_decoder()(**kwargs).last_hidden_state[:, -1]  # noqa: E731
+        else:
+            run = lambda: self.model(**kwargs, logits_to_keep=1).logits[:, -1]  # noqa: E731
+        with self.packed.applied(input_ids.numel()) if self.packed is not None else contextlib.nullcontext():
+            if self.bank is None:
+                return run()
+            if weights is None:
+                with self.bank.bypass():
+                    return run()
+            with self.bank.route(weights):
+                return run()
+
+    def _forward_block(self, cache: SlotCache, first: int, suffixes: list[list[int]], prefix: int, weights):
+        """Prefill: left-padded prompt suffixes into slots ``first``.., after ``prefix`` cached positions."""
+        device = cache.keys[0].device
+        width = max(len(s) for s in suffixes)
+        pads = torch.tensor([width - len(s) for s in suffixes], device=device)  # (rows,)
+        input_ids = torch.tensor([[self.tokenizer.pad_token_id] * (width - len(s)) + s for s in suffixes], device=device)
+        steps = torch.arange(width, device=device)
+        positions = prefix + (steps.unsqueeze(0) - pads.unsqueeze(1)).clamp(min=0)  # (rows, width)
+        # Keys: the shared prefix, then the row's own tokens up to the query (padding excluded);
+        # a padding query sees itself only, so that no row of the softmax is empty.
+        own = (steps.view(1, 1, -1) <= steps.view(1, -1, 1)) & (steps.view(1, 1, -1) >= pads.view(-1, 1, 1))
+        own |= torch.eye(width, dtype=torch.bool, device=device).unsqueeze(0)
+        seen = torch.ones(len(suffixes), width, prefix, dtype=torch.bool, device=device)
+        mask = torch.cat([seen, own], dim=2).unsqueeze(1)  # (rows, 1, width, prefix + width)
+        cache.first, cache.start, cache.positions, cache.width = first, prefix, None, prefix + width
+        return self._forward(cache, input_ids, positions, mask, weights)
+
+    def _decode_step(self, cache: SlotCache, live: list[tuple[_Row, int]], prefix: int, weights):
+        """One token for every live row, each written at its own next position."""
+        device = cache.keys[0].device
+        rows = [row for row, _ in live]
+        tokens = [token for _, token in live]
+        lengths = torch.tensor([r.length for r in rows], device=device)  # (rows,)
+        starts = torch.tensor([r.start for r in rows], device=device)
+        width = int(lengths.max()) + 1
+        keys = torch.arange(width, device=device).unsqueeze(0)  # (1, width)
+        mask = ((keys < prefix) | (keys >= starts.unsqueeze(1))) & (keys <= lengths.unsqueeze(1))  # (rows, width)
+        positions = (lengths - (starts - prefix)).unsqueeze(1)  # (rows, 1): padding holds no position
+        cache.first, cache.positions, cache.width = 0, lengths, width
+        logits = self._forward(cache, torch.tensor(tokens, device=device).unsqueeze(1), positions,
+                               mask.view(len(rows), 1, 1, width), weights)
+        for row in rows:
+            row.length += 1
+        return logits
+
+
+class _Picker:
+    """The next token of each row: argmax, or temperature and top-p sampling over the logits."""
+
+    def __init__(self, temperature: float, top_p: float, generator: torch.Generator | None, head: ExactGreedyHead | None):
+        self.temperature, self.top_p, self.generator, self.head = temperature, top_p, generator, head
+
+    def __call__(self, out: torch.Tensor) -> list[int]:
+        """``out``: hidden states (rows, hidden) when there is a head, else logits (rows, vocab)."""
+        if self.head is not None and self.temperature <= 0:
+            return self.head.greedy(out).tolist()
+        logits = (out if self.head is None else self.head.logits(out)).float()
+        if self.temperature <= 0:
+            return logits.argmax(dim=-1).tolist()
+        probs = torch.softmax(logits / self.temperature, dim=-1)
+        if self.top_p < 1:
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            # keep the smallest head whose mass reaches top_p (always the top token)
+            drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= self.top_p
+            sorted_probs = sorted_probs.masked_fill(drop, 0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1).tolist()
+
+
+def _rows_of(weights: torch.Tensor | None, prompts: list[int], device) -> torch.Tensor | None:
+    if weights is None:
+        return None
+    if weights.shape[0] == 1:
+        return weights.to(device)
+    return weights[torch.tensor(prompts)].to(device)
+
+
+def _common_prefix(ids: list[list[int]]) -> int:
+    first = ids[0]
+    length = min(len(i) for i in ids)
+    for other in ids[1:]:
+        n = 0
+        while n < length and other[n] == first[n]:
+            n += 1
+        length = n
+    return length

@@ -1,0 +1,151 @@
+"""Exact speedups of float32 decode steps on CPU: both change arithmetic order, never precision.
+
+``ExactGreedyHead`` ranks the vocabulary with a bfloat16 copy of the output projection and
+re-scores the best candidates in float32; ``PackedLinears`` gives the frozen linear layers
+MKL's pre-packed weight layout for the one batch shape decode steps run most. Neither
+applies to training (gradients flow through the plain layers) and both fall back to the
+plain float32 path where the hardware or library lacks what they need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Iterator
+
+import torch
+from torch import nn
+
+class ExactGreedyHead:
+    """Greedy tokens from float32 hidden states without the full float32 vocabulary product.
+
+    The output projection is a third of a decode step at 32 rows (152k x 896 for Qwen 0.5B).
+    A bfloat16 copy of it, which this CPU multiplies 4x faster, ranks the vocabulary; the
+    top ``candidates`` are re-scored exactly in float32. The float32 winner is the true argmax
+    unless some other token could reach it within the bfloat16 rounding bound: bfloat16 keeps
+    8 significant bits, so each product h_i * w_i is off by at most 2u|h_i w_i| (u = 2^-8) and
+    their sum by 2u ||h|| ||w|| (Cauchy-Schwarz), plus u of the rounded result. Rows where the
+    bound cannot rule that out (rare) take the full float32 product, so the result is
+    float32 greedy decoding either way, up to summation order.
+    """
+
+    MODELS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")  # logits = lm_head(h)
+    UNIT = 2.0**-8  # bfloat16 unit roundoff
+    SAFETY = 2.0  # the bound is doubled: the kernels' own accumulation order is not ours to see
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, candidates: int = 8):
+        self.weight, self.bias, self.candidates = weight, bias, candidates  # (vocab, hidden), (vocab,)
+        self.fallbacks = 0  # rows that needed the full product, for benchmarks and tests
+        self._screen_version = -1
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """(Re)make the bfloat16 copy, also after an in-place change of the weight (a tied embedding trained)."""
+        if self._screen_version != self.weight._version:
+            self.screen = self.weight.detach().to(torch.bfloat16)
+            self.max_row_norm = float(self.weight.detach().norm(dim=1).max())
+            self._screen_version = self.weight._version
+
+    @classmethod
+    def for_model(cls, model) -> ExactGreedyHead | None:
+        """A head for models whose logits are a plain linear map of the last hidden state, on a CPU with
+        fast bfloat16 (AMX or AVX512-BF16); None elsewhere (the model's own full product is used)."""
+        head = model.get_output_embeddings()
+        if type(model).__name__ not in cls.MODELS or type(head) is not torch.nn.Linear:
+            return None
+        if head.weight.device.type != "cpu" or head.weight.dtype != torch.float32 or not _fast_bfloat16():
+            return None
+        return cls(head.weight, head.bias)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden, self.weight, self.bias)
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(rows, hidden) float32 -> (rows,) token ids."""
+        self._refresh()
+        hidden = hidden.float()
+        approx = torch.nn.functional.linear(hidden.to(torch.bfloat16), self.screen).float()  # (rows, vocab)
+        if self.bias is not None:
+            approx += self.bias
+        values, ids = approx.topk(self.candidates + 1, dim=-1)  # (rows, k + 1)
+        candidates = ids[:, : self.candidates]  # (rows, k)
+        exact = torch.einsum("rh,rkh->rk", hidden, self.weight[candidates])  # (rows, k)
+        if self.bias is not None:
+            exact += self.bias[candidates]
+        best, where = exact.max(dim=-1)  # (rows,)
+        # The highest any other token's float32 logit can be: the (k+1)-th screened value, undone
+        # from its own rounding, plus the products' rounding bound.
+        rest = values[:, self.candidates]
+        u = self.UNIT
+        bound = rest + u * rest.abs() / (1 - u) + self.SAFETY * (2 * u + u * u) * hidden.norm(dim=-1) * self.max_row_norm
+        tokens = candidates.gather(1, where.unsqueeze(1)).squeeze(1)
+        unsure = best <= bound
+        if bool(unsure.any()):
+            self.fallbacks += int(unsure.sum())
+            tokens[unsure] = self.logits(hidden[unsure]).argmax(dim=-1)
+        return tokens
+
+
+def _fast_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (elsewhere a bfloat16 product is slower than float32)."""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(check is not None and check() for check in checks)
+
+
+class PackedLinears:
+    """MKL-packed float32 weights of a model's frozen nn.Linear layers, for calls of exactly ``rows`` rows.
+
+    MKL's packed GEMM ran the decode-shaped products (32 x 896 by 896 x 4864) 1.3-1.6x faster
+    than the plain call here, but only for the row count the weights were packed for; other
+    shapes (prefill, a part-filled batch) take the plain path. A pack is made on first use and
+    remade if its weight changes in place; it takes about 1.75x the weight's memory.
+    """
+
+    def __init__(self, model: nn.Module, rows: int, exclude: tuple[nn.Module, ...] = ()):
+        self.rows = rows
+        self.layers = [
+            m for m in model.modules()
+            if type(m) is nn.Linear and all(m is not e for e in exclude)
+            and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
+        ]
+        self._packs: dict[int, tuple[int, torch.Tensor]] = {}  # id(layer) -> (weight version, pack)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, rows: int, exclude: tuple[nn.Module, ...] = ()) -> PackedLinears | None:
+        """Packed layers where torch was built with MKL and the model runs in float32 on the CPU; else None."""
+        if rows < 2 or not torch.backends.mkl.is_available() or not hasattr(torch.ops.mkl, "_mkl_linear"):
+            return None
+        packed = cls(model, rows, exclude)
+        return packed if packed.layers else None
+
+    @contextlib.contextmanager
+    def applied(self, rows: int) -> Iterator[None]:
+        """Inside the block, the layers use their packs when called on ``rows`` rows (and not for training)."""
+        if rows != self.rows or torch.is_grad_enabled():
+            yield
+            return
+        saved = [layer.__dict__.get("forward") for layer in self.layers]
+        for layer in self.layers:
+            layer.forward = functools.partial(self._forward, layer)
+        try:
+            yield
+        finally:
+            for layer, previous in zip(self.layers, saved):
+                if previous is None:
+                    del layer.forward
+                else:
+                    layer.forward = previous
+
+    def _forward(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() // x.shape[-1] != self.rows:
+            return nn.functional.linear(x, layer.weight, layer.bias)
+        return torch.ops.mkl._mkl_linear(x, self._pack(layer), layer.weight, layer.bias, self.rows)
+
+    def _pack(self, layer: nn.Linear) -> torch.Tensor:
+        version = layer.weight._version
+        cached = self._packs.get(id(layer))
+        if cached is None or cached[0] != version:
+            cached = (version, torch.ops.mkl._mkl_reorder_linear_weight(layer.weight.detach(), self.rows))
+            self._packs[id(layer)] = cached
+        return cached[1]

@@ -1,0 +1,160 @@
+"""Continuous batching in the torch backend: token-identical to transformers generate on the tiny model.
+
+The tiny model runs in float32 with one prompt per slot count and mixture; every variant must
+reproduce the generate path's tokens exactly, including rows that end at different steps
+(slots are refilled and the cache closes up) and per-row expert mixtures.
+"""
+
+import pytest
+import torch
+
+from adapters.bank import BankConfig, ExpertBank
+from agents.backend import Sampling, TorchBackend
+from agents.continuous_batching import ContinuousBatcher, _common_prefix
+from agents.generation import generate
+
+QUESTIONS = [
+    "Tom has 3 apples and buys 4 more. How many apples does he have?",
+    "A pen costs $2. How much do 5 pens cost?",
+    "What is 7 times 8?",
+    "Sara reads 12 pages a day for 3 days. How many pages does she read?",
+    "Split 20 candies among 4 kids.",
+    "1+1?",
+]
+
+
+@pytest.fixture
+def tiny_bank(tiny):
+    bank = ExpertBank(tiny.model, BankConfig(n_experts=3, rank=4))
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in bank.layers.values():
+            layer.lora_B[1:].normal_(0, 0.5, generator=generator)
+    return tiny, bank
+
+
+def _prompts(tiny, questions=QUESTIONS):
+    backend = TorchBackend(tiny.model, tiny.tokenizer, None)
+    return [backend.chat_prompt("You solve grade-school math problems.", q) for q in questions]
+
+
+def _texts(generations):
+    return [(g.text, g.new_tokens) for g in generations]
+
+
+@pytest.mark.parametrize("slots", [1, 2, 4, 8])
+def test_greedy_matches_generate_for_any_slot_count(tiny, slots):
+    prompts = _prompts(tiny)
+    expected = generate(tiny.model, tiny.tokenizer, None, prompts, max_new_tokens=30, stop_at_answer=False)
+    got = ContinuousBatcher(tiny.model, tiny.tokenizer, None, slots=slots).generate(
+        prompts, max_new_tokens=30, stop_at_answer=False
+    )
+    assert _texts(got) == _texts(expected)
+
+
+def test_rows_that_end_early_leave_and_waiting_prompts_take_their_slots(tiny):
+    """Make a common token an end-of-sequence token: rows stop at different steps, in both paths."""
+    prompts = _prompts(tiny)
+    encoded = tiny.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    width = encoded["input_ids"].shape[1]
+
+    def run_generate():
+        return tiny.model.generate(**encoded, max_new_tokens=30, do_sample=False, pad_token_id=tiny.tokenizer.pad_token_id)
+
+    stop = int(run_generate()[0, width + 3])  # the 4th token the model writes for the first prompt
+    original = tiny.model.generation_config.eos_token_id
+    tiny.model.generation_config.eos_token_id = [original, stop]
+    try:
+        expected = run_generate()
+        got = ContinuousBatcher(tiny.model, tiny.tokenizer, None, slots=2).generate(
+            prompts, max_new_tokens=30, stop_at_answer=False
+        )
+    finally:
+        tiny.model.generation_config.eos_token_id = original
+    lengths = []
+    for row, generation in zip(expected[:, width:], got):
+        ids = row.tolist()
+        cut = next((i for i, t in enumerate(ids) if t in (original, stop)), len(ids))
+        assert generation.text == tiny.tokenizer.decode(ids[:cut], skip_special_tokens=True)
+        assert generation.new_tokens == cut
+        lengths.append(cut)
+    assert len(set(lengths)) > 1, f"every row ended at the same step {lengths}: nothing was refilled"
+
+
+def test_per_row_and_shared_mixtures_match_generate(tiny_bank):
+    tiny, bank = tiny_bank
+    prompts = _prompts(tiny)
+    mixtures = [
+        torch.tensor([[0.0, 0.7, 0.3]]),  # one mixture for all: the shared prefix is reused
+        torch.tensor([[0.0, 1, 0], [0, 0, 1], [1, 0, 0], [0, 0.5, 0.5], [0, 1, 0], [0, 0, 1]]),  # one per row
+    ]
+    for weights in mixtures:
+        expected = generate(tiny.model, tiny.tokenizer, bank, prompts, weights, max_new_tokens=24, stop_at_answer=False)
+        got = ContinuousBatcher(tiny.model, tiny.tokenizer, bank, slots=4).generate(
+            prompts, weights, max_new_tokens=24, stop_at_answer=False
+        )
+        assert _texts(got) == _texts(expected), f"weights {weights}"
+    bare = ContinuousBatcher(tiny.model, tiny.tokenizer, bank, slots=4).generate(prompts, max_new_tokens=24, stop_at_answer=False)
+    assert _texts(bare) != _texts(got)
+
+
+def test_the_answer_line_stop_matches_generate(tiny, monkeypatch):
+    """Both paths stop a row on the token that completes the stop pattern, and only that row."""
+    import re
+
+    import agents.continuous_batching
+    import agents.generation
+
+    prompts = _prompts(tiny)
+    free_run = generate(tiny.model, tiny.tokenizer, None, prompts, max_new_tokens=20, stop_at_answer=False)
+    # a word the tiny model writes mid-answer for one prompt stands in for "The answer is N."
+    ids = tiny.tokenizer(free_run[2].text, add_special_tokens=False)["input_ids"]
+    word = next(w for w in (tiny.tokenizer.decode([i]).strip() for i in ids[5:]) if len(w) >= 2)
+    pattern = re.compile(re.escape(word))
+    monkeypatch.setattr(agents.generation, "ANSWER_COMPLETE", pattern)
+    monkeypatch.setattr(agents.continuous_batching, "ANSWER_COMPLETE", pattern)
+    expected = generate(tiny.model, tiny.tokenizer, None, prompts, max_new_tokens=20, stop_at_answer=True)
+    got = ContinuousBatcher(tiny.model, tiny.tokenizer, None, slots=3).generate(prompts, max_new_tokens=20, stop_at_answer=True)
+    assert _texts(got) == _texts(expected)
+    assert expected[2].new_tokens < 20 and word in expected[2].text
+
+
+def test_sampling_repeats_with_its_seed_and_differs_from_greedy(tiny):
+    prompts = _prompts(tiny)[:3]
+    batcher = ContinuousBatcher(tiny.model, tiny.tokenizer, None, slots=2)
+    first = batcher.generate(prompts, max_new_tokens=16, temperature=1.0, top_p=0.9, seed=5)
+    assert _texts(first) == _texts(batcher.generate(prompts, max_new_tokens=16, temperature=1.0, top_p=0.9, seed=5))
+    assert _texts(first) != _texts(batcher.generate(prompts, max_new_tokens=16, temperature=1.0, top_p=0.9, seed=6))
+    assert _texts(first) != _texts(batcher.generate(prompts, max_new_tokens=16))
+
+
+def test_common_prefix():
+    assert _common_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
+    assert _common_prefix([[5, 6], [7]]) == 0
+
+
+@pytest.mark.slow
+def test_qwen_continuous_batching_gives_the_plain_generate_answers():
+    """A handful of GSM8K problems on the real model, bare and under a mixture: the same answers as generate."""
+    from agents.gsm8k import load_problems
+    from agents.models import load_model
+    from agents.solver import Solver, SolverConfig
+
+    loaded = load_model("qwen2.5-coder-0.5b")
+    bank = ExpertBank(loaded.model, BankConfig(n_experts=2, rank=8))
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for layer in bank.layers.values():
+            layer.lora_B[1].normal_(0, 0.02, generator=generator)
+    questions = [p.question for p in load_problems("test", limit=4)]
+    config = SolverConfig(max_new_tokens=160)
+    plain = Solver(TorchBackend(loaded.model, loaded.tokenizer, bank, batch_size=4, engine="generate"), config)
+    fast = Solver(TorchBackend(loaded.model, loaded.tokenizer, bank, batch_size=4), config)
+    for weights in (None, bank.one_hot(1)):
+        expected, got = plain.solve(questions, weights=weights), fast.solve(questions, weights=weights)
+        same = sum(a.answer == b.answer for a, b in zip(expected, got)) / len(questions)
+        identical = sum(a.text == b.text for a, b in zip(expected, got))
+        print(f"weights {weights}: same final answer on {same:.0%}, identical text {identical}/{len(questions)}")
+        assert same >= 0.9
+    bare, mixed = (fast.solve(questions[:1], weights=w)[0].text for w in (None, bank.one_hot(1)))
+    assert bare != mixed

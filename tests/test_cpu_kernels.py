@@ -1,0 +1,90 @@
+"""The exact CPU speedups of decode steps: a screened greedy head and MKL-packed linear layers."""
+
+import pytest
+import torch
+from torch import nn
+
+from agents.cpu_kernels import ExactGreedyHead, PackedLinears
+
+
+def _head(vocab=3000, hidden=64, seed=0, bias=False):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(vocab, hidden, generator=generator)
+    b = torch.randn(vocab, generator=generator) if bias else None
+    return ExactGreedyHead(weight, b), weight, b, generator
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_greedy_is_the_float32_argmax(bias):
+    head, weight, b, generator = _head(bias=bias)
+    hidden = torch.randn(64, 64, generator=generator) * 3
+    assert torch.equal(head.greedy(hidden), nn.functional.linear(hidden, weight, b).argmax(dim=-1))
+
+
+def test_ties_below_bfloat16_resolution_fall_back_to_the_full_product():
+    """Tokens whose rows differ by less than bfloat16 can see: the screen cannot rank them, the bound says so."""
+    generator = torch.Generator().manual_seed(1)
+    base = torch.randn(64, generator=generator)
+    weight = base.repeat(40, 1) + 1e-5 * torch.randn(40, 64, generator=generator)  # 40 near-copies
+    head = ExactGreedyHead(weight, None)
+    hidden = torch.randn(5, 64, generator=generator)
+    assert torch.equal(head.greedy(hidden), (hidden @ weight.T).argmax(dim=-1))
+    assert head.fallbacks == 5
+
+
+def test_an_in_place_change_of_the_weight_is_seen():
+    head, weight, _, generator = _head()
+    hidden = torch.randn(8, 64, generator=generator)
+    head.greedy(hidden)
+    with torch.no_grad():
+        weight[7] = hidden[0] * 10  # token 7 now wins row 0 by far
+    assert int(head.greedy(hidden)[0]) == 7
+
+
+def test_for_model_takes_plain_linear_heads_only(tiny):
+    head = ExactGreedyHead.for_model(tiny.model)
+    if head is not None:  # a CPU with fast bfloat16
+        assert head.weight is tiny.model.get_output_embeddings().weight
+    tiny.model.get_output_embeddings().weight.data = tiny.model.get_output_embeddings().weight.data.double()
+    assert ExactGreedyHead.for_model(tiny.model) is None  # float32 only
+
+
+def _stack():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 16, bias=False))
+
+
+def test_packed_layers_match_plain_ones_and_are_restored():
+    model = _stack()
+    packed = PackedLinears.for_model(model, rows=6)
+    if packed is None:
+        pytest.skip("torch without MKL")
+    x = torch.randn(6, 1, 32)
+    with torch.no_grad():
+        plain = model(x)
+        with packed.applied(6):
+            assert all("forward" in layer.__dict__ for layer in packed.layers)
+            fast = model(x)
+            other_rows = model(torch.randn(3, 1, 32))  # a shape it was not packed for: the plain path
+        assert all("forward" not in layer.__dict__ for layer in packed.layers)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    assert other_rows.shape == (3, 1, 16)
+    with torch.no_grad(), packed.applied(5):  # other row counts leave the layers alone
+        assert all("forward" not in layer.__dict__ for layer in packed.layers)
+    with packed.applied(6):  # gradients need the plain layers
+        assert all("forward" not in layer.__dict__ for layer in packed.layers)
+
+
+def test_packs_are_remade_after_the_weight_changes():
+    model = _stack()
+    packed = PackedLinears.for_model(model, rows=4)
+    if packed is None:
+        pytest.skip("torch without MKL")
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        with packed.applied(4):
+            model(x)
+        model[0].weight.mul_(2)
+        with packed.applied(4):
+            fast = model(x)
+        torch.testing.assert_close(fast, model(x), rtol=1e-5, atol=1e-5)
