@@ -24,7 +24,7 @@ import torch
 
 from adapters.bank import ExpertBank
 from agents.cpu_kernels import ExactGreedyHead, PackedLinears
-from agents.generation import ANSWER_COMPLETE, Generation
+from agents.generation import ANSWER_COMPLETE, Generation, mixture_applied
 
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth a separate forward pass
 ANSWER_WINDOW = 48  # generated tokens decoded per answer-line check, as the generate path does
@@ -207,14 +207,9 @@ class ContinuousBatcher:
             run = lambda: self.model.get_decoder()(**kwargs).last_hidden_state[:, -1]  # noqa: E731
         else:
             run = lambda: self.model(**kwargs, logits_to_keep=1).logits[:, -1]  # noqa: E731
-        with self.packed.applied(input_ids.numel()) if self.packed is not None else contextlib.nullcontext():
-            if self.bank is None:
-                return run()
-            if weights is None:
-                with self.bank.bypass():
-                    return run()
-            with self.bank.route(weights):
-                return run()
+        packed = self.packed.applied(input_ids.numel()) if self.packed is not None else contextlib.nullcontext()
+        with packed, mixture_applied(self.bank, weights):
+            return run()
 
     def _forward_block(self, cache: SlotCache, first: int, suffixes: list[list[int]], prefix: int, weights):
         """Prefill: left-padded prompt suffixes into slots ``first``.., after ``prefix`` cached positions."""

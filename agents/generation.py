@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from dataclasses import dataclass
@@ -41,6 +42,13 @@ class AnswerLineComplete(StoppingCriteria):
         return torch.tensor([bool(ANSWER_COMPLETE.search(t)) for t in texts], device=input_ids.device)
 
 
+def mixture_applied(bank: ExpertBank | None, weights: torch.Tensor | None):
+    """The context a forward pass runs in: the expert mixture ``weights``, the bare model (None), or no bank."""
+    if bank is None:
+        return contextlib.nullcontext()
+    return bank.bypass() if weights is None else bank.route(weights)
+
+
 def chat_prompt(tokenizer, system: str | None, user: str) -> str:
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -78,14 +86,8 @@ def generate(
         stopping_criteria=criteria,
         pad_token_id=tokenizer.pad_token_id,
     )
-    if bank is None:
+    with mixture_applied(bank, None if weights is None else weights.to(device)):
         out = model.generate(**kwargs)
-    elif weights is None:
-        with bank.bypass():
-            out = model.generate(**kwargs)
-    else:
-        with bank.route(weights.to(device)):
-            out = model.generate(**kwargs)
     seconds = time.perf_counter() - start
     results = []
     stop_ids = {tokenizer.pad_token_id, tokenizer.eos_token_id}
