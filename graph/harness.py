@@ -50,14 +50,17 @@ from adapters.trainer import TestTimeTrainer, TrainerConfig, TrainingExample
 from agents.backend import BACKENDS, DEFAULT_BATCH_SIZE, GenerationBackend, close_backend, make_backend
 from agents.diversifier import Diversifier
 from agents.errors import DataError, SelfImproveError
-from agents.gsm8k import HUB_SPLITS, Problem, load_source, normalise_question, resolve_path, sample_problems
+from agents.data_sources import DataSource, open_source
+from agents.gsm8k import Problem, normalise_question, sample_problems
 from agents.models import DEFAULT_MODEL, LoadedModel, load_model
 from agents.reflector import Reflector
 from agents.solver import Attempt, Solver, SolverConfig
 from agents.verifier import VerifierConfig, check
 from graph.context import LoopConfig, RunContext
 from graph.inspect import EMBEDDERS, make_embedder
-from graph.runner import RunDirError, RunSettings, StopFlag, build_context, prepare_run_dir, problem_data, run_episodes
+from graph.saved_settings import leaf_differences, read_saved, settings_with_options
+from graph.runner import (RunDirError, RunSettings, StopFlag, build_context, describe_episode, prepare_run_dir,
+                          problem_data, run_episodes)
 from graph.stats import PairedComparison, compare, wilson_interval
 
 log = logging.getLogger(__name__)
@@ -138,13 +141,10 @@ class EvalConfig:
 class ProblemSets:
     learn: list[Problem]  # what the loop learns from, in order
     scored: list[Problem]  # what the arms are scored on (recovery: the pool the failed ones come from)
+    sources: dict = field(default_factory=dict)  # 'learn' / 'eval': DataSource.to_dict() of where they came from
 
     def to_dict(self) -> dict:
         return {"learn_ids": [p.id for p in self.learn], "scored_ids": [p.id for p in self.scored]}
-
-
-def _source_key(spec: str) -> str:
-    return spec if spec in HUB_SPLITS else str(resolve_path(spec).resolve())
 
 
 def check_disjoint(learn: Sequence[Problem], scored: Sequence[Problem]) -> None:
@@ -157,30 +157,47 @@ def check_disjoint(learn: Sequence[Problem], scored: Sequence[Problem]) -> None:
                         f"e.g. {example}); holdout needs disjoint data")
 
 
-def prepare_problems(config: EvalConfig) -> ProblemSets:
-    """The learning and scored problems of a protocol, drawn by seed; holdout sets are checked disjoint."""
-    pool = load_source(config.eval_data)
-    scored = sample_problems(pool, config.eval_problems, config.seed)
+def prepare_problems(config: EvalConfig, on_source: Callable[[DataSource], None] | None = None) -> ProblemSets:
+    """The learning and scored problems of a protocol, drawn by seed; holdout sets are checked disjoint.
+
+    ``on_source`` is told each data source as it is resolved (the CLI prints them).
+    """
+    notify = on_source or (lambda _source: None)
+    eval_source = open_source(config.eval_data)
+    notify(eval_source)
+    pool = eval_source.problems
+    scored = sample_problems(pool, config.eval_problems, config.seed, source=_named(eval_source))
     missing = [p.id for p in scored if p.label is None]
     if missing:
         raise DataError(f"evaluation problems need labels ('answer' ending in '#### N'); {missing[0]} has none")
+    sources = {"eval": eval_source.to_dict()}
     if config.protocol != "holdout":
         learn = scored  # stream and recovery learn on the scored problems themselves
+        sources["learn"] = eval_source.to_dict()
     else:
-        if _source_key(config.learn_data) == _source_key(config.eval_data):
-            # One file for both: learning problems come from what the evaluation draw left.
+        learn_source = eval_source if config.learn_data == config.eval_data else open_source(config.learn_data)
+        if learn_source is not eval_source:
+            notify(learn_source)
+        if learn_source.key == eval_source.key:
+            # One source for both: learning problems come from what the evaluation draw left.
             taken_ids = {p.id for p in scored}
             taken_texts = {normalise_question(p.question) for p in scored}
             rest = [p for p in pool if p.id not in taken_ids and normalise_question(p.question) not in taken_texts]
+            where = f"{_named(learn_source)} after the {len(scored)} evaluation problems drawn from it"
         else:
-            rest = load_source(config.learn_data)
-        learn = sample_problems(rest, config.learn_problems, config.seed)
+            rest, where = learn_source.problems, _named(learn_source)
+        learn = sample_problems(rest, config.learn_problems, config.seed, source=where)
         check_disjoint(learn, scored)
+        sources["learn"] = learn_source.to_dict()
     if not config.label_free:
         unlabelled = [p.id for p in learn if p.label is None]
         if unlabelled:
             raise DataError(f"learning problem {unlabelled[0]} has no label; pass label_free=True (--label-free)")
-    return ProblemSets(learn, scored)
+    return ProblemSets(learn, scored, sources)
+
+
+def _named(source: DataSource) -> str:
+    return f"{source.spec} ({source.kind} {source.location})"
 
 
 # ---------------------------------------------------------------- results
@@ -253,6 +270,7 @@ class EvalReport:
     run_dir: str
     seconds: float
     extra: dict = field(default_factory=dict)  # protocol-specific facts (recovery: the pool it came from)
+    data_sources: dict = field(default_factory=dict)  # 'eval' / 'learn': where the problems came from
     files: dict = field(default_factory=dict)  # report files written, by kind
 
     def summary(self) -> dict:
@@ -265,7 +283,7 @@ class EvalReport:
         return {
             "protocol": self.protocol, "protocol_note": self.protocol_note, "model": self.config["model"],
             "n_scored": len(self.items), "n_learn": len(self.learn_ids), "arms": arms,
-            "leak_check": self.leak_check, **self.extra, "run_dir": self.run_dir, "files": self.files,
+            "leak_check": self.leak_check, "data_sources": self.data_sources, **self.extra, "run_dir": self.run_dir, "files": self.files,
         }
 
     def to_dict(self) -> dict:
@@ -286,6 +304,8 @@ class EvalProgress:
     phase: str  # learn | score | train
     done: int
     total: int
+    detail: str = ""  # while learning: the episode and the loop node that just finished
+    finished: str = ""  # a line on what just ended (a learning episode, a scoring pass), for a log
 
 
 # ---------------------------------------------------------------- the run
@@ -293,6 +313,23 @@ class EvalProgress:
 
 # Settings added after evaluations were first saved, with the values those evaluations ran with.
 LEGACY_CONFIG = {"backend": "torch"}
+# The command-line option of each setting, for messages about them.
+EVAL_FLAGS = {
+    "model": "--model", "protocol": "--protocol", "arms": "--arms", "learn_data": "--learn-data",
+    "eval_data": "--eval-data", "learn_problems": "--learn-problems", "eval_problems": "--eval-problems",
+    "seed": "--seed", "cycles": "--cycles", "label_free": "--label-free", "max_new_tokens": "--max-new-tokens",
+    "batch_size": "--batch-size", "backend": "--backend", "embedder": "--embedder", "bank.n_experts": "--experts",
+    "trainer.steps_per_update": "--steps", "plots": "--plots",
+}
+
+
+def eval_config(run_dir: str | Path, resume: bool, options: dict) -> EvalConfig:
+    """The config of an evaluation: the one saved in run_dir on resume (options given again must agree), else the options."""
+    path = Path(run_dir) / EVAL_FILE
+    saved = read_saved(path) if resume else None
+    if saved is not None:
+        saved = {**LEGACY_CONFIG, **saved.get("config", {})}
+    return settings_with_options(EvalConfig, saved, options, flags=EVAL_FLAGS, changeable=("plots",), where=path)
 
 
 def _prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resume: bool) -> None:
@@ -302,13 +339,15 @@ def _prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resu
     if path.exists():
         if not resume:
             raise RunDirError(f"{run_dir} already holds an evaluation; pass --resume to continue it or choose another --run-dir")
-        saved = json.loads(path.read_text())
+        saved = read_saved(path)
         saved["config"] = {**LEGACY_CONFIG, **saved.get("config", {})}
+        saved.pop("data_sources", None)  # a note of where the problems came from, not a setting
         if saved != wanted:
-            differs = sorted(k for k in wanted["config"] if saved.get("config", {}).get(k) != wanted["config"][k])
-            raise RunDirError(f"{run_dir} holds an evaluation with different settings or problems "
-                              f"({', '.join(differs) or 'problem ids'}); use another --run-dir")
-    atomic_write_bytes(path, json.dumps(wanted, indent=2).encode())
+            differs = leaf_differences(saved.get("config", {}), wanted["config"])
+            shown = "; ".join(f"{key}: saved {a!r}, now {b!r}" for key, a, b in differs) or "problem ids"
+            raise RunDirError(f"{run_dir} holds an evaluation with different settings or problems ({shown}); "
+                              "use another --run-dir")
+    atomic_write_bytes(path, json.dumps({**wanted, "data_sources": sets.sources}, indent=2).encode())
 
 
 def arm_settings(config: EvalConfig, arm: str, episodes: int) -> RunSettings:
@@ -328,6 +367,7 @@ def arm_settings(config: EvalConfig, arm: str, episodes: int) -> RunSettings:
         verifier=config.verifier,
         backend=config.backend,
         batch_size=config.batch_size,
+        embedder=config.embedder,
     )
 
 
@@ -359,8 +399,8 @@ class _Run:
         self.embedder = embedder
         self.solver_config = SolverConfig(max_new_tokens=config.max_new_tokens)
 
-    def progress(self, arm: str, phase: str, done: int, total: int) -> None:
-        self.on_progress(EvalProgress(arm, phase, done, total))
+    def progress(self, arm: str, phase: str, done: int, total: int, detail: str = "", finished: str = "") -> None:
+        self.on_progress(EvalProgress(arm, phase, done, total, detail, finished))
 
     def _backend_for(self, loaded: LoadedModel, bank: ExpertBank | None) -> GenerationBackend:
         if self.backend is not None:
@@ -381,7 +421,9 @@ class _Run:
             scores += [_score(p, a) for p, a in zip(chunk, attempts)]
             if weights is not None:
                 used.append(weights.float().cpu().expand(len(chunk), -1))  # (chunk, n_experts)
-            self.progress(arm, "score", len(scores), len(problems))
+            right = sum(score.correct for score in scores)
+            self.progress(arm, "score", len(scores), len(problems),
+                          finished=f"{arm}: scored {len(scores)}/{len(problems)}, {right} right" if len(scores) == len(problems) else "")
         return scores, used
 
     # -- frozen
@@ -414,9 +456,13 @@ class _Run:
             stream = [problem_data(p, learning=True, label_free=cfg.label_free) for p in sets.learn]
             states: list[dict] = []
             start = time.perf_counter()
-            for state in run_episodes(ctx, stream, run_dir=arm_dir, stop=self.stop):
+            def on_event(event) -> None:
+                self.progress(arm, "learn", len(states), len(stream), f"episode {event.episode + 1} {event.node}")
+
+            for state in run_episodes(ctx, stream, run_dir=arm_dir, stop=self.stop, on_event=on_event):
                 states.append(state)
-                self.progress(arm, "learn", len(states), len(stream))
+                line = f"{arm}: learning episode {len(states)}/{len(stream)}: {describe_episode(state)}"
+                self.progress(arm, "learn", len(states), len(stream), finished=line)
             if len(states) < len(stream):
                 raise EvalInterrupted(f"stopped while the {arm} arm was learning (episode {len(states) + 1} of {len(stream)})")
             learn_seconds = time.perf_counter() - start
@@ -650,6 +696,7 @@ def evaluate(
         run_dir=str(run_dir),
         seconds=time.perf_counter() - begin,
         extra=extra,
+        data_sources=sets.sources,
     )
     write_report(report, run_dir, plots=config.plots)
     return report

@@ -29,13 +29,14 @@ from agents.backend import DEFAULT_BATCH_SIZE, GenerationBackend, make_backend
 from agents.diversifier import Diversifier, DiversifierConfig
 from agents.errors import SelfImproveError
 from agents.gsm8k import Problem
-from agents.models import LoadedModel
+from agents.models import DEFAULT_MODEL, LoadedModel
 from agents.reflector import Reflector, ReflectorConfig
 from agents.solver import Solver, SolverConfig
 from agents.verifier import VerifierConfig
 from adapters.trainer import TestTimeTrainer, TrainerConfig
 from graph.builder import build_graph, recursion_limit
 from graph.context import LoopConfig, RunContext
+from graph.saved_settings import leaf_differences, read_saved, settings_with_options
 from graph.state import LoopState, ProblemData
 from memory_store.config import MemoryConfig
 from memory_store.store import MemoryStore
@@ -55,9 +56,9 @@ class RunDirError(SelfImproveError):
 class RunSettings:
     """Everything that defines a run; saved in run.json and checked on resume."""
 
-    model: str
-    data: str
-    episodes: int
+    model: str = DEFAULT_MODEL  # model spec: an alias, a folder, a .gguf file or a hub id
+    data: str = "train"  # problems: 'train', 'test' (agents.data_sources) or a JSON-lines path
+    episodes: int = 10  # problems to run, from the start of the data
     loop: LoopConfig = field(default_factory=LoopConfig)
     bank: BankConfig = field(default_factory=BankConfig)
     router: RouterConfig = field(default_factory=lambda: RouterConfig(mode="top-k"))
@@ -68,6 +69,7 @@ class RunSettings:
     memory_url: str | None = None
     backend: str = "auto"  # generation backend: 'auto', 'torch' or 'llama.cpp' (agents.backend.make_backend)
     batch_size: int = DEFAULT_BATCH_SIZE  # sequences generated together (torch and llama.cpp slots)
+    embedder: str = "minilm"  # memory embedder: 'minilm' (all-MiniLM-L6-v2) or 'hash' (tests)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -80,21 +82,47 @@ def run_id_for(run_dir: Path) -> str:
 # Settings a resumed run may change: how many episodes, and how text is generated (backends
 # give the same answers within their measured tolerance; none changes what was learned).
 RESUMABLE_CHANGES = ("episodes", "backend", "batch_size")
+# Settings added after runs were first saved, with the values those runs ran with.
+LEGACY_SETTINGS = {"embedder": "minilm"}
+# The command-line option of each setting, for messages about them.
+RUN_FLAGS = {
+    "model": "--model", "data": "--data", "episodes": "--episodes", "loop.cycles": "--cycles",
+    "loop.label_free": "--label-free", "loop.seed": "--seed", "solver.max_new_tokens": "--max-new-tokens",
+    "memory_url": "--memory-url", "backend": "--backend", "batch_size": "--batch-size", "embedder": "--embedder",
+}
 
 
-def prepare_run_dir(run_dir: Path, settings: RunSettings, resume: bool) -> None:
-    """Create the run directory, or check that a resumed one belongs to the same settings."""
+def saved_run_settings(run_dir: Path) -> dict | None:
+    """run.json of a run folder (older runs completed with LEGACY_SETTINGS), or None when there is none."""
+    saved = read_saved(Path(run_dir) / RUN_FILE)
+    return None if saved is None else {**LEGACY_SETTINGS, **saved}
+
+
+def run_settings(run_dir: Path, resume: bool, options: dict) -> RunSettings:
+    """The settings of a run: its saved ones on resume (options given again must agree), else the options."""
+    saved = saved_run_settings(run_dir) if resume else None
+    return settings_with_options(RunSettings, saved, options, flags=RUN_FLAGS, changeable=RESUMABLE_CHANGES,
+                                 where=Path(run_dir) / RUN_FILE)
+
+
+def prepare_run_dir(run_dir: Path, settings: RunSettings, resume: bool, notes: dict | None = None) -> None:
+    """Create the run directory, or check that a resumed one belongs to the same settings.
+
+    ``notes`` (where the data came from, say) are saved beside the settings, not compared.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     saved_path = run_dir / RUN_FILE
     wanted = settings.to_dict()
-    if saved_path.exists():
+    saved = saved_run_settings(run_dir)
+    if saved is not None:
         if not resume:
             raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
-        saved = json.loads(saved_path.read_text())
-        differs = sorted(k for k in wanted if k not in RESUMABLE_CHANGES and saved.get(k) != wanted[k])
+        differs = leaf_differences({k: saved.get(k) for k in wanted if k not in RESUMABLE_CHANGES},
+                                   {k: v for k, v in wanted.items() if k not in RESUMABLE_CHANGES})
         if differs:
-            raise RunDirError(f"{run_dir} holds a run with different settings ({', '.join(differs)}); use another --run-dir")
-    atomic_write_bytes(saved_path, json.dumps(wanted, indent=2).encode())
+            shown = "; ".join(f"{path}: saved {a!r}, now {b!r}" for path, a, b in differs)
+            raise RunDirError(f"{run_dir} holds a run with different settings ({shown}); use another --run-dir")
+    atomic_write_bytes(saved_path, json.dumps({**wanted, **(notes or {})}, indent=2).encode())
 
 
 def build_context(
@@ -227,6 +255,13 @@ def run_episodes(
         events.close()
         if ctx.memory is not None:
             ctx.memory.flush()
+
+
+def describe_episode(state: LoopState) -> str:
+    """One line on a finished episode: the first try, what was learned, the outcome."""
+    updates = state.get("updates") or []
+    return (f"{'right' if state['first']['correct'] else 'wrong'} at the first try; "
+            f"{len(state.get('rules') or [])} rule(s), {len(updates)} update(s); outcome {state['outcome']}")
 
 
 def _summary(update: dict) -> dict:

@@ -75,12 +75,13 @@ class MiniLMEmbedding(EmbeddingFunction[Documents]):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = device
         self.batch_size = batch_size
-        self._model = _load_sentence_transformer(str(minilm_model_dir()), device)
-        get_dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
-        self.dim = int(get_dim())
+        self._model_dir = str(minilm_model_dir())  # fails now if the package is missing
+        self.dim = MINILM_DIM
+        # The model (torch and transformers) loads at the first text to embed: reading a memory
+        # by id or metadata, as the inspection commands mostly do, never needs it.
 
     def __call__(self, input: Documents) -> Embeddings:
-        vectors = self._model.encode(
+        vectors = _load_sentence_transformer(self._model_dir, self.device).encode(
             list(input), batch_size=self.batch_size, convert_to_numpy=True, normalize_embeddings=True
         )  # (n, 384)
         return [np.asarray(v, dtype=np.float32) for v in vectors]

@@ -337,13 +337,13 @@ def test_make_backend_selects_by_name_and_auto(tiny_bank, tiny_gguf):
 @pytest.mark.slow
 def test_qwen_llama_cpp_gives_the_same_final_answers_as_torch():
     """A handful of GSM8K test problems: same final answer on at least 90%, and a mixture changes both."""
-    from agents.gsm8k import load_problems
+    from agents.data_sources import open_source
     from agents.solver import Solver, SolverConfig
 
     loaded = load_model("qwen2.5-coder-0.5b")
     if loaded.gguf_path is None:
         pytest.skip("the Qwen GGUF is not in the cache")
-    problems = load_problems("test", limit=5)
+    problems = open_source("test").take(5)
     questions = [p.question for p in problems]
     bank = ExpertBank(loaded.model, BankConfig(n_experts=2, rank=8))
     with torch.no_grad():

@@ -49,9 +49,11 @@ def test_bad_data_line_is_named_and_earlier_episodes_stay_stored(tmp_path):
     from memory_store.embedding import HashEmbedding
     from memory_store.store import MemoryStore
 
-    data = _data(tmp_path / "d.jsonl", [GOOD[0], GOOD[1], "{broken json"])
+    data = _data(tmp_path / "d.jsonl", [GOOD[0], GOOD[1]])
     run_dir = tmp_path / "run"
-    result = _run(["--data", str(data), "--episodes", "3", "--run-dir", str(run_dir), *TINY])
+    assert _run(["--data", str(data), "--episodes", "2", "--run-dir", str(run_dir), *TINY]).exit_code == 0
+    _data(data, [GOOD[0], GOOD[1], "{broken json"])  # the file grows a bad line; the whole file is read first
+    result = _run(["--episodes", "3", "--run-dir", str(run_dir), "--resume"])
     assert result.exit_code == 1
     assert f"{data}:3: bad GSM8K record" in result.output
     SharedSystemClient.clear_system_cache()
@@ -79,14 +81,22 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
 def test_models_and_demo_help():
     assert runner.invoke(app, ["models", "--json"]).exit_code == 0
     result = runner.invoke(app, ["demo", "--help"])
-    assert result.exit_code == 0 and "train-split" in result.output
+    assert result.exit_code == 0 and "LangGraph loop" in result.output
 
 
-def test_demo_runs_on_tiny_random_and_writes_its_report(tmp_path):
-    result = runner.invoke(app, ["demo", "--model", "tiny-random", "--max-new-tokens", "4", "--steps", "1",
-                                 "--eval-problems", "2", "--learn-problems", "1", "--run-dir", str(tmp_path), "--json"])
+def test_demo_runs_the_loop_then_scores_held_out_problems(tmp_path):
+    SharedSystemClient.clear_system_cache()
+    run_dir = tmp_path / "demo"
+    result = runner.invoke(app, ["demo", "--model", "tiny-random", "--embedder", "hash", "--max-new-tokens", "4",
+                                 "--eval-problems", "2", "--learn-problems", "1", "--run-dir", str(run_dir),
+                                 "--threads", "2"])
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "demo_report.json").read_text())
-    assert report["protocol"].startswith("holdout") and len(report["before"]) == 2 and len(report["after"]) == 2
-    assert not set(report["learn_ids"]) & {r["problem_id"] for r in report["before"]}
-    assert (tmp_path / "bank" / "current" / "manifest.json").is_file()
+    for stage in ("before  the frozen model: ", "loop    1 learning episodes", "after   rules and experts: ",
+                  f"rules list --run-dir {run_dir / 'arms' / 'full'}"):
+        assert stage in result.stdout, (stage, result.stdout)
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["protocol"] == "holdout" and set(report["arms"]) == {"frozen", "full"}
+    assert not set(report["learn_ids"]) & {item["id"] for item in report["items"]}
+    assert report["data_sources"]["eval"]["spec"] == "test" and report["data_sources"]["learn"]["spec"] == "train"
+    events = [json.loads(line) for line in (run_dir / "arms" / "full" / "events.jsonl").read_text().splitlines()]
+    assert events[0]["node"] == "solve" and events[-1]["node"] == "commit"

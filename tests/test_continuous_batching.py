@@ -136,7 +136,7 @@ def test_common_prefix():
 @pytest.mark.slow
 def test_qwen_continuous_batching_gives_the_plain_generate_answers():
     """A handful of GSM8K problems on the real model, bare and under a mixture: the same answers as generate."""
-    from agents.gsm8k import load_problems
+    from agents.data_sources import open_source
     from agents.models import load_model
     from agents.solver import Solver, SolverConfig
 
@@ -146,7 +146,7 @@ def test_qwen_continuous_batching_gives_the_plain_generate_answers():
         generator = torch.Generator().manual_seed(0)
         for layer in bank.layers.values():
             layer.lora_B[1].normal_(0, 0.02, generator=generator)
-    questions = [p.question for p in load_problems("test", limit=4)]
+    questions = [p.question for p in open_source("test").take(4)]
     config = SolverConfig(max_new_tokens=160)
     plain = Solver(TorchBackend(loaded.model, loaded.tokenizer, bank, batch_size=4, engine="generate"), config)
     fast = Solver(TorchBackend(loaded.model, loaded.tokenizer, bank, batch_size=4), config)

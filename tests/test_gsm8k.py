@@ -5,7 +5,7 @@ import json
 import pytest
 
 from agents.errors import DataError
-from agents.gsm8k import load_problems, problem_id
+from agents.gsm8k import problem_id, read_problems as load_problems
 
 
 def _write(path, records):
@@ -42,15 +42,13 @@ def test_bad_line_is_named(tmp_path, bad, reason):
     assert f"{path}:2:" in str(err.value)
 
 
-def test_limit_and_missing_file(tmp_path):
-    path = _write(tmp_path / "d.jsonl", [{"question": f"Q{i}?", "answer": f"#### {i}"} for i in range(5)])
-    assert len(load_problems(path, limit=2)) == 2
+def test_gzip_files_and_missing_file(tmp_path):
+    import gzip
+
+    records = [{"question": f"Q{i}?", "answer": f"#### {i}"} for i in range(5)]
+    path = tmp_path / "d.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
+    problems = load_problems(path)
+    assert [p.label for p in problems] == ["0", "1", "2", "3", "4"] and problems[0].split == "d"
     with pytest.raises(DataError, match="not found"):
         load_problems(tmp_path / "missing.jsonl")
-
-
-def test_shared_splits_resolve_and_are_disjoint():
-    test = load_problems("test", limit=50)
-    train = load_problems("train", limit=50)
-    assert len(test) == 50 and all(p.split == "test" and p.label for p in test)
-    assert not {p.question for p in test} & {p.question for p in train}

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from adapters.bank import BankConfig, LoRABankLinear
 from adapters.trainer import TestTimeTrainer, TrainerConfig
 from agents.errors import DataError
-from agents.gsm8k import Problem, load_source, problem_id, sample_problems
+from agents.data_sources import open_source
+from agents.gsm8k import Problem, problem_id, sample_problems
 from agents.prompts import DIVERSIFY_SYSTEM, REFLECT_SYSTEM, SOLVER_SYSTEM
 from graph.harness import (
     EvalConfig,
@@ -127,8 +128,8 @@ def test_sample_problems_is_deterministic_by_seed_and_ids():
 
 def test_hub_source_without_a_hub_is_one_data_error_line(monkeypatch):
     with pytest.raises(DataError) as err:
-        load_source("gsm8k:test")  # conftest sets HF_HUB_OFFLINE=1; this machine has no hub either
-    assert "cannot load gsm8k:test from the Hugging Face hub" in str(err.value)
+        open_source("gsm8k:test")  # conftest sets HF_HUB_OFFLINE=1; this machine has no hub either
+    assert "cannot load openai/gsm8k test from the local datasets cache" in str(err.value)
     assert "\n" not in str(err.value)
 
 
@@ -137,8 +138,8 @@ def test_hub_source_parses_rows_like_the_local_files(monkeypatch):
     calls = []
     fake = types.SimpleNamespace(load_dataset=lambda *a, **k: calls.append((a, k)) or rows)
     monkeypatch.setitem(sys.modules, "datasets", fake)
-    (problem,) = load_source("gsm8k:train")
-    assert calls == [(("gsm8k", "main"), {"split": "train"})]
+    (problem,) = open_source("gsm8k:train").problems
+    assert calls == [(("openai/gsm8k", "main"), {"split": "train"})]
     assert problem.id == problem_id("train", rows[0]["question"]) and problem.label == "8" and problem.solution == "3+5=8"
 
 
@@ -351,7 +352,7 @@ def test_eval_command_writes_a_report_and_prints_json(tmp_path):
     (["--arms", "rules,magic"], "arms must be a non-empty subset"),
     (["--eval-problems", "0"], "eval_problems must be >= 1"),
     (["--eval-data", "/nonexistent/eval.jsonl"], "not found"),
-    (["--eval-data", "gsm8k:test"], "cannot load gsm8k:test"),
+    (["--eval-data", "gsm8k:test"], "cannot load openai/gsm8k test"),
     (["--threads", "-1"], "--threads must be >= 0"),
     (["--backend", "vllm"], "backend must be one of"),
 ])

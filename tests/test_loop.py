@@ -259,5 +259,5 @@ def test_resume_accepts_a_run_saved_before_backend_settings_existed(tmp_path):
     prepare_run_dir(tmp_path, settings, resume=True)
     assert json.loads((tmp_path / RUN_FILE).read_text())["backend"] == "auto"  # now recorded as resumed
     changed = RunSettings(model="tiny-random", data="train", episodes=2, loop=LoopConfig(cycles=5))
-    with pytest.raises(RunDirError, match=r"different settings \(loop\)"):
+    with pytest.raises(RunDirError, match=r"different settings \(loop.cycles: saved 2, now 5\)"):
         prepare_run_dir(tmp_path, changed, resume=True)

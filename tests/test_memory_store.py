@@ -546,6 +546,7 @@ def test_real_minilm_ranks_paraphrases_first(tmp_path):
         ]
     )
     assert float(query @ close) > float(query @ far) + 0.2
+    assert query.shape == (embedder.dim,)  # the dimension declared before the model loaded is the model's
     with MemoryStore.open(MemoryConfig(run_dir=tmp_path), embedder=embedder) as store:
         store.add_rule("Subtract the eaten items from the starting amount.", problem_id="p1")
         store.add_rule("Distance equals speed multiplied by time.", problem_id="p2")
