@@ -130,6 +130,9 @@ ModelOption = Annotated[Optional[str], typer.Option(
     help=f"Model spec: an alias, a folder, a .gguf file or a hub id. Default: {DEFAULT_MODEL}.")]
 ThreadsOption = Annotated[int, typer.Option(help="Torch CPU threads (0: torch's default). Not saved with the run.")]
 RESUME_NOTE = "On --resume every setting is read from --run-dir; an option given again must match it."
+PrecisionOption = Annotated[Optional[str], typer.Option(
+    help="Frozen weights: auto (default: bfloat16 on CUDA; on CPU what a cached calibration measures faster), "
+         "float32 or bfloat16. Adapters stay float32.")]
 
 
 @app.command()
@@ -150,6 +153,7 @@ def run(
     threads: ThreadsOption = 0,
     backend: Annotated[Optional[str], typer.Option(help=BACKEND_HELP)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Sequences generated together. Default: 64.")] = None,
+    precision: PrecisionOption = None,
 ) -> None:
     """Run the self-improvement loop over a stream of problems, resumably.
 
@@ -173,7 +177,7 @@ def run(
     options = {
         "model": model, "data": data, "episodes": episodes, "loop.cycles": cycles, "loop.label_free": label_free,
         "loop.seed": seed, "solver.max_new_tokens": max_new_tokens, "memory_url": memory_url, "backend": backend,
-        "batch_size": batch_size, "embedder": embedder,
+        "batch_size": batch_size, "embedder": embedder, "precision": precision,
     }
     try:
         settings = run_settings(run_dir, resume, options)
@@ -188,7 +192,7 @@ def run(
 def _run_loop(settings, source, chosen, run_dir: Path, resume: bool, threads: int, err: Console) -> None:
     """The loop over the chosen problems with live progress; the summary on stdout."""
     from agents.backend import close_backend
-    from agents.models import load_model
+    from agents.precision import load_in_precision
     from graph.runner import (StopFlag, build_context, describe_episode, prepare_run_dir, problem_data, run_episodes,
                               set_threads)
     from graph.inspect import make_embedder
@@ -196,7 +200,8 @@ def _run_loop(settings, source, chosen, run_dir: Path, resume: bool, threads: in
     set_threads(threads)
     label_free = settings.loop.label_free
     try:
-        loaded = load_model(settings.model)
+        loaded, precision = load_in_precision(settings.model, settings.precision)
+        _status(err, f"precision: {precision.used} ({precision.requested}: {precision.reason})")
         prepare_run_dir(run_dir, settings, resume, notes={"data_source": source.to_dict()})
         problems = [problem_data(p, learning=True, label_free=label_free) for p in chosen]
         ctx = build_context(loaded, settings, run_dir, embedder=make_embedder(settings.embedder))
@@ -260,6 +265,14 @@ def _evaluate_with_progress(config, run_dir: Path, resume: bool, threads: int, e
     except (SelfImproveError, ValueError) as error:
         raise _fail(error) from error
     set_threads(threads)
+    from agents.models import pick_device
+    from agents.precision import choose_precision
+
+    try:
+        precision = choose_precision(config.precision, pick_device(None).type)
+    except (SelfImproveError, ValueError) as error:
+        raise _fail(error) from error
+    _status(err, f"precision: {precision.used} ({precision.requested}: {precision.reason})")
     _status(err, f"backend: {config.backend} for every arm's scoring and learning "
                  "(each arm's exact backend is recorded in report.json and report.md)")
     stop = StopFlag()
@@ -313,6 +326,7 @@ def eval_command(
     backend: Annotated[Optional[str], typer.Option(help=BACKEND_HELP + " Every arm scores and learns on this one backend.")] = None,
     threads: ThreadsOption = 0,
     plots: Annotated[Optional[bool], typer.Option("--plots/--no-plots", help="Write the PNG plots (default: yes).")] = None,
+    precision: PrecisionOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON to stdout.")] = False,
 ) -> None:
     """Compare arms on GSM8K under one protocol; write report.json, report.md and plots to --run-dir.
@@ -336,6 +350,7 @@ def eval_command(
         "learn_problems": learn_problems, "eval_problems": eval_problems, "seed": seed, "cycles": cycles,
         "label_free": label_free, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "backend": backend,
         "embedder": embedder, "bank.n_experts": experts, "trainer.steps_per_update": steps, "plots": plots,
+        "precision": precision,
     }
     try:
         config = eval_config(run_dir, resume, options)
@@ -389,6 +404,7 @@ def demo(
     run_dir: Annotated[Optional[Path], typer.Option(help="Where the run goes. Default: runs/demo, or runs/demo-N if that exists.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the demo in --run-dir where it stopped. " + RESUME_NOTE)] = False,
     threads: ThreadsOption = 0,
+    precision: PrecisionOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON to stdout.")] = False,
 ) -> None:
     """The self-improvement loop, short: score held-out problems, learn on a few others, score them again.
@@ -412,7 +428,7 @@ def demo(
     defaults = {"learn_problems": 3, "eval_problems": 10, "cycles": 1, "max_new_tokens": 320}
     given = {"learn_problems": learn_problems, "eval_problems": eval_problems, "cycles": cycles,
              "max_new_tokens": max_new_tokens}
-    options = {"model": model, "embedder": embedder, "plots": False, **given}
+    options = {"model": model, "embedder": embedder, "plots": False, "precision": precision, **given}
     if not (resume and (run_dir / "eval.json").exists()):
         options.update({"protocol": "holdout", "arms": ("frozen", "full"), "learn_data": "train", "eval_data": "test",
                         **{k: v if v is not None else defaults[k] for k, v in given.items()}})

@@ -101,18 +101,22 @@ class ContinuousBatcher:
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.stop_ids = set(eos) | {tokenizer.eos_token_id}  # what ends a sequence, as generate does
         self.strip_ids = self.stop_ids | {tokenizer.pad_token_id}  # what the generate path strips
+        # In float32 a prefix computed on its own gives the same keys and values as inside each
+        # prompt; in reduced precision the products round differently with the row count, and the
+        # copied prefix flips near-tied greedy tokens against plain generate (seen on the tiny model).
+        self.reuse_prefix = next(model.parameters()).dtype == torch.float32
         self.head = ExactGreedyHead.for_model(model)
         self.packed = PackedLinears.for_model(model, slots, exclude=(model.get_output_embeddings(),))
 
     @property
     def features(self) -> str:
         """What speeds this batcher up beyond slots, for run logs and reports."""
-        parts = ["shared-prefix KV reuse"]
+        parts = ["shared-prefix KV reuse"] if self.reuse_prefix else []
         if self.head is not None:
             parts.append("bfloat16-screened exact greedy head")
         if self.packed is not None:
             parts.append(f"MKL-packed linears at {self.slots} rows")
-        return ", ".join(parts)
+        return ", ".join(parts) or "no extra kernels"
 
     @torch.no_grad()
     def generate(
@@ -136,7 +140,7 @@ class ContinuousBatcher:
         ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         if not all(ids):
             raise ValueError(f"prompt {next(i for i, t in enumerate(ids) if not t)} is empty")
-        shared = weights is None or weights.shape[0] == 1 or bool((weights == weights[:1]).all())
+        shared = self.reuse_prefix and (weights is None or weights.shape[0] == 1 or bool((weights == weights[:1]).all()))
         prefix = _common_prefix(ids) if shared and len(ids) > 1 else 0
         prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
         prefix = min(prefix, min(len(i) for i in ids) - 1)  # every prompt keeps a token to prefill

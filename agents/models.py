@@ -194,7 +194,7 @@ def load_model(
         model, tokenizer = _build_tiny_random(TINY_RANDOM_SEED)
         source = f"builtin:{TINY_RANDOM_MODEL}(seed={TINY_RANDOM_SEED})"
     elif spec in _GGUF_ALIASES:
-        folder, gguf_path = _converted_alias(spec, _cache_root(cache_dir))
+        folder, gguf_path = _converted_alias(spec, cache_root(cache_dir))
         model, tokenizer = _load_folder(spec, folder, torch_dtype)
         source = str(folder)
     elif path.is_dir():
@@ -208,7 +208,7 @@ def load_model(
         if path.suffix != ".gguf":
             raise ModelLoadError(f"cannot load model {spec!r}: a model file must be a .gguf")
         gguf_path = path.resolve()
-        folder = _converted_gguf(spec, gguf_path, _file_cache_key(gguf_path), None, _cache_root(cache_dir))
+        folder = _converted_gguf(spec, gguf_path, _file_cache_key(gguf_path), None, cache_root(cache_dir))
         model, tokenizer = _load_folder(spec, folder, torch_dtype)
         source = str(folder)
     elif _HUB_ID.fullmatch(spec):
@@ -233,7 +233,7 @@ def load_model(
 
 def list_models(cache_dir: Path | None = None) -> list[ModelInfo]:
     """Every alias, with whether it loads offline here and what the first load costs."""
-    root = _cache_root(cache_dir)
+    root = cache_root(cache_dir)
     infos = []
     for alias, entry in _GGUF_ALIASES.items():
         try:
@@ -257,7 +257,8 @@ def list_models(cache_dir: Path | None = None) -> list[ModelInfo]:
 # --- resolving the GGUF aliases -------------------------------------------------------------
 
 
-def _cache_root(cache_dir: Path | None) -> Path:
+def cache_root(cache_dir: Path | None = None) -> Path:
+    """The cache folder: cache_dir, else $SELFIMPROVE_CACHE, else ~/.cache/selfimprove."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
     env = os.environ.get("SELFIMPROVE_CACHE")

@@ -52,7 +52,8 @@ from agents.diversifier import Diversifier
 from agents.errors import DataError, SelfImproveError
 from agents.data_sources import DataSource, open_source
 from agents.gsm8k import Problem, normalise_question, sample_problems
-from agents.models import DEFAULT_MODEL, LoadedModel, load_model
+from agents.models import DEFAULT_MODEL, LoadedModel, load_model, pick_device
+from agents.precision import PRECISIONS, PrecisionChoice, choose_precision
 from agents.reflector import Reflector
 from agents.solver import Attempt, Solver, SolverConfig
 from agents.verifier import VerifierConfig, check
@@ -102,6 +103,7 @@ class EvalConfig:
     batch_size: int = DEFAULT_BATCH_SIZE  # sequences generated together (torch and llama.cpp slots)
     backend: str = "auto"  # generation backend of every arm: 'auto', 'torch' or 'llama.cpp' (agents.backend)
     embedder: str = "minilm"  # memory embedder: 'minilm' (all-MiniLM-L6-v2) or 'hash' (tests)
+    precision: str = "auto"  # frozen weights of every arm: 'auto' (agents.precision), 'float32', 'bfloat16'
     bank: BankConfig = field(default_factory=BankConfig)
     router: RouterConfig = field(default_factory=lambda: RouterConfig(mode="top-k"))
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -125,6 +127,8 @@ class EvalConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
         if self.embedder not in EMBEDDERS:
             raise ValueError(f"embedder must be one of {', '.join(EMBEDDERS)}; got {self.embedder!r}")
         if self.canary_size < 0:
@@ -312,14 +316,14 @@ class EvalProgress:
 
 
 # Settings added after evaluations were first saved, with the values those evaluations ran with.
-LEGACY_CONFIG = {"backend": "torch"}
+LEGACY_CONFIG = {"backend": "torch", "precision": "float32"}
 # The command-line option of each setting, for messages about them.
 EVAL_FLAGS = {
     "model": "--model", "protocol": "--protocol", "arms": "--arms", "learn_data": "--learn-data",
     "eval_data": "--eval-data", "learn_problems": "--learn-problems", "eval_problems": "--eval-problems",
     "seed": "--seed", "cycles": "--cycles", "label_free": "--label-free", "max_new_tokens": "--max-new-tokens",
     "batch_size": "--batch-size", "backend": "--backend", "embedder": "--embedder", "bank.n_experts": "--experts",
-    "trainer.steps_per_update": "--steps", "plots": "--plots",
+    "trainer.steps_per_update": "--steps", "plots": "--plots", "precision": "--precision",
 }
 
 
@@ -368,6 +372,7 @@ def arm_settings(config: EvalConfig, arm: str, episodes: int) -> RunSettings:
         backend=config.backend,
         batch_size=config.batch_size,
         embedder=config.embedder,
+        precision=config.precision,
     )
 
 
@@ -390,9 +395,9 @@ def _chunks(items: Sequence, size: int):
 class _Run:
     """One evaluate() call: the config, its dependencies and the progress hook."""
 
-    def __init__(self, config, run_dir, loader, backend, on_progress, stop, embedder):
+    def __init__(self, config, run_dir, loader, backend, on_progress, stop, embedder, precision: PrecisionChoice):
         self.config, self.run_dir = config, run_dir
-        self.loader = loader or (lambda: load_model(config.model))
+        self.loader = loader or (lambda: load_model(config.model, dtype=precision.used))
         self.backend = backend
         self.on_progress = on_progress or (lambda _p: None)
         self.stop = stop
@@ -651,11 +656,12 @@ def evaluate(
     elif [p.id for p in sets.learn] != [p.id for p in sets.scored]:
         raise DataError(f"protocol {config.protocol} learns on the scored problems themselves: learn must equal scored")
     _prepare_eval_dir(run_dir, config, sets, resume)
+    precision = choose_precision(config.precision, pick_device(None).type)
     run = _Run(config, run_dir, loader, backend, on_progress, stop,
-               embedder if embedder is not None else make_embedder(config.embedder))
+               embedder if embedder is not None else make_embedder(config.embedder), precision)
 
     arms: dict[str, ArmResult] = {}
-    extra: dict = {}
+    extra: dict = {"precision": precision.to_dict()}
     frozen_pool = run.frozen(sets.scored)
     gc.collect()  # each arm loads its own model: free the last one before the next loads
     scored = sets.scored

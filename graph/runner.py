@@ -30,6 +30,7 @@ from agents.diversifier import Diversifier, DiversifierConfig
 from agents.errors import SelfImproveError
 from agents.gsm8k import Problem
 from agents.models import DEFAULT_MODEL, LoadedModel
+from agents.precision import PRECISIONS
 from agents.reflector import Reflector, ReflectorConfig
 from agents.solver import Solver, SolverConfig
 from agents.verifier import VerifierConfig
@@ -70,6 +71,11 @@ class RunSettings:
     backend: str = "auto"  # generation backend: 'auto', 'torch' or 'llama.cpp' (agents.backend.make_backend)
     batch_size: int = DEFAULT_BATCH_SIZE  # sequences generated together (torch and llama.cpp slots)
     embedder: str = "minilm"  # memory embedder: 'minilm' (all-MiniLM-L6-v2) or 'hash' (tests)
+    precision: str = "auto"  # frozen weights: 'auto' (agents.precision decides per device), 'float32', 'bfloat16'
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -83,12 +89,13 @@ def run_id_for(run_dir: Path) -> str:
 # give the same answers within their measured tolerance; none changes what was learned).
 RESUMABLE_CHANGES = ("episodes", "backend", "batch_size")
 # Settings added after runs were first saved, with the values those runs ran with.
-LEGACY_SETTINGS = {"embedder": "minilm"}
+LEGACY_SETTINGS = {"embedder": "minilm", "precision": "float32"}
 # The command-line option of each setting, for messages about them.
 RUN_FLAGS = {
     "model": "--model", "data": "--data", "episodes": "--episodes", "loop.cycles": "--cycles",
     "loop.label_free": "--label-free", "loop.seed": "--seed", "solver.max_new_tokens": "--max-new-tokens",
     "memory_url": "--memory-url", "backend": "--backend", "batch_size": "--batch-size", "embedder": "--embedder",
+    "precision": "--precision",
 }
 
 

@@ -52,6 +52,26 @@ def test_greedy_matches_generate_for_any_slot_count(tiny, slots):
     assert _texts(got) == _texts(expected)
 
 
+@pytest.mark.parametrize("slots", [1, 3, 8])
+def test_bfloat16_greedy_matches_bfloat16_generate(slots):
+    """Reduced precision: the same precision's plain generate is the reference (float32 differs, by design)."""
+    from agents.models import load_model
+
+    tiny = load_model("tiny-random", dtype="bfloat16")
+    bank = ExpertBank(tiny.model, BankConfig(n_experts=3, rank=4))
+    with torch.no_grad():
+        for layer in bank.layers.values():
+            layer.lora_B[1:].normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+    assert next(tiny.model.parameters()).dtype == torch.bfloat16 and bank.adapter_parameters()[0].dtype == torch.float32
+    prompts = _prompts(tiny)
+    for weights in (None, torch.tensor([[0.0, 0.7, 0.3]]), torch.tensor([[0.0, 1, 0], [0, 0, 1], [1, 0, 0]] * 2)):
+        expected = generate(tiny.model, tiny.tokenizer, bank, prompts, weights, max_new_tokens=24, stop_at_answer=False)
+        got = ContinuousBatcher(tiny.model, tiny.tokenizer, bank, slots=slots).generate(
+            prompts, weights, max_new_tokens=24, stop_at_answer=False
+        )
+        assert _texts(got) == _texts(expected), f"weights {weights}"
+
+
 def test_rows_that_end_early_leave_and_waiting_prompts_take_their_slots(tiny):
     """Make a common token an end-of-sequence token: rows stop at different steps, in both paths."""
     prompts = _prompts(tiny)

@@ -1,0 +1,123 @@
+"""Which floating-point precision the model's frozen weights run in, per device.
+
+``auto`` is bfloat16 on CUDA (where it is supported), and on CPU whatever a short
+calibration measures faster here: the product of a model-shaped weight with 64 rows, in
+float32 and in bfloat16. bfloat16 is chosen only when it is at least ``BFLOAT16_MIN_SPEEDUP``
+times faster (CPUs with AMX are several times faster; without AMX or AVX512-BF16 bfloat16
+is emulated and slower). That it holds accuracy is what bench/bench_precision.py measures
+(GSM8K answers scored in each precision, McNemar against float32; figures in the README).
+The calibration result is cached per CPU, torch version and thread count, so it runs once.
+
+Adapters and the router keep float32 weights whatever the base precision
+(adapters/bank.py): tiny updates would vanish in bfloat16.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from agents.models import cache_root
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+BFLOAT16_MIN_SPEEDUP = 1.5  # below this, float32's exactness is worth more than the time
+CALIBRATION_SHAPE = (64, 896, 4864)  # rows, in, out: Qwen2.5-0.5B's MLP up-projection at 64 decode slots
+CALIBRATION_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    requested: str  # 'auto', 'float32' or 'bfloat16'
+    used: str  # 'float32' or 'bfloat16'
+    reason: str  # why, for the run's output and reports
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose_precision(requested: str, device_type: str, cache_dir: Path | None = None) -> PrecisionChoice:
+    """The precision to load the model in: the requested one, or for 'auto' the device's fastest."""
+    if requested not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {requested!r}")
+    if requested != "auto":
+        return PrecisionChoice(requested, requested, "as requested")
+    if device_type == "cuda":
+        import torch
+
+        if torch.cuda.is_bf16_supported():
+            return PrecisionChoice("auto", "bfloat16", "CUDA with bfloat16 support")
+        return PrecisionChoice("auto", "float32", "CUDA without bfloat16 support")
+    if device_type != "cpu":
+        return PrecisionChoice("auto", "float32", f"no calibration for device {device_type!r}")
+    result = cpu_calibration(cache_dir)
+    speedup = result["bfloat16_gflops"] / result["float32_gflops"]
+    used = "bfloat16" if speedup >= BFLOAT16_MIN_SPEEDUP else "float32"
+    return PrecisionChoice("auto", used, f"calibrated on this CPU: bfloat16 matrix products {speedup:.1f}x float32 "
+                                         f"({result['bfloat16_gflops']:.0f} vs {result['float32_gflops']:.0f} GFLOP/s)")
+
+
+def cpu_calibration(cache_dir: Path | None = None) -> dict:
+    """float32 and bfloat16 GFLOP/s of one model-shaped product on this CPU; measured once, then read from cache."""
+    import torch
+
+    key = hashlib.sha256(json.dumps([CALIBRATION_FORMAT, _cpu_name(), torch.__version__, torch.get_num_threads(),
+                                     CALIBRATION_SHAPE]).encode()).hexdigest()[:16]
+    path = cache_root(cache_dir) / f"precision-{key}.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        pass
+    result = {"cpu": _cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "shape": list(CALIBRATION_SHAPE),
+              **{f"{name}_gflops": measure_gflops(getattr(torch, name), *CALIBRATION_SHAPE) for name in ("float32", "bfloat16")}}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temp.write_text(json.dumps(result))
+        os.replace(temp, path)
+    except OSError as err:  # an unwritable cache costs a re-measure next time, nothing else
+        log.warning("cannot cache the precision calibration in %s: %s", path, err)
+    log.info("precision calibration: %s", result)
+    return result
+
+
+def measure_gflops(dtype, rows: int, n_in: int, n_out: int, seconds: float = 0.25) -> float:
+    """GFLOP/s of ``linear((rows, n_in), (n_out, n_in))`` in dtype, the best of repeated timings."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, n_in, generator=generator).to(dtype)
+    weight = torch.randn(n_out, n_in, generator=generator).to(dtype)
+    torch.nn.functional.linear(x, weight)  # warm-up: kernel selection, packing
+    best, deadline = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.nn.functional.linear(x, weight)
+        best = min(best, time.perf_counter() - start)
+    return 2 * rows * n_in * n_out / best / 1e9
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_in_precision(spec: str, precision: str = "auto"):
+    """``load_model(spec)`` in the precision ``precision`` resolves to on this device; (LoadedModel, PrecisionChoice)."""
+    from agents.models import load_model, pick_device
+
+    choice = choose_precision(precision, pick_device(None).type)
+    return load_model(spec, dtype=choice.used), choice
