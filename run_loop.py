@@ -303,7 +303,7 @@ def _evaluate_with_progress(config, run_dir: Path, resume: bool, threads: int, e
 def eval_command(
     protocol: Annotated[Optional[str], typer.Option(help="'holdout' (default: learn on --learn-data, score disjoint --eval-data), "
                                                         "'stream' (online accuracy) or 'recovery' (re-score failed problems).")] = None,
-    arms: Annotated[Optional[str], typer.Option(help="Comma-separated arms: frozen, rules, adapters, full, single-lora; "
+    arms: Annotated[Optional[str], typer.Option(help="Comma-separated arms: frozen, vote, rules, adapters, full, single-lora; "
                                                     "'all' (default) for every one. frozen is always scored.")] = None,
     learn_data: Annotated[Optional[str], typer.Option(help="Learning problems (holdout): 'train' (default), 'test', "
                                                           "'gsm8k:train' (hub only) or a JSON-lines path.")] = None,
@@ -367,15 +367,17 @@ def eval_command(
 
 def _arm_table(summary: dict, title: str) -> Table:
     table = Table(title=title)
-    for column in ("arm", "right", "accuracy", "95% CI", "vs frozen", "w->r", "r->w", "McNemar p", "no answer", "tokens", "seconds"):
+    for column in ("arm", "right", "accuracy", "95% CI", "vs frozen", "w->r", "r->w", "McNemar p", "vs vote", "p vs vote",
+                   "no answer", "tokens", "seconds"):
         table.add_column(column, justify="left" if column == "arm" else "right")
     for name, arm in summary["arms"].items():
-        vs = arm.get("vs_frozen")
+        vs, vv = arm.get("vs_frozen"), arm.get("vs_vote")
         low, high = arm["ci95"]
         table.add_row(
             name, f"{arm['correct']}/{arm['n']}", f"{100 * arm['accuracy']:.1f}%", f"{100 * low:.0f}-{100 * high:.0f}%",
             f"{100 * vs['delta']:+.1f}" if vs else "-", str(vs["flips"]["wrong_right"]) if vs else "-",
             str(vs["flips"]["right_wrong"]) if vs else "-", f"{vs['p_value']:.3f}" if vs else "-",
+            f"{100 * vv['delta']:+.1f}" if vv else "-", f"{vv['p_value']:.3f}" if vv else "-",
             str(arm["format_failures"]), f"{arm['tokens']:,}", f"{sum(arm['seconds'].values()):.0f}",
         )
     return table
@@ -510,7 +512,7 @@ def _rule_table(title: str, rows: list[dict], extra: tuple[str, ...] = ()) -> Ta
 def rules_list(
     run_dir: RunDirOption = Path("runs/loop"),
     expert: Annotated[Optional[int], typer.Option(help="Only rules trained into this expert.")] = None,
-    status: Annotated[Optional[str], typer.Option(help="Only rules with this status: new, trained, rolled_back, retired.")] = None,
+    status: Annotated[Optional[str], typer.Option(help="Only rules with this status: new, trained, rolled_back, retired, refuted.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="At most this many rules, oldest first.")] = None,
     embedder: EmbedderOption = "auto",
     as_json: JsonOption = False,

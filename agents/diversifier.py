@@ -1,66 +1,67 @@
-"""The diversifier: one rule becomes several differently shaped training texts.
+"""The diversifier: variants of a problem that keep its quantities, so that its label still holds.
 
-Shapes: the principle explained; a worked example on a new problem the model writes; a
-checklist; a contrast between a correct step and a typical wrong one. Each text passes the
-answer-leak guard, or is regenerated (sampled) a bounded number of times, or dropped.
+A paraphrase, and the same problem with other names and objects. A variant is kept only when
+it holds exactly the same numbers as the original (as a multiset: none lost, none changed,
+none added), which is what lets the original label verify the variant's solutions. The loop
+solves kept variants with a validated rule in the prompt and trains on the verified solutions
+with rule-free prompts (context distillation, Snell et al. 2022, arXiv 2209.15189).
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
-from adapters.trainer import TrainingExample
 from agents.backend import GenerationBackend, Sampling
-from agents.errors import SelfImproveError
-from agents.guard import leaks_answer
-from agents.prompts import (
-    DIVERSIFY_REQUEST,
-    DIVERSIFY_SHAPES,
-    DIVERSIFY_SYSTEM,
-    DIVERSIFY_TRAIN_PROMPT,
-    SOLVER_SYSTEM,
-    SOLVER_USER,
-)
+from agents.guard import numbers_in
+from agents.prompts import VARIANT_KINDS, VARIANT_REQUEST, VARIANT_SYSTEM
 
-_PROBLEM = re.compile(r"Problem:\s*(.+?)\n\s*\n(.+)", re.DOTALL | re.IGNORECASE)
-
-
-class DiversifyError(SelfImproveError):
-    """Not one training text survived the guard."""
+_PROBLEM = re.compile(r"Problem:\s*(.+)", re.DOTALL | re.IGNORECASE)
 
 
 @dataclass
 class DiversifierConfig:
-    shapes: tuple[str, ...] = DIVERSIFY_SHAPES  # which shapes to write
-    max_new_tokens: int = 256  # generation cap per text
-    max_attempts: int = 2  # tries per shape before the shape is dropped
-    min_chars: int = 20  # shorter texts are dropped as empty
-    retry_temperature: float = 0.7
+    kinds: tuple[str, ...] = VARIANT_KINDS  # which variants to ask for
+    per_kind: int = 1  # variants asked for per kind
+    max_new_tokens: int = 200  # generation cap per variant
+    temperature: float = 0.7  # variants are sampled, so two of a kind can differ
 
     def __post_init__(self) -> None:
-        unknown = set(self.shapes) - set(DIVERSIFY_SHAPES)
-        if unknown or not self.shapes:
-            raise ValueError(f"shapes must be a non-empty subset of {DIVERSIFY_SHAPES}, got {self.shapes}")
-        for name in ("max_new_tokens", "max_attempts"):
+        unknown = set(self.kinds) - set(VARIANT_KINDS)
+        if unknown or not self.kinds:
+            raise ValueError(f"kinds must be a non-empty subset of {VARIANT_KINDS}, got {self.kinds}")
+        for name in ("per_kind", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
 @dataclass
-class TrainingText:
-    shape: str
-    prompt: str  # chat-templated prompt; masked out of the loss
-    completion: str  # what the adapters learn to write
-
-    def example(self) -> TrainingExample:
-        return TrainingExample(self.prompt, self.completion)
+class Variants:
+    kept: list[str]  # variant questions with the original's numbers
+    refused: list[dict] = field(default_factory=list)  # {"kind", "text", "reason"}
 
 
-@dataclass
-class Diversification:
-    texts: list[TrainingText]
-    dropped: dict[str, str] = field(default_factory=dict)  # shape -> why it was dropped
+def parse_variant(text: str) -> str:
+    """The problem after 'Problem:' (or the whole text), cut at the first blank line."""
+    match = _PROBLEM.search(text)
+    body = (match.group(1) if match else text).strip()
+    return body.split("\n\n")[0].strip()
+
+
+def quantity_problem(original: str, variant: str) -> str | None:
+    """Why a variant cannot keep the original's label, or None when its numbers are the same."""
+    if not variant:
+        return "it is empty"
+    if " ".join(variant.lower().split()) == " ".join(original.lower().split()):
+        return "it repeats the problem unchanged"
+    want, got = Counter(numbers_in(original)), Counter(numbers_in(variant))
+    if want != got:
+        lost, added = sorted(map(str, (want - got).elements())), sorted(map(str, (got - want).elements()))
+        return f"its numbers differ (lost {', '.join(lost) or 'none'}; added {', '.join(added) or 'none'})"
+    return None
 
 
 class Diversifier:
@@ -68,38 +69,21 @@ class Diversifier:
         self.backend = backend
         self.config = config or DiversifierConfig()
 
-    def _train_pair(self, shape: str, rule: str, text: str) -> tuple[str, str]:
-        if shape == "worked_example" and (match := _PROBLEM.search(text)):
-            # The new problem in the solver's own prompt format, so the lesson transfers to solving.
-            question, solution = match.group(1).strip(), match.group(2).strip()
-            return self.backend.chat_prompt(SOLVER_SYSTEM, SOLVER_USER.format(rules="", question=question)), solution
-        return self.backend.chat_prompt(None, DIVERSIFY_TRAIN_PROMPT[shape].format(rule_topic=rule)), text.strip()
-
-    def diversify(self, rule: str, *, label: str | None, seed: int = 0) -> Diversification:
-        """Training texts for a rule; ``label`` feeds only the leak guard."""
+    def variants(self, question: str, *, seed: int = 0) -> Variants:
+        """Variants of the question, each checked to keep every quantity (one batched call)."""
         cfg = self.config
-        pending = list(cfg.shapes)
-        texts: dict[str, TrainingText] = {}
-        dropped: dict[str, str] = {}
-        for attempt in range(1, cfg.max_attempts + 1):
-            if not pending:
-                break
-            sampling = Sampling() if attempt == 1 else Sampling(temperature=cfg.retry_temperature, seed=seed + attempt)
-            prompts = [self.backend.chat_prompt(DIVERSIFY_SYSTEM, DIVERSIFY_REQUEST[s].format(rule=rule)) for s in pending]
-            outputs = self.backend.generate(prompts, max_new_tokens=cfg.max_new_tokens, sampling=sampling)
-            still = []
-            for shape, out in zip(pending, outputs):
-                prompt, completion = self._train_pair(shape, rule, out.text)
-                if len(completion) < cfg.min_chars:
-                    dropped[shape] = "the text was empty or too short"
-                    still.append(shape)
-                elif leaks_answer(prompt + "\n" + completion, label):
-                    dropped[shape] = "the text contained the problem's answer"
-                    still.append(shape)
-                else:
-                    texts[shape] = TrainingText(shape, prompt, completion)
-                    dropped.pop(shape, None)
-            pending = still
-        if not texts:
-            raise DiversifyError(f"no training text passed the guard for rule {rule[:60]!r}: {dropped}")
-        return Diversification([texts[s] for s in cfg.shapes if s in texts], dropped)
+        kinds = [k for k in cfg.kinds for _ in range(cfg.per_kind)]
+        prompts = [self.backend.chat_prompt(VARIANT_SYSTEM, VARIANT_REQUEST[k].format(question=question)) for k in kinds]
+        outputs = self.backend.generate(prompts, max_new_tokens=cfg.max_new_tokens,
+                                        sampling=Sampling(temperature=cfg.temperature, seed=seed))
+        kept, refused = [], []
+        for kind, out in zip(kinds, outputs):
+            text = parse_variant(out.text)
+            reason = quantity_problem(question, text)
+            if reason is None and text in kept:
+                reason = "it repeats another variant"
+            if reason is None:
+                kept.append(text)
+            else:
+                refused.append({"kind": kind, "text": text, "reason": reason})
+        return Variants(kept, refused)

@@ -1,42 +1,31 @@
-"""The reflector: after a failure, the model writes one general correction rule.
+"""The reflector: after a failure, the model compares its wrong attempt with a verified solution and writes one rule.
 
-It may see the problem, its wrong reasoning and, for learning-split problems only, the
-reference solution. It never sees the answer of an evaluation problem: the caller says
-which split a problem belongs to, and an evaluation problem's solution is never passed on.
-A guard rejects empty, overlong or answer-leaking rules and asks again, a bounded number of times.
+The verified solution is one of the model's own samples that reached the target, or, for
+learning-split problems only, the reference solution. An evaluation problem's solution never
+reaches the reflector: the caller says which split a problem belongs to. A guard refuses
+empty, overlong, answer-leaking or instruction-echoing rules. Whether a rule is *kept* is
+not decided here: the loop validates each accepted rule by its effect (graph/nodes.py).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from agents.backend import GenerationBackend, Sampling
-from agents.errors import SelfImproveError
 from agents.guard import rule_problem
-from agents.prompts import (
-    REFLECT_EXAMPLE,
-    REFLECT_PREVIOUS,
-    REFLECT_REFERENCE,
-    REFLECT_RETRY,
-    REFLECT_SYSTEM,
-    REFLECT_USER,
-)
+from agents.prompts import REFLECT_PREVIOUS, REFLECT_RETRY, REFLECT_SYSTEM, REFLECT_USER
 
 _RULE = re.compile(r"RULE:\s*(.+)", re.IGNORECASE | re.DOTALL)
 
 
-class ReflectionError(SelfImproveError):
-    """No acceptable rule after the allowed number of attempts."""
-
-
 @dataclass
 class ReflectorConfig:
-    max_attempts: int = 3  # asks at most this many times before giving up
-    max_chars: int = 300  # a rule longer than this is rejected
-    max_sentences: int = 2  # a rule with more sentences is rejected
+    max_attempts: int = 3  # rule candidates per cycle (refused by the guard or by validation)
+    max_chars: int = 300  # a rule longer than this is refused
+    max_sentences: int = 2  # a rule with more sentences is refused
     max_new_tokens: int = 96  # generation cap for one rule
-    retry_temperature: float = 0.7  # retries sample, so they can differ from the rejected rule
+    retry_temperature: float = 0.7  # later candidates are sampled, so they can differ from refused ones
 
     def __post_init__(self) -> None:
         for name in ("max_attempts", "max_chars", "max_sentences", "max_new_tokens"):
@@ -47,10 +36,9 @@ class ReflectorConfig:
 
 
 @dataclass
-class Reflection:
-    rule: str
-    attempts: int
-    rejected: list[str] = field(default_factory=list)  # why earlier drafts were refused
+class Candidate:
+    text: str  # the rule as written ('' when the output had no 'RULE:' line)
+    refused: str | None  # why the guard refused it; None = passed the guard
 
 
 def parse_rule(text: str) -> str:
@@ -70,42 +58,36 @@ class Reflector:
         self.backend = backend
         self.config = config or ReflectorConfig()
 
-    def reflect(
+    def propose(
         self,
         question: str,
         wrong_attempt: str,
+        verified_solution: str,
         *,
         label: str | None,
-        reference_solution: str | None = None,
-        learning_split: bool,
-        previous_rule: str | None = None,
+        tried: list[str],
+        last_refusal: str | None,
+        attempt: int,
         seed: int = 0,
-    ) -> Reflection:
-        """One guarded rule. ``label`` feeds only the leak guard; the model never sees it."""
-        if reference_solution is not None and not learning_split:
-            raise ValueError("an evaluation problem's reference solution must never reach the reflector")
-        reference = REFLECT_REFERENCE.format(solution=reference_solution) if reference_solution else ""
-        previous = REFLECT_PREVIOUS.format(rule=previous_rule) if previous_rule else ""
-        user = REFLECT_USER.format(
-            question=question, attempt=wrong_attempt, reference=reference, previous=previous, example=REFLECT_EXAMPLE
-        )
-        rejected: list[str] = []
+    ) -> Candidate:
+        """One rule candidate, checked by the guard. ``label`` feeds only the leak guard; the model never sees it.
+
+        ``tried``: rules already proposed for this problem (refused or refuted); the model is
+        asked for a different one, and repeating one is refused.
+        """
         cfg = self.config
-        for attempt in range(1, cfg.max_attempts + 1):
-            request = user if not rejected else f"{user}\n\n{REFLECT_RETRY.format(reason=rejected[-1])}"
-            sampling = Sampling() if attempt == 1 else Sampling(temperature=cfg.retry_temperature, seed=seed + attempt)
-            (out,) = self.backend.generate(
-                [self.backend.chat_prompt(REFLECT_SYSTEM, request)], max_new_tokens=cfg.max_new_tokens, sampling=sampling
-            )
-            rule = parse_rule(out.text)
-            reason = (
-                "it has no 'RULE:' line"
-                if not rule
-                else rule_problem(rule, label, cfg.max_chars, cfg.max_sentences, echoes=(REFLECT_SYSTEM, REFLECT_USER, REFLECT_EXAMPLE))
-            )
-            if reason is None and previous_rule and _same_text(rule, previous_rule):
-                reason = "it repeats the earlier rule that did not fix the mistake"
-            if reason is None:
-                return Reflection(rule, attempt, rejected)
-            rejected.append(reason)
-        raise ReflectionError(f"no acceptable rule after {cfg.max_attempts} attempts: {'; '.join(rejected)}")
+        previous = REFLECT_PREVIOUS.format(rules="\n".join(f"- {r}" for r in tried)) if tried else ""
+        user = REFLECT_USER.format(question=question, attempt=wrong_attempt, verified=verified_solution,
+                                   previous=previous)
+        if last_refusal:
+            user = f"{user}\n\n{REFLECT_RETRY.format(reason=last_refusal)}"
+        sampling = Sampling() if attempt == 1 else Sampling(temperature=cfg.retry_temperature, seed=seed + attempt)
+        (out,) = self.backend.generate([self.backend.chat_prompt(REFLECT_SYSTEM, user)],
+                                       max_new_tokens=cfg.max_new_tokens, sampling=sampling)
+        rule = parse_rule(out.text)
+        if not rule:
+            return Candidate("", "it has no 'RULE:' line")
+        reason = rule_problem(rule, label, cfg.max_chars, cfg.max_sentences, echoes=(REFLECT_SYSTEM, REFLECT_USER))
+        if reason is None and any(_same_text(rule, t) for t in tried):
+            reason = "it repeats a rule already tried on this problem"
+        return Candidate(rule, reason)

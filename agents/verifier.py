@@ -12,9 +12,9 @@ from agents.solver import Attempt
 
 @dataclass
 class VerifierConfig:
-    samples: int = 5  # answers sampled per problem in label-free mode
-    temperature: float = 0.7  # sampling temperature for those answers
-    min_agreement: float = 0.6  # share of samples that must agree to accept the majority
+    samples: int = 6  # answers sampled per problem besides the greedy one (RFT/TTRL use several)
+    temperature: float = 0.8  # sampling temperature for those answers
+    min_agreement: float = 0.5  # label-free: share of samples that must agree for the majority to be a pseudo-label
 
     def __post_init__(self) -> None:
         if self.samples < 2:

@@ -1,11 +1,14 @@
 """The loop's edges:
 
-    solve -> verify -> correct, or not a learning problem -> commit
-                    -> wrong -> reflect -> diversify -> update -> reevaluate
+    solve -> verify -> right (and often enough), unverifiable, or not a learning problem -> commit
+                    -> right but rarely: verified own samples to learn from -> update
+                    -> wrong -> reflect (rules validated by effect; else rationalization)
+    reflect -> a rule validated -> diversify -> update -> reevaluate   (rules-only runs: -> commit)
+            -> no rule, but verified texts -> update -> reevaluate
+            -> nothing verified -> rollback -> commit
     reevaluate -> fixed (and no canary broke) -> commit
-               -> not fixed, cycles left -> reflect (which sees the previous rule)
+               -> not fixed, cycles left -> reflect (it sees the rules already tried)
                -> out of cycles -> rollback -> commit
-    reflect or diversify failed -> rollback -> commit;  rules-only runs: reflect -> commit
 
 ``build_graph()`` returns the uncompiled builder; callers compile it with their checkpointer.
 """
@@ -29,18 +32,22 @@ def recursion_limit(cycles: int) -> int:
     return 2 + NODES_PER_CYCLE * cycles + 2 + 5
 
 
-def after_verify(state: LoopState) -> Literal["commit", "reflect"]:
+def after_verify(state: LoopState, runtime: Runtime[RunContext]) -> Literal["commit", "reflect", "update"]:
     if "verdict" not in state:
         raise ValueError("after_verify: the state has no verdict")
-    if state["verdict"]["correct"] or not state["learning"]:
+    if not state["learning"] or state.get("unverifiable"):
         return "commit"
-    return "reflect"
+    if not state["verdict"]["correct"]:
+        return "reflect"
+    return "update" if state.get("texts") and runtime.context.config.adapters else "commit"
 
 
-def after_reflect(state: LoopState, runtime: Runtime[RunContext]) -> Literal["diversify", "rollback", "commit"]:
-    if state.get("rule") is None:
-        return "rollback"
-    return "diversify" if runtime.context.config.adapters else "commit"
+def after_reflect(state: LoopState, runtime: Runtime[RunContext]) -> Literal["diversify", "update", "rollback", "commit"]:
+    if not runtime.context.config.adapters:
+        return "commit"  # rules only: a validated rule goes to memory, nothing is trained
+    if state.get("rule") is not None:
+        return "diversify"
+    return "update" if state.get("texts") else "rollback"
 
 
 def after_diversify(state: LoopState) -> Literal["update", "rollback"]:

@@ -37,6 +37,12 @@ class LoopConfig:
     expert_policy: Literal["router", "fresh"] = "router"
     router_confidence: float = 0.5  # router probability needed to reuse its argmax expert
     seed: int = 0  # seeds sampling; the same seed and data give the same run
+    # A problem answered right (greedy) is still learned from when fewer of its samples verify
+    # than this: RFT's gain comes from problems the model solves only sometimes.
+    low_share: float = 0.5
+    rationalize: bool = True  # STaR's rationalization when no rule validates (learning split, labels only)
+    replay: int = 4  # earlier verified texts of the trained expert replayed with each update, against forgetting
+    replay_keep: int = 32  # verified texts kept per expert for replay
 
     def __post_init__(self) -> None:
         if self.cycles < 1:
@@ -49,6 +55,10 @@ class LoopConfig:
             raise ValueError(f"expert_policy must be 'router' or 'fresh', got {self.expert_policy!r}")
         if not 0 < self.router_confidence <= 1:
             raise ValueError(f"router_confidence must be in (0, 1], got {self.router_confidence}")
+        if not 0 <= self.low_share <= 1:
+            raise ValueError(f"low_share must be in [0, 1], got {self.low_share}")
+        if self.replay < 0 or self.replay_keep < self.replay:
+            raise ValueError(f"need 0 <= replay <= replay_keep, got {self.replay} and {self.replay_keep}")
 
     def to_dict(self) -> dict:
         return asdict(self)

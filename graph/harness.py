@@ -35,6 +35,8 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -47,7 +49,7 @@ from adapters.router import Router, RouterConfig
 from adapters.store import BankStore, atomic_write_bytes
 from adapters.stress import StressConfig, StressController
 from adapters.trainer import TestTimeTrainer, TrainerConfig, TrainingExample
-from agents.backend import BACKENDS, DEFAULT_BATCH_SIZE, GenerationBackend, close_backend, make_backend
+from agents.backend import BACKENDS, DEFAULT_BATCH_SIZE, GenerationBackend, Sampling, close_backend, make_backend
 from agents.diversifier import Diversifier
 from agents.errors import DataError, SelfImproveError
 from agents.data_sources import DataSource, open_source
@@ -56,9 +58,11 @@ from agents.models import DEFAULT_MODEL, LoadedModel, load_model, pick_device
 from agents.precision import PRECISIONS, PrecisionChoice, choose_precision
 from agents.reflector import Reflector
 from agents.solver import Attempt, Solver, SolverConfig
-from agents.verifier import VerifierConfig, check
+from agents.trajectories import SOURCES
+from agents.verifier import VerifierConfig, check, vote
 from graph.context import LoopConfig, RunContext
 from graph.inspect import EMBEDDERS, make_embedder
+from graph.nodes import update_survived
 from graph.saved_settings import leaf_differences, read_saved, settings_with_options
 from graph.runner import (RunDirError, RunSettings, StopFlag, build_context, describe_episode, prepare_run_dir,
                           problem_data, run_episodes)
@@ -67,7 +71,7 @@ from graph.stats import PairedComparison, compare, wilson_interval
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("holdout", "stream", "recovery")
-ARMS = ("frozen", "rules", "adapters", "full", "single-lora")
+ARMS = ("frozen", "vote", "rules", "adapters", "full", "single-lora")
 SCORE_CALL_BATCHES = 4  # batches' worth of problems per scoring call (see _Run._solve)
 LOOP_ARMS = ("rules", "adapters", "full")  # the arms that run the loop
 
@@ -284,6 +288,8 @@ class EvalReport:
             arms[name] = result.summary()
             if name in self.comparisons:
                 arms[name]["vs_frozen"] = self.comparisons[name].to_dict()
+            if name in self.extra.get("vs_vote", {}):
+                arms[name]["vs_vote"] = self.extra["vs_vote"][name]
         return {
             "protocol": self.protocol, "protocol_note": self.protocol_note, "model": self.config["model"],
             "n_scored": len(self.items), "n_learn": len(self.learn_ids), "arms": arms,
@@ -387,6 +393,13 @@ def _score(problem: Problem, attempt: Attempt) -> ItemScore:
     return ItemScore(problem.id, check(attempt, problem.label).correct, attempt.answer, attempt.strategy, attempt.tokens)
 
 
+def _vote_score(problem: Problem, samples: Sequence[Attempt], verifier: VerifierConfig) -> ItemScore:
+    """The majority answer of exactly these samples, scored against the label (ties: the first answer seen)."""
+    majority = vote(samples, verifier)  # its answer is the plurality, whatever the agreement threshold
+    correct = majority.answer is not None and check(Attempt("", majority.answer, "vote", 0), problem.label).correct
+    return ItemScore(problem.id, bool(correct), majority.answer, "vote", sum(a.tokens for a in samples))
+
+
 def _chunks(items: Sequence, size: int):
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -445,6 +458,33 @@ class _Run:
             close_backend(backend)
         return ArmResult("frozen", scores, {"learn": 0.0, "score": seconds}, backend=backend.description)
 
+    # -- vote: the compute-matched baseline
+
+    def vote(self, problems: Sequence[Problem]) -> ArmResult:
+        """The frozen model's majority answer over k sampled answers, k = what the loop samples per problem."""
+        cfg = self.config
+        k = cfg.verifier.samples
+        loaded = self.loader()
+        backend = self._backend_for(loaded, None)
+        solver = Solver(backend, self.solver_config)
+        sampling = Sampling(temperature=cfg.verifier.temperature, seed=cfg.seed)
+        scores: list[ItemScore] = []
+        try:
+            start = time.perf_counter()
+            for chunk in _chunks(list(problems), max(1, SCORE_CALL_BATCHES * cfg.batch_size // k)):
+                flat = [p.question for p in chunk for _ in range(k)]
+                attempts = solver.solve(flat, [[] for _ in flat], sampling=sampling)
+                for i, problem in enumerate(chunk):
+                    scores.append(_vote_score(problem, attempts[i * k:(i + 1) * k], cfg.verifier))
+                self.progress("vote", "score", len(scores), len(problems),
+                              finished=f"vote: scored {len(scores)}/{len(problems)}, {sum(x.correct for x in scores)} right"
+                              if len(scores) == len(problems) else "")
+            seconds = time.perf_counter() - start
+        finally:
+            close_backend(backend)
+        return ArmResult("vote", scores, {"learn": 0.0, "score": seconds},
+                         {"samples_per_problem": k, "temperature": cfg.verifier.temperature}, backend=backend.description)
+
     # -- loop arms
 
     def loop_arm(self, arm: str, sets: ProblemSets, scored: Sequence[Problem], resume: bool) -> tuple[ArmResult, list[dict]]:
@@ -461,17 +501,26 @@ class _Run:
             stream = [problem_data(p, learning=True, label_free=cfg.label_free) for p in sets.learn]
             states: list[dict] = []
             start = time.perf_counter()
+            ran: set[int] = set()  # episodes whose nodes ran in this process (not read back from a checkpoint)
+
             def on_event(event) -> None:
+                ran.add(event.episode)
                 self.progress(arm, "learn", len(states), len(stream), f"episode {event.episode + 1} {event.node}")
 
+            episode_seconds: list[float] = []
+            mark = time.perf_counter()
             for state in run_episodes(ctx, stream, run_dir=arm_dir, stop=self.stop, on_event=on_event):
+                now = time.perf_counter()
+                if len(states) in ran:
+                    episode_seconds.append(now - mark)
+                mark = now
                 states.append(state)
                 line = f"{arm}: learning episode {len(states)}/{len(stream)}: {describe_episode(state)}"
                 self.progress(arm, "learn", len(states), len(stream), finished=line)
             if len(states) < len(stream):
                 raise EvalInterrupted(f"stopped while the {arm} arm was learning (episode {len(states) + 1} of {len(stream)})")
             learn_seconds = time.perf_counter() - start
-            learning = {**learning_summary(states), "backend": ctx.backend.description}
+            learning = {**learning_summary(states), **_timing(episode_seconds), "backend": ctx.backend.description}
             used: list = []
             start = time.perf_counter()
             if cfg.protocol == "stream":
@@ -575,21 +624,43 @@ class _Run:
                          backend=backend.description)
 
 
+def _timing(seconds: list[float]) -> dict:
+    """Median and 90th percentile of episode wall times (nearest rank), over the episodes timed."""
+    if not seconds:
+        return {"episodes_timed": 0, "episode_seconds_median": None, "episode_seconds_p90": None}
+    ordered = sorted(seconds)
+    rank = lambda q: ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]  # noqa: E731
+    return {"episodes_timed": len(ordered), "episode_seconds_median": statistics.median(ordered),
+            "episode_seconds_p90": rank(0.9)}
+
+
 def learning_summary(states: list[dict]) -> dict:
     """What one arm's learning did, counted over its episodes."""
     outcomes = [s["outcome"] for s in states]
     updates = [u for s in states for u in s.get("updates") or []]
     checks = [c for s in states for c in s.get("canary_checks") or []]
+    candidates = [c for s in states for c in s.get("candidates") or []]
+    trained = [t for u in updates for t in u.get("texts") or [] if t.get("source") != "replay"]
+    kept = sum(update_survived(s, u) for s in states for u in s.get("updates") or [])
     return {
         "episodes": len(states),
         "right_first_try": sum(bool(s["first"]["correct"]) for s in states),
-        **{k: outcomes.count(k) for k in ("correct", "fixed", "unfixed", "failed", "not_learned")},
+        **{k: outcomes.count(k) for k in ("correct", "fixed", "unfixed", "failed", "not_learned", "skipped")},
+        "learned_from": sum(bool(s.get("updates")) for s in states),  # problems whose texts reached an update
         "rules": sum(len(s.get("rules") or []) for s in states),
+        "rules_proposed": len(candidates),
+        "rules_refused": sum(c["status"] == "refused" for c in candidates),
+        "rules_validated": sum(c["status"] == "validated" for c in candidates),
+        "rules_refuted": sum(c["status"] == "refuted" for c in candidates),
         "updates": len(updates),
+        "updates_kept": kept,
+        "updates_rolled_back": len(updates) - kept,
         "mirror_rollbacks": sum(bool(u.get("rolled_back")) for u in updates),
         "canary_rollbacks": sum(bool(c.get("rolled_back")) for c in checks),
         "episode_rollbacks": sum(s.get("rolled_back_to") is not None for s in states),
-        "texts": sum(len(u.get("texts") or []) for u in updates),
+        "texts": len(trained),
+        "texts_by_source": {source: sum(t.get("source") == source for t in trained) for source in SOURCES},
+        "texts_replayed": sum(t.get("source") == "replay" for u in updates for t in u.get("texts") or []),
     }
 
 
@@ -674,6 +745,9 @@ def evaluate(
         keep = {p.id for p in failed}
         frozen_pool.scores = [s for s in frozen_pool.scores if s.id in keep]
     arms["frozen"] = frozen_pool
+    if "vote" in config.arms:
+        arms["vote"] = run.vote(scored)
+        gc.collect()
 
     states_by_arm: dict[str, list[dict]] = {}
     for arm in (a for a in config.arms if a in LOOP_ARMS):
@@ -690,6 +764,9 @@ def evaluate(
 
     comparisons = {name: compare([s.correct for s in arms["frozen"].scores], [s.correct for s in r.scores])
                    for name, r in arms.items() if name != "frozen"}
+    if "vote" in arms:  # the compute-matched baseline: does learning beat majority voting at equal samples?
+        extra["vs_vote"] = {name: compare([s.correct for s in arms["vote"].scores], [s.correct for s in r.scores]).to_dict()
+                            for name, r in arms.items() if name not in ("frozen", "vote")}
     report = EvalReport(
         protocol=config.protocol,
         protocol_note=PROTOCOL_NOTES[config.protocol],

@@ -1,5 +1,22 @@
 """One function per node of the loop. Each reads the state, uses the run context, returns a partial state.
 
+What the nodes do follows the published results for small models: learn only from
+trajectories a verifier accepted (the model's own samples, rule-conditioned samples,
+variants, rationalizations), and keep a rule only when it helps in context.
+
+  solve       the greedy answer (what is scored) and k sampled answers (one batched call)
+  verify      every answer against the target: the label, or label-free the majority answer
+              when enough samples agree (TTRL, Zuo et al. 2025, arXiv 2504.16084); the distinct
+              verified solutions of a problem solved wrongly or rarely become training texts (RFT)
+  reflect     a failure: the model compares its wrong attempt with a verified solution and writes
+              a rule; each rule is validated by its effect (k samples with the rule in the prompt
+              must verify more often than without); if none validates, STaR's rationalization
+  diversify   variants of the problem with the same quantities, solved with the validated rule
+              in the prompt; verified solutions train with rule-free prompts (context
+              distillation, Snell et al. 2022, arXiv 2209.15189)
+  update      the routed expert trains on the verified texts plus a replay of its earlier ones
+  reevaluate  the problem again, and the canary set; a regression rolls the update back
+
 Nodes that change the bank save it before they return, and the update node snapshots it
 first under a name fixed by (episode, cycle). A node killed half-way therefore reruns from
 the same saved bank on resume and produces the same result.
@@ -15,9 +32,9 @@ from langgraph.runtime import Runtime
 
 from adapters.trainer import TrainingExample
 from agents.backend import Sampling
-from agents.diversifier import DiversifyError
-from agents.reflector import ReflectionError
+from agents.rationalizer import rationalize
 from agents.solver import Attempt
+from agents.trajectories import Text, as_completion, distinct, matches, verified_share, verified_texts
 from agents.verifier import check, vote
 from graph.context import RunContext
 from graph.state import LoopState, ProblemData
@@ -47,69 +64,160 @@ def _route(ctx: RunContext, question: str):
     return use, used_ids, probs[0], weights, memory
 
 
+def _sampling(ctx: RunContext, state: LoopState) -> Sampling:
+    """The sampling of the first solve's k answers; validation reuses it, so shares are paired."""
+    return Sampling(temperature=ctx.verifier.temperature, seed=ctx.config.seed + 1000 * state["episode"])
+
+
+def _sample(ctx: RunContext, questions: list[str], rules: list[str], weights, sampling: Sampling) -> list[Attempt]:
+    """k sampled answers to each question (all in one call), ``rules`` in every prompt; flat, question-major."""
+    k = ctx.verifier.samples
+    flat = [q for q in questions for _ in range(k)]
+    return ctx.solver.solve(flat, [rules] * len(flat), weights=weights, sampling=sampling)
+
+
+def _cap(ctx: RunContext) -> int:
+    return ctx.solver.config.max_new_tokens
+
+
 def solve(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     ctx, problem = runtime.context, state["problem"]
     rules, rule_ids, _, weights, _ = _route(ctx, problem["question"])
     (attempt,) = ctx.solver.solve([problem["question"]], [rules], weights=weights)
-    return {
+    out = {
         "attempt": asdict(attempt),
         "weights": [round(float(w), 6) for w in weights[0]],
         "memory_rule_ids": rule_ids,
+        "memory_rules": rules,
         "cycle": state.get("cycle", 0),
     }
+    if state["learning"] or ctx.config.label_free:
+        out["samples"] = [asdict(a) for a in _sample(ctx, [problem["question"]], rules, weights, _sampling(ctx, state))]
+    return out
 
 
 def verify(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     ctx, problem = runtime.context, state["problem"]
     attempt = Attempt(**state["attempt"])
-    verdict = _verdict(ctx, state, problem, attempt)
-    update = {"verdict": verdict}
+    samples = [Attempt(**s) for s in state.get("samples") or []]
+    if ctx.config.label_free:
+        majority = vote(samples, ctx.verifier) if samples else None
+        target = majority.answer if majority is not None and majority.correct else None
+        agreement = majority.confidence if majority is not None else 0.0
+    else:
+        target, agreement = problem["label"], 1.0
+    verdict = {"attempt": asdict(attempt), **asdict(check(attempt, target)), "confidence": agreement,
+               "label_free": ctx.config.label_free} if target is not None else \
+        {"attempt": asdict(attempt), "correct": False, "answer": attempt.answer, "strategy": attempt.strategy,
+         "confidence": agreement, "label_free": True, "votes": {}}
+    share = verified_share(samples, target)
+    update = {"verdict": verdict, "target": target, "verified_share": share, "unverifiable": target is None,
+              "texts": []}
+    if state["learning"] and target is not None and (not verdict["correct"] or share < ctx.config.low_share):
+        # RFT: the distinct verified solutions, greedy included, in the solver's answer format.
+        own = verified_texts(problem["question"], [attempt, *samples], target, _cap(ctx), "own_sample")
+        update["texts"] = [t.to_dict() for t in own]
     if "first" not in state:
         update["first"] = verdict
     return update
 
 
-def _verdict(ctx: RunContext, state: LoopState, problem: ProblemData, attempt: Attempt) -> dict:
-    """The attempt checked against the label, or, label-free, a vote of sampled answers."""
-    if ctx.config.label_free:
-        (verdict,) = _judge_samples(ctx, state, problem, attempt)
-        return verdict
-    return {"attempt": asdict(attempt), **asdict(check(attempt, problem["label"]))}
+def _verified_solution(ctx: RunContext, state: LoopState) -> str | None:
+    """What the reflector compares the wrong attempt with: an own verified sample, else the reference solution."""
+    own = [t for t in state.get("texts") or [] if t["source"] == "own_sample"]
+    if own:
+        return own[0]["completion"]
+    problem = state["problem"]
+    if state["learning"] and not ctx.config.label_free and problem.get("solution") and problem.get("label"):
+        return as_completion(problem["solution"], problem["label"])
+    return None
 
 
-def _judge_samples(ctx: RunContext, state: LoopState, problem: ProblemData, attempt: Attempt) -> list[dict]:
-    rules, _, _, weights, _ = _route(ctx, problem["question"])
-    sampling = Sampling(temperature=ctx.verifier.temperature, seed=_seed(ctx, state))
-    samples = ctx.solver.solve([problem["question"]] * ctx.verifier.samples, [rules] * ctx.verifier.samples,
-                               weights=weights, sampling=sampling)
-    return [{"attempt": asdict(attempt), **asdict(vote(samples, ctx.verifier))}]
+def _share_without(ctx: RunContext, state: LoopState, weights) -> float:
+    """The rule-free verified share under the bank as it is now (the first solve's, before any update)."""
+    if state.get("cycle", 0) == 0:
+        return state["verified_share"]
+    question = state["problem"]["question"]
+    again = _sample(ctx, [question], state.get("memory_rules") or [], weights, _sampling(ctx, state))
+    return verified_share(again, state["target"])
 
 
 def reflect(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     ctx, problem = runtime.context, state["problem"]
+    question, target, cycle = problem["question"], state["target"], state.get("cycle", 0)
     label = None if ctx.config.label_free else problem.get("label")
-    solution = problem.get("solution") if state["learning"] and not ctx.config.label_free else None
-    previous = (state.get("rule") or {}).get("text")
-    try:
-        reflection = ctx.reflector.reflect(
-            problem["question"], state["attempt"]["text"], label=label, reference_solution=solution,
-            learning_split=state["learning"], previous_rule=previous, seed=_seed(ctx, state),
-        )
-    except ReflectionError as err:
-        return {"rule": None, "error": str(err)}
-    rule = {"text": reflection.rule, "attempts": reflection.attempts, "rejected": reflection.rejected,
-            "cycle": state.get("cycle", 0)}
-    return {"rule": rule, "rules": [rule], "error": None}
+    weights = torch.tensor([state["weights"]])  # (1, n_experts): the mixture the samples used
+    base_rules = list(state.get("memory_rules") or [])
+    texts = [Text(**t) for t in (state.get("texts") or [])] if cycle == 0 else []
+    verified = _verified_solution(ctx, state)
+    candidates: list[dict] = []
+    tested: list[dict] = []
+    rule = None
+    if verified is not None:
+        share_without = _share_without(ctx, state, weights)
+        tried = [c["text"] for c in state.get("candidates") or [] if c["text"]]
+        refusal = None
+        for attempt in range(1, ctx.reflector.config.max_attempts + 1):
+            cand = ctx.reflector.propose(question, state["attempt"]["text"], verified, label=label, tried=tried,
+                                         last_refusal=refusal, attempt=attempt, seed=_seed(ctx, state, attempt))
+            record = {"text": cand.text, "cycle": cycle, "attempt": attempt}
+            if cand.refused:
+                refusal = cand.refused
+                candidates.append({**record, "status": "refused", "reason": cand.refused})
+                continue
+            tried.append(cand.text)
+            # Validation by effect: the same k samples (same seed and mixture), now with the rule.
+            with_rule = _sample(ctx, [question], [*base_rules, cand.text][-max(1, ctx.solver.config.max_rules):],
+                                weights, _sampling(ctx, state))
+            share_with = verified_share(with_rule, target)
+            validated = share_with > share_without
+            result = {**record, "status": "validated" if validated else "refuted",
+                      "share_with": share_with, "share_without": share_without,
+                      "reason": None if validated else f"verified share {share_with:.2f} with it, {share_without:.2f} without"}
+            candidates.append(result)
+            tested.append(result)
+            if validated:
+                rule = result
+                texts += verified_texts(question, with_rule, target, _cap(ctx), "rule_conditioned")
+                break
+            refusal = "it did not help: the problem was solved no more often with it"
+    if rule is None and _may_rationalize(ctx, state):
+        hinted = rationalize(ctx.solver, question, problem["label"], ctx.verifier.samples, ctx.verifier.temperature,
+                             _seed(ctx, state, 7), weights=weights)
+        texts += verified_texts(question, hinted, problem["label"], _cap(ctx), "rationalization")
+    error = None if rule is not None else (
+        "no verified solution to compare with" if verified is None else "no rule helped in context")
+    return {"rule": rule, "rules": tested, "candidates": candidates, "texts": [t.to_dict() for t in distinct(texts)],
+            "error": error}
+
+
+def _may_rationalize(ctx: RunContext, state: LoopState) -> bool:
+    """STaR's rationalization needs the label: learning-split problems only, never label-free."""
+    problem = state["problem"]
+    return (ctx.config.rationalize and state["learning"] and not ctx.config.label_free
+            and problem.get("label") is not None)
 
 
 def diversify(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     ctx, problem = runtime.context, state["problem"]
-    label = None if ctx.config.label_free else problem.get("label")
-    try:
-        result = ctx.diversifier.diversify(state["rule"]["text"], label=label, seed=_seed(ctx, state))
-    except DiversifyError as err:
-        return {"texts": [], "error": str(err)}
-    return {"texts": [asdict(t) for t in result.texts], "error": None}
+    rule = state["rule"]["text"]
+    made = ctx.diversifier.variants(problem["question"], seed=_seed(ctx, state, 3))
+    texts = [Text(**t) for t in state.get("texts") or []]
+    if made.kept:
+        rules = [*(state.get("memory_rules") or []), rule][-max(1, ctx.solver.config.max_rules):]
+        weights = torch.tensor([state["weights"]])  # (1, n_experts)
+        answers = _sample(ctx, made.kept, rules, weights, _sampling(ctx, state))
+        k = ctx.verifier.samples
+        for i, variant in enumerate(made.kept):
+            # The label holds for the variant: it has exactly the original's numbers.
+            texts += verified_texts(variant, answers[i * k:(i + 1) * k], state["target"], _cap(ctx), "variant")
+    variants = [{"text": v, "status": "kept"} for v in made.kept] + [{**r, "status": "refused"} for r in made.refused]
+    return {"texts": [t.to_dict() for t in distinct(texts)], "variants": variants}
+
+
+def _examples(ctx: RunContext, texts: list[dict]) -> list[TrainingExample]:
+    """Training pairs: the solver's prompt with no rules and no hint, and the verified solution."""
+    return [TrainingExample(ctx.solver.prompt(t["question"], []), t["completion"]) for t in texts]
 
 
 def update(state: LoopState, runtime: Runtime[RunContext]) -> dict:
@@ -124,34 +232,43 @@ def update(state: LoopState, runtime: Runtime[RunContext]) -> dict:
         store.snapshot(name, ctx.bank, ctx.router, ctx.trainer.stress)
     carry = dict(state.get("carry") or {})
     usage = list(carry.get("expert_updates") or [0] * ctx.bank.n_experts)
+    replay = {k: list(v) for k, v in (carry.get("replay") or {}).items()}
     _, _, probs, _, memory = _route(ctx, problem["question"])
     expert, reason = ctx.pick_expert(problem["id"], probs, usage)
-    examples = [TrainingExample(t["prompt"], t["completion"]) for t in state["texts"]]
+    texts = state["texts"]
+    replayed = replay.get(str(expert), [])[-ctx.config.replay:] if ctx.config.replay else []
+    examples = _examples(ctx, texts + replayed)
     result = ctx.trainer.update(examples, target_expert=expert, memory=None if memory is None else memory[0])
     store.save(ctx.bank, ctx.router, ctx.trainer.stress, extra={"update_id": _update_id(state, cycle)})
     usage[result.expert] += 1
     carry["expert_updates"] = usage
+    if not result.rolled_back:
+        replay[str(result.expert)] = (replay.get(str(result.expert), []) + texts)[-ctx.config.replay_keep:]
+    carry["replay"] = replay
     info = {k: v for k, v in asdict(result).items() if k != "steps"}
     info.update(
         update_id=_update_id(state, cycle), snapshot=name, cycle=cycle, picked=expert, pick_reason=reason,
         step_losses=[s["loss_lm"] for s in result.steps],
-        texts=state["texts"],  # every cycle's training texts, e.g. to train a comparison adapter on the same data
+        # every cycle's training texts, as trained (prompt, completion, source), e.g. for a comparison adapter
+        texts=[{"prompt": e.prompt, "completion": e.completion, "source": t["source"]}
+               for e, t in zip(examples, texts + [{**r, "source": "replay"} for r in replayed])],
+        rule=(state.get("rule") or {}).get("text"),
     )
-    return {"updates": [info], "cycle": cycle + 1, "carry": carry}
+    return {"updates": [info], "cycle": cycle + 1, "carry": carry, "texts": []}
 
 
 def reevaluate(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     ctx, problem = runtime.context, state["problem"]
     rules, _, _, weights, _ = _route(ctx, problem["question"])
     (attempt,) = ctx.solver.solve([problem["question"]], [rules], weights=weights)
-    verdict = _verdict(ctx, state, problem, attempt)
+    verdict = {"attempt": asdict(attempt), **asdict(check(attempt, state["target"]))}
     canary = [c for c in (state.get("carry") or {}).get("canary", []) if c["id"] != problem["id"]]
     result = {"checked": len(canary), "correct": len(canary), "broke": [], "rolled_back": False}
     if canary:
         routed = [_route(ctx, c["question"]) for c in canary]
         weights_batch = torch.cat([r[3] for r in routed])  # (n_canary, n_experts)
         attempts = ctx.solver.solve([c["question"] for c in canary], [r[0] for r in routed], weights=weights_batch)
-        broke = [c["id"] for c, a in zip(canary, attempts) if not check(a, c["label"]).correct]
+        broke = [c["id"] for c, a in zip(canary, attempts) if not matches(a, c["label"])]
         accuracy = 1 - len(broke) / len(canary)
         result.update(correct=len(canary) - len(broke), broke=broke, accuracy=accuracy)
         if 1.0 - accuracy > ctx.config.canary_margin:
@@ -164,7 +281,7 @@ def reevaluate(state: LoopState, runtime: Runtime[RunContext]) -> dict:
 
 
 def rollback(state: LoopState, runtime: Runtime[RunContext]) -> dict:
-    """Out of cycles (or a failed reflection): undo every update of this episode."""
+    """Out of cycles (or nothing verified to learn from): undo every update of this episode."""
     ctx = runtime.context
     start = _snapshot_name(state["episode"], 0)
     restored = None
@@ -175,12 +292,14 @@ def rollback(state: LoopState, runtime: Runtime[RunContext]) -> dict:
 
 
 def outcome_of(state: LoopState) -> str:
+    if state.get("unverifiable"):
+        return "skipped"
     if state["first"]["correct"]:
         return "correct"
     if not state["learning"]:
         return "not_learned"
     if state.get("outcome") == "unfixed" or not state["verdict"]["correct"]:
-        return "unfixed" if state.get("rules") else "failed"
+        return "unfixed" if state.get("rules") or state.get("updates") else "failed"
     return "fixed"
 
 
@@ -198,10 +317,16 @@ def commit(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     canary = list(carry.get("canary") or [])
     if state["first"]["correct"] and ctx.config.canary_size > 0:
         # Label-free runs guard with the confident majority answer as the canary's label.
-        label = state["first"]["answer"] if ctx.config.label_free else problem["label"]
-        canary = (canary + [{"id": problem["id"], "question": problem["question"], "label": label}])[-ctx.config.canary_size :]
+        canary = (canary + [{"id": problem["id"], "question": problem["question"], "label": state["target"]}])[-ctx.config.canary_size:]
     carry["canary"] = canary
     return {"outcome": outcome, "carry": carry}
+
+
+def update_survived(state: LoopState, update: dict) -> bool:
+    """Whether an update's change is still in the bank: not undone by stress, the canary or the episode."""
+    undone_by_canary = any(c.get("update_id") == update["update_id"] and c["rolled_back"]
+                           for c in state.get("canary_checks") or [])
+    return not update.get("rolled_back") and not undone_by_canary and state.get("rolled_back_to") is None
 
 
 def _remember(ctx: RunContext, state: LoopState, problem: ProblemData, outcome: str, updates: list[dict]) -> None:
@@ -226,14 +351,23 @@ def _remember(ctx: RunContext, state: LoopState, problem: ProblemData, outcome: 
     rule_ids = []
     by_cycle = {u["cycle"]: u for u in updates}
     for rule in state.get("rules") or []:
-        trained = by_cycle.get(rule["cycle"])
-        rule_id, _ = memory.add_rule(
+        validated = rule["status"] == "validated"
+        trained = by_cycle.get(rule["cycle"]) if validated else None
+        rule_id, merged = memory.add_rule(
             rule["text"], problem_id=problem["id"], expert=trained["expert"] if trained else None,
             cycle=rule["cycle"], episode_id=episode.episode_id,
         )
-        if trained and not trained.get("rolled_back"):
-            memory.record_training(rule_id, expert=trained["expert"], update_id=trained["update_id"])
-        rule_ids.append(rule_id)
+        if not merged or validated:  # a refuted duplicate never demotes the rule it merged into
+            memory.record_validation(rule_id, validated=validated, share_with=rule["share_with"],
+                                     share_without=rule["share_without"])
+        if trained:
+            if update_survived(state, trained):
+                memory.record_training(rule_id, expert=trained["expert"], update_id=trained["update_id"],
+                                       prompts=[t["prompt"] for t in trained.get("texts") or []])
+            else:
+                memory.set_status(rule_id, "rolled_back")
+        if validated:
+            rule_ids.append(rule_id)
     if not already:
         if rule_ids:
             memory.record_outcome(rule_ids[-1], helped=outcome == "fixed")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from adapters.store import atomic_write_bytes
 
-ARM_COLOURS = {"frozen": "#7f7f7f", "rules": "#1f77b4", "adapters": "#ff7f0e", "full": "#2ca02c", "single-lora": "#9467bd"}
+ARM_COLOURS = {"frozen": "#7f7f7f", "vote": "#8c564b", "rules": "#1f77b4", "adapters": "#ff7f0e", "full": "#2ca02c", "single-lora": "#9467bd"}
 
 
 def write_report(report, run_dir: str | Path, *, plots: bool = True) -> dict[str, str]:
@@ -103,19 +103,38 @@ def render_markdown(report) -> str:
                 f"{s['seconds']['learn']:.1f}", f"{s['seconds']['score']:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "'no answer': the output held no number (an answer-format failure), counted apart from 'wrong'."]
+    vs_vote = report.extra.get("vs_vote") or {}
+    if vs_vote:
+        k = report.arms["vote"].learning["samples_per_problem"]
+        lines += ["", f"## Against majority voting at equal samples ({protocol})", "",
+                  f"The vote arm answers with the frozen model's majority over {k} sampled answers, the number "
+                  "the loop samples per learning problem: the compute-matched baseline.", "",
+                  "| arm | vs vote | wrong→right | right→wrong | McNemar p |", "|---|---|---|---|---|"]
+        for name, c in vs_vote.items():
+            lines.append(f"| {name} | {100 * c['delta']:+.1f} pts | {c['flips']['wrong_right']} | "
+                         f"{c['flips']['right_wrong']} | {_p(c['p_value'])} |")
     learning = {name: arm.learning for name, arm in report.arms.items() if arm.learning and "episodes" in arm.learning}
     if learning:
         lines += [
             "",
             f"## Learning ({protocol})",
             "",
-            "| arm | episodes | right first try | fixed | unfixed | no rule | rules | updates | rolled back (mirror / canary / episode) | texts |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| arm | episodes | right first try | fixed | unfixed | nothing verified | learned from | "
+            "rules proposed / validated / refuted / refused | updates kept / rolled back | "
+            "texts: own / rule-conditioned / variant / rationalization (replayed) | episode s median / p90 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, l in learning.items():
-            lines.append(f"| {name} | {l['episodes']} | {l['right_first_try']} | {l['fixed']} | {l['unfixed']} | {l['failed']} | "
-                         f"{l['rules']} | {l['updates']} | {l['mirror_rollbacks']} / {l['canary_rollbacks']} / "
-                         f"{l['episode_rollbacks']} | {l['texts']} |")
+            by = l.get("texts_by_source") or {}
+            timing = ("—" if not l.get("episodes_timed") else
+                      f"{l['episode_seconds_median']:.0f} / {l['episode_seconds_p90']:.0f} ({l['episodes_timed']} timed)")
+            lines.append(
+                f"| {name} | {l['episodes']} | {l['right_first_try']} | {l['fixed']} | {l['unfixed']} | {l['failed']} | "
+                f"{l.get('learned_from', '—')} | {l.get('rules_proposed', '—')} / {l.get('rules_validated', '—')} / "
+                f"{l.get('rules_refuted', '—')} / {l.get('rules_refused', '—')} | "
+                f"{l.get('updates_kept', '—')} / {l.get('updates_rolled_back', '—')} | "
+                f"{by.get('own_sample', 0)} / {by.get('rule_conditioned', 0)} / {by.get('variant', 0)} / "
+                f"{by.get('rationalization', 0)} ({l.get('texts_replayed', 0)}) | {timing} |")
     if "single-lora" in report.arms:
         l = report.arms["single-lora"].learning
         lines += ["", f"single-lora: {l['bursts']} update bursts on {l['texts']} texts ({l['source']}); "

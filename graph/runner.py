@@ -14,6 +14,7 @@ import logging
 import os
 import sqlite3
 import threading
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -277,8 +278,19 @@ def _summary(update: dict) -> dict:
     if "verdict" in update:
         out.update(correct=update["verdict"]["correct"], answer=update["verdict"]["answer"],
                    confidence=update["verdict"]["confidence"])
+    if "verified_share" in update:
+        out.update(verified_share=round(update["verified_share"], 4), target=update.get("target"),
+                   unverifiable=update.get("unverifiable", False))
     if update.get("rule"):
         out["rule"] = update["rule"]["text"]
+    if update.get("candidates"):
+        # every rule candidate, accepted or refused, with its reason and shares
+        out["rule_candidates"] = [{k: c.get(k) for k in ("text", "status", "reason", "share_with", "share_without")}
+                                  for c in update["candidates"]]
+    if "texts" in update and update["texts"]:
+        out["texts_by_source"] = dict(Counter(t["source"] for t in update["texts"]))
+    if update.get("variants"):
+        out["variants"] = [{k: v.get(k) for k in ("text", "status", "reason")} for v in update["variants"]]
     if update.get("updates"):
         u = update["updates"][-1]
         out.update(expert=u["expert"], mode=u["mode"], phi=round(u["phi"], 4), lr=u["lr"],

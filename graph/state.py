@@ -19,6 +19,7 @@ class Carry(TypedDict, total=False):
 
     canary: list[ProblemData]  # problems solved at the first try, re-solved after every update
     expert_updates: list[int]  # updates each expert has received
+    replay: dict[str, list[dict]]  # per expert (as a string key): its latest verified training texts
     solved_first: int  # episodes right at the first try so far
     solved_final: int  # episodes right at the end so far
     episodes: int  # episodes finished so far
@@ -30,17 +31,24 @@ class LoopState(TypedDict, total=False):
     problem: ProblemData
     learning: bool  # the loop may reflect on and train from this problem
     cycle: int  # reflect/update rounds done so far
-    attempt: dict  # the latest solve: text, answer, strategy, tokens
+    attempt: dict  # the latest greedy solve: text, answer, strategy, tokens
+    samples: list[dict]  # the first solve's sampled answers (rule-free prompt), the base of every share
+    memory_rules: list[str]  # remembered rules put into the solve prompt
+    target: str | None  # what an answer must equal: the label, or label-free the majority's pseudo-label
+    verified_share: float  # share of the sampled answers that reach the target
+    unverifiable: bool  # label-free and too little agreement: the problem is skipped
     first: dict  # the verdict before any learning on this problem
     verdict: dict  # the latest verdict
     weights: list[float]  # the expert mixture the latest solve used
     memory_rule_ids: list[str]  # remembered rules put into the solve prompt
-    rule: dict | None  # the current rule: text, attempts, rejected
-    rules: Annotated[list[dict], operator.add]  # every rule of this episode, in order
-    texts: list[dict]  # the diversified training texts of the current rule
+    rule: dict | None  # the current validated rule: text, cycle, share_with, share_without
+    rules: Annotated[list[dict], operator.add]  # every rule tested by effect (validated or refuted), in order
+    candidates: Annotated[list[dict], operator.add]  # every rule candidate, with its status and reason
+    texts: list[dict]  # verified training texts waiting for the next update: question, completion, source
+    variants: list[dict]  # the latest diversify's variants: kept or refused, with the reason
     updates: Annotated[list[dict], operator.add]  # every update of this episode
     canary_checks: Annotated[list[dict], operator.add]  # every regression check of this episode
     rolled_back_to: str | None  # the snapshot the episode's updates were undone to, if any
-    outcome: str  # correct | fixed | unfixed | not_learned | failed
+    outcome: str  # correct | fixed | unfixed | not_learned | failed | skipped
     error: str | None
     carry: Carry

@@ -15,10 +15,12 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-RuleStatus = Literal["new", "trained", "rolled_back", "retired"]
+# new: validated (or not yet tested) and not trained; refuted: did not help in context, never
+# offered to a prompt or trained; rolled_back: its update was undone.
+RuleStatus = Literal["new", "trained", "rolled_back", "retired", "refuted"]
 # new: stored, not trained yet; trained: in an expert; rolled_back: its update was undone
 # (canary failed); retired: kept for history, no longer offered.
-RULE_STATUSES: tuple[str, ...] = ("new", "trained", "rolled_back", "retired")
+RULE_STATUSES: tuple[str, ...] = ("new", "trained", "rolled_back", "retired", "refuted")
 ACTIVE_STATUSES: tuple[str, ...] = ("new", "trained")  # the ones memory_features offers
 OUTCOMES: tuple[str, ...] = ("helped", "hurt", "even", "untested")
 
@@ -78,6 +80,10 @@ class Rule(BaseModel):
     helped: int = 0  # outcomes recorded as helpful (record_outcome)
     hurt: int = 0  # outcomes recorded as harmful
     update_id: str | None = None  # the training update it went into
+    # Validation by effect: the share of sampled answers that verified with the rule in the
+    # prompt and without it, on the problem it came from (None: never validated).
+    share_with: float | None = None
+    share_without: float | None = None
     prompts: list[str] = Field(default_factory=list)  # training prompts made from it
     merged_from: list[RuleSource] = Field(default_factory=list)  # near-duplicates folded in
 
@@ -107,7 +113,7 @@ class Rule(BaseModel):
             "prompts": json.dumps(self.prompts),
             "merged_from": json.dumps([s.model_dump() for s in self.merged_from]),
         }
-        for key in ("episode_id", "expert", "update_id"):
+        for key in ("episode_id", "expert", "update_id", "share_with", "share_without"):
             if getattr(self, key) is not None:
                 meta[key] = getattr(self, key)
         return meta
@@ -128,6 +134,8 @@ class Rule(BaseModel):
             helped=meta.get("helped", 0),
             hurt=meta.get("hurt", 0),
             update_id=meta.get("update_id"),
+            share_with=meta.get("share_with"),
+            share_without=meta.get("share_without"),
             prompts=json.loads(meta.get("prompts", "[]")),
             merged_from=json.loads(meta.get("merged_from", "[]")),
         )
@@ -148,6 +156,8 @@ RULE_FILTER_KEYS: dict[str, tuple[type, ...]] = {
     "hurt": (int,),
     "merged": (int,),
     "update_id": (str,),
+    "share_with": (int, float),
+    "share_without": (int, float),
 }
 
 

@@ -2,9 +2,10 @@
 
 import pytest
 
-from agents.diversifier import DiversifierConfig, Diversifier, DiversifyError
+from agents.diversifier import Diversifier, DiversifierConfig, quantity_problem
 from agents.guard import leaks_answer, rule_problem
-from agents.reflector import ReflectionError, Reflector, parse_rule
+from agents.reflector import Reflector, parse_rule
+from agents.trajectories import as_completion, usable, verified_share, verified_texts
 from agents.solver import Attempt, Solver
 from agents.verifier import VerifierConfig, check, vote
 from tests.fakes import ScriptedBackend
@@ -56,72 +57,64 @@ def test_parse_rule():
     assert parse_rule("no rule here") == ""
 
 
-def test_reflector_retries_a_leaking_rule_and_never_shows_eval_solutions():
-    drafts = iter(["RULE: The answer is always 18.", "RULE: Subtract what is eaten before multiplying by the price."])
-    backend = ScriptedBackend(lambda p, s, w: next(drafts))
-    reflection = Reflector(backend).reflect(
-        "Eggs problem", "wrong work", label="18", reference_solution="16 - 3 - 4 = 9; 9 * 2 = 18", learning_split=True
-    )
-    assert reflection.rule.startswith("Subtract") and reflection.attempts == 2
-    assert reflection.rejected == ["it contains the problem's answer"]
-    assert "16 - 3 - 4" in backend.calls[0]["prompt"]  # learning split: the reference is shown
-    assert "rejected because it contains" in backend.calls[1]["prompt"]
-    assert backend.calls[1]["sampling"].temperature > 0
-    with pytest.raises(ValueError, match="never reach"):
-        Reflector(backend).reflect("q", "w", label="1", reference_solution="sol", learning_split=False)
+def _propose(backend, **kw):
+    args = dict(label="18", tried=[], last_refusal=None, attempt=1)
+    return Reflector(backend).propose("Eggs problem", "wrong work", "16 - 3 - 4 = 9; 9 * 2 = 18", **{**args, **kw})
 
 
-def test_reflector_gives_up_after_bounded_attempts():
-    backend = ScriptedBackend(lambda p, s, w: "I cannot think of a rule.")
-    with pytest.raises(ReflectionError, match="3 attempts"):
-        Reflector(backend).reflect("q", "w", label="1", learning_split=True)
-    assert len(backend.calls) == 3
+def test_reflector_compares_with_the_verified_solution_and_shows_no_example_rule():
+    backend = ScriptedBackend(lambda p, s, w: "RULE: Subtract what is eaten before multiplying by the price.")
+    candidate = _propose(backend)
+    assert candidate.refused is None and candidate.text.startswith("Subtract")
+    prompt = backend.calls[0]["prompt"]
+    assert "wrong work" in prompt and "16 - 3 - 4 = 9" in prompt and backend.calls[0]["sampling"].temperature == 0
+    assert "The form, for a different mistake" not in prompt and "RULE: When" not in prompt  # nothing to copy
 
 
-def test_reflector_shows_the_previous_rule():
-    backend = ScriptedBackend(lambda p, s, w: "RULE: Read the question twice.")
-    Reflector(backend).reflect("q", "w", label="4", learning_split=False, previous_rule="Add carefully.")
-    assert "Earlier rule: Add carefully." in backend.calls[0]["prompt"]
-    assert "reference" not in backend.calls[0]["prompt"].lower().split("rule")[0]
+def test_reflector_candidates_are_refused_with_a_reason():
+    for draft, reason in [("RULE: The answer is always 18.", "it contains the problem's answer"),
+                          ("I cannot think of a rule.", "it has no 'RULE:' line"),
+                          ("RULE: Find the first step where the wrong solution goes astray from the correct one.",
+                           "it repeats the instructions or the example instead of stating a lesson")]:
+        candidate = _propose(ScriptedBackend(lambda p, s, w, d=draft: d))
+        assert candidate.refused == reason, draft
 
 
-def test_diversifier_writes_four_shapes_and_drops_leaks():
-    def script(prompt, sampling, w):
-        if "NEW short math word problem" in prompt:
-            return "Problem: A shop sells 4 pens at $2 each. What is the cost?\n\n4 * 2 = 8. The answer is 8."
-        if "checklist" in prompt:
-            return "1. Re-read. 2. The result must be 42." if sampling.temperature == 0 else "1. Re-read. 2. Check units."
-        return "Explain and contrast the rule with care, step by step."
-
-    backend = ScriptedBackend(script)
-    result = Diversifier(backend).diversify("Multiply count by unit price.", label="42")
-    shapes = [t.shape for t in result.texts]
-    assert shapes == ["principle", "worked_example", "checklist", "contrast"]
-    worked = result.texts[1]
-    assert "A shop sells 4 pens" in worked.prompt and worked.completion.startswith("4 * 2 = 8")
-    assert all(not leaks_answer(t.prompt + t.completion, "42") for t in result.texts)
-    assert result.dropped == {}  # the leaking checklist was rewritten on the sampled retry
+def test_reflector_lists_rules_already_tried_and_refuses_a_repeat():
+    backend = ScriptedBackend(lambda p, s, w: "RULE: Add  carefully.")
+    candidate = _propose(backend, tried=["Add carefully"], last_refusal="it did not help", attempt=2)
+    assert candidate.refused == "it repeats a rule already tried on this problem"
+    prompt = backend.calls[0]["prompt"]
+    assert "These rules were tried and did not help" in prompt and "- Add carefully" in prompt
+    assert "rejected because it did not help" in prompt and backend.calls[0]["sampling"].temperature > 0
 
 
-def test_diversifier_fails_when_every_text_leaks():
-    backend = ScriptedBackend(lambda p, s, w: "Everything here says 42 again and again.")
-    with pytest.raises(DiversifyError, match="no training text"):
-        Diversifier(backend, DiversifierConfig(shapes=("principle", "checklist"))).diversify("r", label="42")
+def test_variants_keep_every_quantity_or_are_refused():
+    question = "Tom has 3 boxes of 12 pens and gives away 5 pens. How many are left?"
+    assert quantity_problem(question, "Sam has 3 crates of 12 pencils and gives away 5 pencils. How many remain?") is None
+    assert "lost 5" in quantity_problem(question, "Sam has 3 crates of 12 pencils and gives some away. How many remain?")
+    assert "added 7" in quantity_problem(question, question.replace("5 pens", "5 pens and 7 more"))
+    assert "lost 12; added 13" in quantity_problem(question, question.replace("12", "13"))
+    assert quantity_problem(question, question) == "it repeats the problem unchanged"
+    outputs = iter(["Problem: Sam has 3 crates of 12 pencils and gives away 5 pencils. How many remain?",
+                    "Problem: Ann has 3 boxes of 12 pens and gives away 6 pens. How many are left?"])
+    backend = ScriptedBackend(lambda p, s, w: next(outputs))
+    made = Diversifier(backend, DiversifierConfig(kinds=("paraphrase", "rename"))).variants(question, seed=3)
+    assert made.kept == ["Sam has 3 crates of 12 pencils and gives away 5 pencils. How many remain?"]
+    assert made.refused[0]["kind"] == "rename" and "numbers differ" in made.refused[0]["reason"]
+    assert all(c["sampling"].temperature > 0 for c in backend.calls)
 
 
-def test_reflector_refuses_a_rule_that_repeats_its_instructions():
-    from agents.prompts import REFLECT_EXAMPLE
-
-    drafts = iter([REFLECT_EXAMPLE, "RULE: Do not use this problem's specific numbers.", "RULE: Convert hours to minutes before adding times."])
-    backend = ScriptedBackend(lambda p, s, w: next(drafts))
-    reflection = Reflector(backend).reflect("q", "w", label="5", learning_split=True)
-    assert reflection.rule == "Convert hours to minutes before adding times."
-    assert reflection.rejected == ["it repeats the instructions or the example instead of stating a lesson"] * 2
-
-
-def test_reflector_refuses_to_repeat_the_previous_rule():
-    drafts = iter(["RULE: Add carefully.", "RULE: Check which quantities are per day."])
-    backend = ScriptedBackend(lambda p, s, w: next(drafts))
-    reflection = Reflector(backend).reflect("q", "w", label="5", learning_split=True, previous_rule="Add  carefully")
-    assert reflection.rule == "Check which quantities are per day."
-    assert reflection.rejected == ["it repeats the earlier rule that did not fix the mistake"]
+def test_verified_texts_are_distinct_usable_and_in_the_solver_format():
+    attempts = [Attempt("3 + 5 = 8\nSo \\boxed{8}", "8", "boxed", 10),
+                Attempt("3 + 5 = 8\nThe answer is 8.", "8", "answer_is", 10),  # the same solution once normalised
+                Attempt("3 + 5 = 8, that is 8 apples", "8", "last_number", 10),  # no answer line of its own
+                Attempt("3 + 5 = 8 " * 50 + "\nThe answer is 8.", "8", "answer_is", 384),  # hit the cap
+                Attempt("3 + 4 = 7\nThe answer is 7.", "7", "answer_is", 10)]  # wrong
+    texts = verified_texts("Q?", attempts, "8", 384, "own_sample")
+    assert [t.completion for t in texts] == ["3 + 5 = 8\nThe answer is 8."]
+    assert verified_share(attempts, "8") == pytest.approx(0.8) and verified_share(attempts, None) == 0.0
+    assert not usable(attempts[2], 384) and not usable(attempts[3], 384)
+    assert as_completion("Work.\n#### 1,200", "1,200") == "Work.\nThe answer is 1200."
+    with pytest.raises(ValueError, match="source must be"):
+        verified_texts("Q?", attempts, "8", 384, "checklist")

@@ -19,7 +19,8 @@ from adapters.trainer import TestTimeTrainer, TrainerConfig
 from agents.errors import DataError
 from agents.data_sources import open_source
 from agents.gsm8k import Problem, problem_id, sample_problems
-from agents.prompts import DIVERSIFY_SYSTEM, REFLECT_SYSTEM, SOLVER_SYSTEM
+from agents.prompts import REFLECT_SYSTEM, SOLVER_SYSTEM, VARIANT_SYSTEM
+from agents.verifier import VerifierConfig
 from graph.harness import (
     EvalConfig,
     EvalInterrupted,
@@ -71,7 +72,15 @@ class Model:
     def trained(self):
         return any(bool(m.lora_B.detach().any()) for m in self.loaded.model.modules() if isinstance(m, LoRABankLinear))
 
+    def label(self, question):
+        """The label of a question or of a variant of it (variants keep the numbers)."""
+        numbers = sorted(re.findall(r"\d+", question))
+        return next(a for q, a in self.labels.items() if sorted(re.findall(r"\d+", q)) == numbers)
+
     def script(self, prompt, sampling, weights):
+        if VARIANT_SYSTEM in prompt:
+            question = re.search(r"Problem: (.*?)</user>", prompt, re.DOTALL).group(1).strip()
+            return "Problem: " + question.replace("crate", "box")
         if SOLVER_SYSTEM[:30] in prompt:
             question = re.search(r"Problem: (.*?)</user>", prompt, re.DOTALL).group(1).strip()
             with_rules = "Rules learned from earlier mistakes" in prompt
@@ -79,16 +88,12 @@ class Model:
             if question == EVAL_Q[0]:
                 return "I get 41.\nThe answer is 41." if with_rules else "6 * 7 = 42.\nThe answer is 42."
             if with_rules or adapted:
-                return f"Working it out.\nThe answer is {self.labels[question]}."
+                return f"Working it out.\nThe answer is {self.label(question)}."
             if question == EVAL_Q[1]:
                 return "I am not sure how to do this one."
             return "I think it is 1.\nThe answer is 1."
         if REFLECT_SYSTEM[:30] in prompt:
             return "RULE: Read every quantity in the question before combining them."
-        if DIVERSIFY_SYSTEM in prompt:
-            if "NEW short math word problem" in prompt:
-                return "Problem: A bag has 2 red and 3 blue marbles. How many marbles?\n\n2 + 3 = 5. The answer is 5."
-            return "Go through each quantity, name its unit, and combine them in the order the question asks."
         raise AssertionError(f"unexpected prompt: {prompt[:200]}")
 
     def prompts(self, needle):
@@ -98,7 +103,8 @@ class Model:
 def _config(tmp_path, **kw):
     data = {"learn_data": _write(tmp_path / "learn.jsonl", LEARN), "eval_data": _write(tmp_path / "eval.jsonl", EVAL)}
     base = dict(model="tiny-random", learn_problems=4, eval_problems=4, cycles=2, max_new_tokens=16, embedder="hash",
-                bank=BankConfig(n_experts=4), trainer=TrainerConfig(steps_per_update=1), batch_size=3)
+                bank=BankConfig(n_experts=4), trainer=TrainerConfig(steps_per_update=1), batch_size=3,
+                verifier=VerifierConfig(samples=3))
     return EvalConfig(**{**data, **base, **kw})
 
 
@@ -193,9 +199,10 @@ def holdout(tmp_path_factory):
 def test_holdout_arms_score_as_scripted_with_flips_and_tests(holdout):
     report, *_ = holdout
     arms = report.summary()["arms"]
-    assert list(arms) == ["frozen", "rules", "adapters", "full", "single-lora"]
+    assert list(arms) == ["frozen", "vote", "rules", "adapters", "full", "single-lora"]
     assert {k: (v["correct"], v["n"]) for k, v in arms.items()} == {
-        "frozen": (1, 4), "rules": (3, 4), "adapters": (4, 4), "full": (3, 4), "single-lora": (4, 4)}
+        "frozen": (1, 4), "vote": (1, 4), "rules": (3, 4), "adapters": (4, 4), "full": (3, 4), "single-lora": (4, 4)}
+    assert arms["adapters"]["vs_vote"]["flips"]["wrong_right"] == 3 and "vs_vote" not in arms["frozen"]
     assert arms["frozen"]["format_failures"] == 1 and arms["frozen"]["wrong"] == 2  # counted apart
     rules = arms["rules"]["vs_frozen"]
     assert rules["flips"] == {"right_right": 0, "wrong_right": 3, "right_wrong": 1, "wrong_wrong": 0}
@@ -205,6 +212,9 @@ def test_holdout_arms_score_as_scripted_with_flips_and_tests(holdout):
     assert low < 0.25 < high
     learning = report.arms["adapters"].learning
     assert learning["fixed"] >= 1 and learning["updates"] >= 1 and learning["texts"] >= 1
+    assert learning["rules_validated"] >= 1 and learning["learned_from"] >= 1
+    assert learning["texts_by_source"]["rule_conditioned"] >= 1 and learning["texts_by_source"]["variant"] >= 1
+    assert learning["episodes_timed"] == 4 and learning["episode_seconds_p90"] >= learning["episode_seconds_median"]
     assert report.arms["single-lora"].learning["bursts"] == learning["updates"]
     usage = report.arms["full"].expert_usage
     assert len(usage["mean_weight"]) == 4 and sum(usage["updates"]) >= 1
@@ -213,19 +223,25 @@ def test_holdout_arms_score_as_scripted_with_flips_and_tests(holdout):
 def test_holdout_evaluation_problems_never_reach_reflect_diversify_or_training(holdout):
     report, model, trained_texts, _ = holdout
     reflect_prompts = model.prompts(REFLECT_SYSTEM[:30])
-    diversify_prompts = model.prompts(DIVERSIFY_SYSTEM)
+    diversify_prompts = model.prompts(VARIANT_SYSTEM)
+    validate_prompts = [p for p in model.prompts("Rules learned from earlier mistakes") if "(Hint" not in p]
     assert reflect_prompts and diversify_prompts and trained_texts  # the check is not vacuous
     assert any(solution in p for _, _, solution in LEARN for p in reflect_prompts)  # learning solutions do reach it
     for question, label, solution in EVAL:
         for text in reflect_prompts + diversify_prompts + trained_texts:
             assert question not in text and solution not in text
+    # rule validation solves only learning problems (and their variants); scoring is a separate call
+    learning_sampled = [c["prompt"] for b in model.backends for c in b.calls if c["sampling"].temperature > 0
+                        and "Rules learned" in c["prompt"]]
+    assert learning_sampled and not any(q in p for q in EVAL_Q for p in learning_sampled)
+    assert validate_prompts
     eval_ids = {item["id"] for item in report.items}
     assert not eval_ids & set(report.learn_ids)
     assert report.leak_check["containing_an_evaluation_question"] == 0
     assert report.leak_check["rules"] >= 2 and report.leak_check["training_texts"] >= 1
     # every solve of an evaluation question is a scoring call: no other node saw them
     solve_prompts = model.prompts(SOLVER_SYSTEM[:30])
-    assert sum(EVAL_Q[2] in p for p in solve_prompts) == 5  # once per arm
+    assert sum(EVAL_Q[2] in p for p in solve_prompts) == 5 + 3  # once per arm, and the vote arm's 3 samples
 
 
 def test_holdout_report_files_are_written_and_readable(holdout):
@@ -240,7 +256,8 @@ def test_holdout_report_files_are_written_and_readable(holdout):
     md = (run_dir / "report.md").read_text()
     assert md.startswith("# GSM8K evaluation, protocol: holdout")
     assert "| rules | 3/4 | 75.0% |" in md and "McNemar" in md and "no answer" in md
-    assert "- scored answers generated by (frozen, rules, adapters, full, single-lora): scripted (tests)" in md
+    assert "- scored answers generated by (frozen, vote, rules, adapters, full, single-lora): scripted (tests)" in md
+    assert "## Against majority voting at equal samples" in md and "| adapters | +75.0 pts | 3 | 0 |" in md
     assert "- learning generated by (rules, adapters, full): scripted (tests)" in md
     assert {arm["backend"] for arm in data["arms"].values()} == {"scripted (tests)"}
     for name in ("accuracy.png", "learning.png", "experts.png"):
@@ -271,7 +288,7 @@ def test_resuming_an_evaluation_saved_before_the_backend_setting_means_torch(hol
 
 def test_every_backend_an_evaluation_builds_is_closed_and_none_is_used_after(holdout):
     _, model, _, _ = holdout  # ScriptedBackend asserts on any call after close()
-    assert len(model.backends) == 1 + 2 * 3 + 1  # frozen; learning and scoring per loop arm; single-lora
+    assert len(model.backends) == 2 + 2 * 3 + 1  # frozen, vote; learning and scoring per loop arm; single-lora
     assert all(b.closed for b in model.backends)
 
 
@@ -372,3 +389,29 @@ def test_eval_overlapping_files_are_refused(tmp_path):
                                       "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 1 and "overlap" in result.output
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_the_vote_arm_takes_the_majority_of_exactly_k_samples(tmp_path):
+    import itertools
+    from collections import Counter
+
+    model = Model()
+    answers = itertools.cycle(["41", "42", "42"])  # EVAL_Q[0]: one wrong sample, two right
+    scripted = model.script
+
+    def script(prompt, sampling, weights):
+        if sampling.temperature > 0 and EVAL_Q[0] in prompt:
+            return f"Counting.\nThe answer is {next(answers)}."
+        return scripted(prompt, sampling, weights)
+
+    model.script = script
+    config = _config(tmp_path, arms=("frozen", "vote"), verifier=VerifierConfig(samples=3, temperature=0.8), plots=False)
+    report = _evaluate(config, tmp_path / "run", model)
+    sampled = [c for b in model.backends for c in b.calls if c["sampling"].temperature > 0]
+    assert Counter(q for c in sampled for q in EVAL_Q if q in c["prompt"]) == {q: 3 for q in EVAL_Q}
+    assert all(c["sampling"].temperature == 0.8 for c in sampled)
+    scores = {s.id: s for s in report.arms["vote"].scores}
+    first = scores[problem_id("eval", EVAL_Q[0])]
+    assert first.correct and first.answer == "42" and first.strategy == "vote"
+    assert report.arms["vote"].learning == {"samples_per_problem": 3, "temperature": 0.8}
+    assert report.summary()["arms"]["vote"]["vs_frozen"]["flips"]["right_right"] == 1

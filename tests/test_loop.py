@@ -14,6 +14,7 @@ from agents.verifier import VerifierConfig
 from graph.context import LoopConfig
 from graph.runner import RunSettings, StopFlag, build_context, run_episodes
 from memory_store.embedding import HashEmbedding
+from agents.prompts import VARIANT_SYSTEM
 from tests.fakes import ScriptedBackend
 
 APPLES = {"id": "p-apples", "question": "Tom has 3 apples and buys 5 more. How many apples?", "label": "8",
@@ -28,37 +29,62 @@ def trained(ctx) -> bool:
     return bool((ctx.bank.expert_norms() > 0).any())
 
 
+HELPFUL = "Read every quantity"  # rules starting so make the scripted model's samples right
+HINT = "Hint: the correct final answer is"
+
+
+def _base(question):
+    """The problem a question (or a variant of it, which keeps the numbers) comes from."""
+    numbers = sorted(re.findall(r"\d+", question))
+    for p in (APPLES, PENS, CAKES):
+        if sorted(re.findall(r"\d+", p["question"])) == numbers:
+            return p
+    raise AssertionError(question)
+
+
 class World:
-    """A scripted model whose answers depend on whether the bank has been trained."""
+    """A scripted model: greedy answers depend on whether the bank is trained; samples on the rule in the prompt."""
 
     def __init__(self):
         self.ctx = None
-        self.right_before = {"Tom has 3 apples"}  # solved by the frozen model
-        self.right_after = {"A box holds 4 pens"}  # solved once any expert is trained
-        self.broken_after = set()  # solved before training, wrong after (a harmful update)
+        self.right_before = {"p-apples"}  # greedy and sampled answers right before any training
+        self.right_after = {"p-pens"}  # greedy right once any expert is trained
+        self.broken_after = set()  # right before training, wrong after (a harmful update)
+        self.rule_helps = {"p-pens", "p-cakes"}  # sampled answers right with a HELPFUL rule in the prompt
+        self.rarely_right = set()  # greedy right, but only the first sample of each call
+        self.scattered = False  # sampled answers all different (no agreement)
+        self.variants_keep_numbers = True
         self.rules = iter([])
+        self.calls = 0
 
     def script(self, prompt, sampling, weights):
-        if "Problem:" in prompt and "Start with 'RULE:'" not in prompt and "Rule:" not in prompt:
-            question = re.search(r"Problem: (.*?)</user>", prompt, re.DOTALL).group(1)
-            is_trained = trained(self.ctx)
-            if any(q in question for q in self.broken_after):
-                return "The answer is 99." if is_trained else _right(question)
-            if any(q in question for q in self.right_before) or (is_trained and any(q in question for q in self.right_after)):
-                return _right(question)
-            return "I think it is 1.\nThe answer is 1."
+        self.calls += 1
         if "Start with 'RULE:'" in prompt:
-            return next(self.rules, "RULE: Read every quantity in the question before combining them.")
-        if "NEW short math word problem" in prompt:
-            return "Problem: A bag has 2 red and 3 blue marbles. How many marbles?\n\n2 + 3 = 5. The answer is 5."
-        return "Go through each quantity, name its unit, and combine them in the order the question asks."
+            return next(self.rules, f"RULE: {HELPFUL} in the question before combining them.")
+        question = re.search(r"Problem: (.*?)</user>", prompt, re.DOTALL).group(1)
+        if VARIANT_SYSTEM in prompt:
+            keep = question.replace("Tom", "Sam").replace("box", "crate").replace("Ann", "Eve")
+            return "Problem: " + (keep if self.variants_keep_numbers else keep + " Then 9 more arrive.")
+        problem = _base(question.split("\n\n(Hint")[0])
+        sampled = sampling.temperature > 0
+        if HINT in question:
+            return f"Working it out myself: {problem['solution']}.\nThe answer is {problem['label']}."
+        if sampled and self.scattered:
+            return f"The answer is {self.calls}."
+        if problem["id"] in self.broken_after and trained(self.ctx):
+            return "The answer is 99."
+        if problem["id"] in self.rarely_right:
+            right = not sampled or self.calls % 3 == 0
+            return _right(problem) if right else "I think it is 1.\nThe answer is 1."
+        if problem["id"] in self.right_before or (not sampled and trained(self.ctx) and problem["id"] in self.right_after):
+            return _right(problem)
+        if sampled and problem["id"] in self.rule_helps and HELPFUL in prompt:
+            return _right(problem)
+        return "I think it is 1.\nThe answer is 1."
 
 
-def _right(question):
-    for p in (APPLES, PENS, CAKES):
-        if p["question"][:15] in question:
-            return f"{p['solution']}.\nThe answer is {p['label']}."
-    raise AssertionError(question)
+def _right(problem):
+    return f"{problem['solution']}.\nThe answer is {problem['label']}."
 
 
 def _settings(**loop):
@@ -109,50 +135,124 @@ def test_correct_first_try_commits_without_learning(make_run, tmp_path):
     assert ctx.memory.stats().n_episodes == 1
 
 
-def test_wrong_answer_is_reflected_trained_and_fixed(make_run, tmp_path):
+def _trained_texts(final):
+    return [t for u in final["updates"] for t in u["texts"]]
+
+
+def test_wrong_answer_gets_a_validated_rule_verified_texts_and_is_fixed(make_run, tmp_path):
     ctx, backend = make_run(World())
     base = BankSnapshot.capture(ctx.bank, ctx.router)
     (final,) = _run(ctx, [PENS], tmp_path / "run")
-    assert final["first"]["correct"] is False
+    assert final["first"]["correct"] is False and final["verified_share"] == 0.0
     assert final["outcome"] == "fixed" and final["verdict"]["correct"]
-    assert len(final["updates"]) == 1 and len(final["texts"]) == 4
+    (rule,) = final["rules"]
+    assert rule["status"] == "validated" and rule["share_with"] == 1.0 and rule["share_without"] == 0.0
+    texts = _trained_texts(final)
+    assert {t["source"] for t in texts} == {"rule_conditioned", "variant"}
+    assert all(t["completion"].endswith("The answer is 24.") for t in texts)  # only verified solutions
+    # context distillation: the rule helped in the prompt, the training prompts carry no rule
+    assert not any("Rules learned" in t["prompt"] or HELPFUL in t["prompt"] for t in texts)
+    assert any("crate" in t["prompt"] for t in texts)  # a variant, solved with the rule, trained without it
     update = final["updates"][0]
     assert update["expert"] != ctx.bank.config.shared_expert or update["mode"] == "single"
     assert any(not torch.equal(v, base.bank[k]) for k, v in BankSnapshot.capture(ctx.bank, ctx.router).bank.items())
-    # the reflector saw the learning problem's reference solution, never an answer-bearing rule
+    # the reflector compared the wrong attempt with the learning problem's reference solution
     (reflect_prompt,) = backend.prompts_containing("Start with 'RULE:'")
-    assert "4 * 6 = 24" in reflect_prompt
-    (rule,) = ctx.memory.list_rules()
-    assert rule.expert == update["expert"] and rule.helped == 1 and rule.status == "trained"
-    provenance = ctx.memory.show_rule(rule.rule_id)
-    assert provenance.rule.rule_id == rule.rule_id
-    # the bank on disk is the trained one
+    assert "4 * 6 = 24" in reflect_prompt and "I think it is 1." in reflect_prompt
+    (stored,) = ctx.memory.list_rules()
+    assert stored.expert == update["expert"] and stored.helped == 1 and stored.status == "trained"
+    assert (stored.share_with, stored.share_without) == (1.0, 0.0)
+    assert ctx.memory.show_rule(stored.rule_id).rule.rule_id == stored.rule_id
     saved = BankSnapshot.capture(ctx.bank, ctx.router)
     from adapters.store import load_bank
 
-    load_bank(ctx.bank_store.current, ctx.bank, ctx.router)
+    load_bank(ctx.bank_store.current, ctx.bank, ctx.router)  # the bank on disk is the trained one
     assert all(torch.equal(v, saved.bank[k]) for k, v in BankSnapshot.capture(ctx.bank, ctx.router).bank.items())
+
+
+def test_a_refuted_rule_is_stored_refuted_and_never_placed_in_a_prompt(make_run, tmp_path):
+    world = World()
+    world.rules = iter(["RULE: Count the boxes first.", "RULE: Multiply only after reading units.",
+                        "RULE: Subtract what is sold."])  # then the helpful default
+    world.right_after = set()
+    ctx, backend = make_run(world, settings=_settings(cycles=1))
+    first, second = _run(ctx, [CAKES, PENS], tmp_path / "run")
+    assert [r["status"] for r in first["rules"]] == ["refuted"] * 3 and first["rule"] is None
+    statuses = {r.text: r.status for r in ctx.memory.list_rules()}
+    assert statuses["Count the boxes first."] == "refuted" and statuses["Subtract what is sold."] == "refuted"
+    # a refuted rule appeared only in its own validation prompts, never in a later solve
+    for text in ("Count the boxes first.", "Subtract what is sold."):
+        assert all("Ann bakes 7 cakes" in p for p in backend.prompts_containing(text) if "Rules learned" in p)
+    assert not any("Count the boxes first." in p for p in backend.prompts_containing("A box holds 4 pens")
+                   if "Rules learned" in p)
+    # no rule validated: STaR's rationalization, whose hint never reaches a training prompt
+    texts = _trained_texts(first)
+    assert texts and {t["source"] for t in texts} == {"rationalization"}
+    assert backend.prompts_containing(HINT) and not any(HINT in t["prompt"] for t in texts)
+    assert all(t["completion"].endswith("The answer is 5.") for t in texts)
+    assert second["rules"][0]["status"] == "validated"
+
+
+def test_only_verified_texts_reach_the_trainer(make_run, tmp_path, monkeypatch):
+    from adapters.trainer import TestTimeTrainer
+
+    seen = []
+    real = TestTimeTrainer.update
+
+    def recording(self, examples, *args, **kwargs):
+        seen.extend(examples)
+        return real(self, examples, *args, **kwargs)
+
+    monkeypatch.setattr(TestTimeTrainer, "update", recording)
+    world = World()
+    world.rarely_right = {"p-cakes"}
+    ctx, _ = make_run(world)
+    _run(ctx, [APPLES, PENS, CAKES], tmp_path / "run")
+    assert seen
+    for example in seen:
+        problem = _base(re.search(r"Problem: (.*?)</user>", example.prompt, re.DOTALL).group(1))
+        assert example.completion.endswith(f"The answer is {problem['label']}."), example.completion
+        assert "The answer is 1." not in example.completion and HINT not in example.prompt
+
+
+def test_right_but_rarely_learns_from_its_own_verified_samples(make_run, tmp_path):
+    world = World()
+    world.rarely_right = {"p-cakes"}
+    ctx, backend = make_run(world)
+    (final,) = _run(ctx, [CAKES], tmp_path / "run")
+    assert final["first"]["correct"] and final["verified_share"] < ctx.config.low_share
+    assert final["outcome"] == "correct" and not backend.prompts_containing("Start with 'RULE:'")
+    (update,) = final["updates"]
+    assert {t["source"] for t in update["texts"]} == {"own_sample"} and len(update["texts"]) == 1  # distinct
+
+
+def test_variants_that_change_a_quantity_are_refused(make_run, tmp_path):
+    world = World()
+    world.variants_keep_numbers = False
+    ctx, _ = make_run(world)
+    (final,) = _run(ctx, [PENS], tmp_path / "run")
+    assert final["variants"] and all(v["status"] == "refused" and "numbers differ" in v["reason"] for v in final["variants"])
+    assert {t["source"] for t in _trained_texts(final)} == {"rule_conditioned"}
 
 
 def test_unfixed_problem_uses_all_cycles_then_rolls_back(make_run, tmp_path):
     world = World()
-    world.rules = iter(["RULE: Count the boxes first.", "RULE: Multiply only after reading units."])
+    world.right_after = set()
     ctx, backend = make_run(world)
     before = BankSnapshot.capture(ctx.bank, ctx.router)
     (final,) = _run(ctx, [CAKES], tmp_path / "run")
     assert final["outcome"] == "unfixed" and len(final["updates"]) == 2
-    assert [r["text"] for r in final["rules"]] == ["Count the boxes first.", "Multiply only after reading units."]
     second_reflection = backend.prompts_containing("Start with 'RULE:'")[1]
-    assert "Earlier rule: Count the boxes first." in second_reflection
+    assert f"These rules were tried and did not help" in second_reflection and HELPFUL in second_reflection
     after = BankSnapshot.capture(ctx.bank, ctx.router)
     assert all(torch.equal(v, before.bank[k]) for k, v in after.bank.items())  # the episode was undone
     assert final["rolled_back_to"] == "ep00000-c0"
-    assert {r.helped + r.hurt for r in ctx.memory.list_rules()} == {0, 1}
+    assert {r.status for r in ctx.memory.list_rules()} <= {"rolled_back", "refuted"}
 
 
 def test_regression_gate_rolls_back_an_update_that_breaks_a_canary(make_run, tmp_path):
     world = World()
-    world.broken_after = {"Tom has 3 apples"}  # any training breaks the apples problem
+    world.broken_after = {"p-apples"}  # any training breaks the apples problem
     ctx, _ = make_run(world)
     first, second = _run(ctx, [APPLES, PENS], tmp_path / "run")
     assert first["outcome"] == "correct"
@@ -160,27 +260,42 @@ def test_regression_gate_rolls_back_an_update_that_breaks_a_canary(make_run, tmp
     assert checks and all(c["rolled_back"] and c["broke"] == ["p-apples"] for c in checks)
     assert second["outcome"] == "unfixed"
     assert not trained(ctx)  # every harmful update was undone
-    broke = ctx.memory.graph.broke_by(checks[0]["update_id"])
-    assert broke, "the memory graph records the broken canary"
+    assert ctx.memory.graph.broke_by(checks[0]["update_id"]), "the memory graph records the broken canary"
+    # the rule whose update the gate undid is not recorded as trained into its expert
+    assert {r.status for r in ctx.memory.list_rules()} == {"rolled_back"}
 
 
 def test_holdout_problems_never_reach_reflect_diversify_or_update(make_run, tmp_path):
     ctx, backend = make_run(World())
     (final,) = _run(ctx, [dict(CAKES, solution=None)], tmp_path / "run", learning=False)
     assert final["outcome"] == "not_learned"
-    assert not backend.prompts_containing("Start with 'RULE:'")
-    assert not backend.prompts_containing("Rule:")
+    assert not backend.prompts_containing("Start with 'RULE:'") and not backend.prompts_containing(VARIANT_SYSTEM)
+    assert not backend.prompts_containing(HINT)
+    assert not [c for c in backend.calls if c["sampling"].temperature > 0]  # not even sampled
     assert final["updates"] == [] and not trained(ctx)
 
 
 def test_label_free_mode_votes_on_sampled_answers(make_run, tmp_path):
     ctx, backend = make_run(World(), settings=_settings(label_free=True))
     (final,) = _run(ctx, [dict(APPLES, label=None, solution=None)], tmp_path / "run")
-    assert final["first"]["label_free"] and final["first"]["correct"]
-    assert final["first"]["confidence"] == 1.0 and final["first"]["votes"] == {"8": 3}
+    assert final["first"]["label_free"] and final["first"]["correct"] and final["target"] == "8"
+    assert final["first"]["confidence"] == 1.0
     sampled = [c for c in backend.calls if c["sampling"].temperature > 0]
     assert len(sampled) == 3
     assert final["carry"]["canary"][0]["label"] == "8"  # the confident majority guards later updates
+
+
+def test_label_free_skips_a_problem_below_the_agreement_share_and_never_rationalizes(make_run, tmp_path):
+    world = World()
+    world.scattered = True
+    ctx, backend = make_run(world, settings=_settings(label_free=True))
+    (skipped,) = _run(ctx, [dict(CAKES, label=None, solution=None)], tmp_path / "run")
+    assert skipped["unverifiable"] and skipped["outcome"] == "skipped" and skipped["updates"] == []
+    assert not backend.prompts_containing("Start with 'RULE:'")
+    world.scattered = False  # now the samples agree (on the wrong 1): a pseudo-label, greedy agrees
+    ctx2, backend2 = make_run(world, settings=_settings(label_free=True), run_dir=tmp_path / "two")
+    (agreed,) = _run(ctx2, [dict(PENS, label=None, solution=None)], tmp_path / "two")
+    assert agreed["target"] == "1" and not backend2.prompts_containing(HINT) and not backend.prompts_containing(HINT)
 
 
 def _state_of(ctx, finals):

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from adapters.bank import BankConfig, LoRABankLinear
 from adapters.trainer import TrainerConfig
-from agents.prompts import DIVERSIFY_SYSTEM, REFLECT_SYSTEM, SOLVER_SYSTEM
+from agents.prompts import REFLECT_SYSTEM, SOLVER_SYSTEM, VARIANT_SYSTEM
 from agents.solver import SolverConfig
 from graph.context import LoopConfig
 from graph.runner import RunSettings, build_context, prepare_run_dir, run_episodes
@@ -39,14 +39,21 @@ def run_dir(tmp_path_factory):
                   "RULE: Subtract what was sold from what was made.",
                   "RULE: Check which quantity the question asks for before answering."])
 
+    helpful = {"4 pens": "Multiply the count per box", "7 cakes": "Subtract what was sold"}
+
     def script(prompt, sampling, weights):
+        if VARIANT_SYSTEM in prompt:
+            return "Problem: " + re.search(r"Problem: (.*?)</user>", prompt, re.DOTALL).group(1).replace("A box", "A crate")
         if SOLVER_SYSTEM[:30] in prompt:
             trained = any(bool(m.lora_B.detach().any()) for m in loaded.model.modules() if isinstance(m, LoRABankLinear))
+            if sampling.temperature > 0:  # sampled answers verify with a helpful rule in the prompt
+                for needle, rule in helpful.items():
+                    if needle in prompt and (rule in prompt or "Check which quantity" in prompt):
+                        return f"Worked out.\nThe answer is {24 if needle == '4 pens' else 5}."
+                return "The answer is 1."
             return "4 * 6 = 24.\nThe answer is 24." if trained and "4 pens" in prompt else "The answer is 1."
         if REFLECT_SYSTEM[:30] in prompt:
             return next(rules)
-        if DIVERSIFY_SYSTEM in prompt:
-            return "Go through each quantity, name its unit, and combine them in the order the question asks."
         raise AssertionError(prompt[:200])
 
     settings = RunSettings(model="tiny-random", data="inline", episodes=2, loop=LoopConfig(cycles=2, canary_size=2),
