@@ -36,11 +36,6 @@ REFLECT_PREVIOUS = (
     "These rules were tried and did not help; write a different one:\n{rules}\n\n"
 )
 
-REFLECT_RETRY = (
-    "Your rule was rejected because {reason}. Write one general rule in one or two sentences, "
-    "starting with 'RULE:', without any number from the problem."
-)
-
 # ---------------------------------------------------------------- rationalizer
 # STaR's rationalization (Zelikman et al. 2022): the answer as a hint, the model's own solution.
 # The hint is in this prompt only; the training text pairs the solution with the solver's prompt.

@@ -14,25 +14,25 @@ from dataclasses import dataclass
 
 from agents.backend import GenerationBackend, Sampling
 from agents.guard import rule_problem
-from agents.prompts import REFLECT_PREVIOUS, REFLECT_RETRY, REFLECT_SYSTEM, REFLECT_USER
+from agents.prompts import REFLECT_PREVIOUS, REFLECT_SYSTEM, REFLECT_USER
 
 _RULE = re.compile(r"RULE:\s*(.+)", re.IGNORECASE | re.DOTALL)
 
 
 @dataclass
 class ReflectorConfig:
-    max_attempts: int = 3  # rule candidates per cycle (refused by the guard or by validation)
+    max_attempts: int = 3  # rule candidates per cycle, written in one batched call
     max_chars: int = 300  # a rule longer than this is refused
     max_sentences: int = 2  # a rule with more sentences is refused
     max_new_tokens: int = 96  # generation cap for one rule
-    retry_temperature: float = 0.7  # later candidates are sampled, so they can differ from refused ones
+    temperature: float = 0.7  # candidates are sampled, so that they differ
 
     def __post_init__(self) -> None:
         for name in ("max_attempts", "max_chars", "max_sentences", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.retry_temperature <= 0:
-            raise ValueError(f"retry_temperature must be > 0, got {self.retry_temperature}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
 
 @dataclass
@@ -66,28 +66,31 @@ class Reflector:
         *,
         label: str | None,
         tried: list[str],
-        last_refusal: str | None,
-        attempt: int,
         seed: int = 0,
-    ) -> Candidate:
-        """One rule candidate, checked by the guard. ``label`` feeds only the leak guard; the model never sees it.
+    ) -> list[Candidate]:
+        """``max_attempts`` rule candidates from one batched call (sampled, so they differ), each checked by the guard.
 
-        ``tried``: rules already proposed for this problem (refused or refuted); the model is
-        asked for a different one, and repeating one is refused.
+        ``label`` feeds only the leak guard; the model never sees it. ``tried``: rules already
+        proposed for this problem; the model is asked for a different one, and a repeat (of
+        those or of an earlier candidate of this call) is refused.
         """
         cfg = self.config
         previous = REFLECT_PREVIOUS.format(rules="\n".join(f"- {r}" for r in tried)) if tried else ""
         user = REFLECT_USER.format(question=question, attempt=wrong_attempt, verified=verified_solution,
                                    previous=previous)
-        if last_refusal:
-            user = f"{user}\n\n{REFLECT_RETRY.format(reason=last_refusal)}"
-        sampling = Sampling() if attempt == 1 else Sampling(temperature=cfg.retry_temperature, seed=seed + attempt)
-        (out,) = self.backend.generate([self.backend.chat_prompt(REFLECT_SYSTEM, user)],
-                                       max_new_tokens=cfg.max_new_tokens, sampling=sampling)
-        rule = parse_rule(out.text)
-        if not rule:
-            return Candidate("", "it has no 'RULE:' line")
-        reason = rule_problem(rule, label, cfg.max_chars, cfg.max_sentences, echoes=(REFLECT_SYSTEM, REFLECT_USER))
-        if reason is None and any(_same_text(rule, t) for t in tried):
-            reason = "it repeats a rule already tried on this problem"
-        return Candidate(rule, reason)
+        prompt = self.backend.chat_prompt(REFLECT_SYSTEM, user)
+        outputs = self.backend.generate([prompt] * cfg.max_attempts, max_new_tokens=cfg.max_new_tokens,
+                                        sampling=Sampling(temperature=cfg.temperature, seed=seed))
+        seen = list(tried)
+        candidates = []
+        for out in outputs:
+            rule = parse_rule(out.text)
+            if not rule:
+                candidates.append(Candidate("", "it has no 'RULE:' line"))
+                continue
+            reason = rule_problem(rule, label, cfg.max_chars, cfg.max_sentences, echoes=(REFLECT_SYSTEM, REFLECT_USER))
+            if reason is None and any(_same_text(rule, t) for t in seen):
+                reason = "it repeats a rule already tried on this problem"
+            candidates.append(Candidate(rule, reason))
+            seen.append(rule)
+        return candidates

@@ -43,6 +43,7 @@ class LoopConfig:
     rationalize: bool = True  # STaR's rationalization when no rule validates (learning split, labels only)
     replay: int = 4  # earlier verified texts of the trained expert replayed with each update, against forgetting
     replay_keep: int = 32  # verified texts kept per expert for replay
+    keep_unfixed_updates: bool = True  # out of cycles and unfixed: keep updates that passed the canary gate
 
     def __post_init__(self) -> None:
         if self.cycles < 1:

@@ -156,31 +156,34 @@ def reflect(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     if verified is not None:
         share_without = _share_without(ctx, state, weights)
         tried = [c["text"] for c in state.get("candidates") or [] if c["text"]]
-        refusal = None
-        for attempt in range(1, ctx.reflector.config.max_attempts + 1):
-            cand = ctx.reflector.propose(question, state["attempt"]["text"], verified, label=label, tried=tried,
-                                         last_refusal=refusal, attempt=attempt, seed=_seed(ctx, state, attempt))
-            record = {"text": cand.text, "cycle": cycle, "attempt": attempt}
+        proposed = ctx.reflector.propose(question, state["attempt"]["text"], verified, label=label, tried=tried,
+                                         seed=_seed(ctx, state, 1))
+        for cand in proposed:
             if cand.refused:
-                refusal = cand.refused
-                candidates.append({**record, "status": "refused", "reason": cand.refused})
-                continue
-            tried.append(cand.text)
-            # Validation by effect: the same k samples (same seed and mixture), now with the rule.
-            with_rule = _sample(ctx, [question], [*base_rules, cand.text][-max(1, ctx.solver.config.max_rules):],
-                                weights, _sampling(ctx, state))
-            share_with = verified_share(with_rule, target)
-            validated = share_with > share_without
-            result = {**record, "status": "validated" if validated else "refuted",
-                      "share_with": share_with, "share_without": share_without,
-                      "reason": None if validated else f"verified share {share_with:.2f} with it, {share_without:.2f} without"}
-            candidates.append(result)
-            tested.append(result)
-            if validated:
-                rule = result
-                texts += verified_texts(question, with_rule, target, _cap(ctx), "rule_conditioned")
-                break
-            refusal = "it did not help: the problem was solved no more often with it"
+                candidates.append({"text": cand.text, "cycle": cycle, "status": "refused", "reason": cand.refused})
+        accepted = [c.text for c in proposed if not c.refused]
+        if accepted:
+            # Validation by effect: k samples per candidate, the first solve's mixture and
+            # sampling, now with the rule in the prompt; all candidates in one call.
+            k = ctx.verifier.samples
+            keep = max(1, ctx.solver.config.max_rules)
+            flat_rules = [[*base_rules, text][-keep:] for text in accepted for _ in range(k)]
+            answers = ctx.solver.solve([question] * len(flat_rules), flat_rules, weights=weights,
+                                       sampling=_sampling(ctx, state))
+            for j, text in enumerate(accepted):
+                with_rule = answers[j * k:(j + 1) * k]
+                share_with = verified_share(with_rule, target)
+                validated = share_with > share_without
+                result = {"text": text, "cycle": cycle, "status": "validated" if validated else "refuted",
+                          "share_with": share_with, "share_without": share_without,
+                          "reason": None if validated else f"verified share {share_with:.2f} with it, {share_without:.2f} without"}
+                candidates.append(result)
+                tested.append(result)
+                if validated and (rule is None or share_with > rule["share_with"]):
+                    rule, best = result, with_rule
+            if rule is not None:
+                rule["chosen"] = True  # the one the episode trains from; other validated rules stay in memory
+                texts += verified_texts(question, best, target, _cap(ctx), "rule_conditioned")
     if rule is None and _may_rationalize(ctx, state):
         hinted = rationalize(ctx.solver, question, problem["label"], ctx.verifier.samples, ctx.verifier.temperature,
                              _seed(ctx, state, 7), weights=weights)
@@ -281,11 +284,16 @@ def reevaluate(state: LoopState, runtime: Runtime[RunContext]) -> dict:
 
 
 def rollback(state: LoopState, runtime: Runtime[RunContext]) -> dict:
-    """Out of cycles (or nothing verified to learn from): undo every update of this episode."""
+    """Out of cycles (or nothing verified to learn from): undo this episode's updates, unless kept.
+
+    Updates trained on verified texts that passed the canary gate are kept by default
+    (``keep_unfixed_updates``): the texts are right whether or not the greedy answer to this
+    one problem flipped, and rejection-sampling fine-tuning gains across problems, not per problem.
+    """
     ctx = runtime.context
     start = _snapshot_name(state["episode"], 0)
     restored = None
-    if start in ctx.bank_store.snapshots():
+    if not ctx.config.keep_unfixed_updates and start in ctx.bank_store.snapshots():
         ctx.bank_store.rollback(start, ctx.bank, ctx.router, ctx.trainer.stress)
         restored = start
     return {"outcome": "unfixed", "rolled_back_to": restored}
@@ -352,7 +360,7 @@ def _remember(ctx: RunContext, state: LoopState, problem: ProblemData, outcome: 
     by_cycle = {u["cycle"]: u for u in updates}
     for rule in state.get("rules") or []:
         validated = rule["status"] == "validated"
-        trained = by_cycle.get(rule["cycle"]) if validated else None
+        trained = by_cycle.get(rule["cycle"]) if rule.get("chosen") else None
         rule_id, merged = memory.add_rule(
             rule["text"], problem_id=problem["id"], expert=trained["expert"] if trained else None,
             cycle=rule["cycle"], episode_id=episode.episode_id,

@@ -58,35 +58,36 @@ def test_parse_rule():
 
 
 def _propose(backend, **kw):
-    args = dict(label="18", tried=[], last_refusal=None, attempt=1)
+    args = dict(label="18", tried=[], seed=4)
     return Reflector(backend).propose("Eggs problem", "wrong work", "16 - 3 - 4 = 9; 9 * 2 = 18", **{**args, **kw})
 
 
 def test_reflector_compares_with_the_verified_solution_and_shows_no_example_rule():
     backend = ScriptedBackend(lambda p, s, w: "RULE: Subtract what is eaten before multiplying by the price.")
-    candidate = _propose(backend)
-    assert candidate.refused is None and candidate.text.startswith("Subtract")
+    first, *others = _propose(backend)
+    assert first.refused is None and first.text.startswith("Subtract")
+    assert [c.refused for c in others] == ["it repeats a rule already tried on this problem"] * 2  # one call, deduplicated
+    assert len(backend.calls) == 3 and all(c["sampling"].temperature > 0 for c in backend.calls)
     prompt = backend.calls[0]["prompt"]
-    assert "wrong work" in prompt and "16 - 3 - 4 = 9" in prompt and backend.calls[0]["sampling"].temperature == 0
+    assert "wrong work" in prompt and "16 - 3 - 4 = 9" in prompt
     assert "The form, for a different mistake" not in prompt and "RULE: When" not in prompt  # nothing to copy
 
 
 def test_reflector_candidates_are_refused_with_a_reason():
-    for draft, reason in [("RULE: The answer is always 18.", "it contains the problem's answer"),
-                          ("I cannot think of a rule.", "it has no 'RULE:' line"),
-                          ("RULE: Find the first step where the wrong solution goes astray from the correct one.",
-                           "it repeats the instructions or the example instead of stating a lesson")]:
-        candidate = _propose(ScriptedBackend(lambda p, s, w, d=draft: d))
-        assert candidate.refused == reason, draft
+    drafts = iter(["RULE: The answer is always 18.", "I cannot think of a rule.",
+                   "RULE: Find the first step where the wrong solution goes astray from the correct one."])
+    candidates = _propose(ScriptedBackend(lambda p, s, w: next(drafts)))
+    assert [c.refused for c in candidates] == [
+        "it contains the problem's answer", "it has no 'RULE:' line",
+        "it repeats the instructions or the example instead of stating a lesson"]
 
 
 def test_reflector_lists_rules_already_tried_and_refuses_a_repeat():
     backend = ScriptedBackend(lambda p, s, w: "RULE: Add  carefully.")
-    candidate = _propose(backend, tried=["Add carefully"], last_refusal="it did not help", attempt=2)
-    assert candidate.refused == "it repeats a rule already tried on this problem"
+    candidates = _propose(backend, tried=["Add carefully"])
+    assert {c.refused for c in candidates} == {"it repeats a rule already tried on this problem"}
     prompt = backend.calls[0]["prompt"]
     assert "These rules were tried and did not help" in prompt and "- Add carefully" in prompt
-    assert "rejected because it did not help" in prompt and backend.calls[0]["sampling"].temperature > 0
 
 
 def test_variants_keep_every_quantity_or_are_refused():

@@ -145,8 +145,9 @@ def test_wrong_answer_gets_a_validated_rule_verified_texts_and_is_fixed(make_run
     (final,) = _run(ctx, [PENS], tmp_path / "run")
     assert final["first"]["correct"] is False and final["verified_share"] == 0.0
     assert final["outcome"] == "fixed" and final["verdict"]["correct"]
-    (rule,) = final["rules"]
-    assert rule["status"] == "validated" and rule["share_with"] == 1.0 and rule["share_without"] == 0.0
+    rule = final["rule"]
+    assert rule["status"] == "validated" and rule["chosen"] and rule["share_with"] == 1.0 and rule["share_without"] == 0.0
+    assert [r["status"] for r in final["candidates"]] == ["refused", "refused", "validated"]  # repeats of the first
     texts = _trained_texts(final)
     assert {t["source"] for t in texts} == {"rule_conditioned", "variant"}
     assert all(t["completion"].endswith("The answer is 24.") for t in texts)  # only verified solutions
@@ -157,7 +158,9 @@ def test_wrong_answer_gets_a_validated_rule_verified_texts_and_is_fixed(make_run
     assert update["expert"] != ctx.bank.config.shared_expert or update["mode"] == "single"
     assert any(not torch.equal(v, base.bank[k]) for k, v in BankSnapshot.capture(ctx.bank, ctx.router).bank.items())
     # the reflector compared the wrong attempt with the learning problem's reference solution
-    (reflect_prompt,) = backend.prompts_containing("Start with 'RULE:'")
+    reflect_prompts = backend.prompts_containing("Start with 'RULE:'")
+    assert len(reflect_prompts) == ctx.reflector.config.max_attempts and len(set(reflect_prompts)) == 1  # one call
+    reflect_prompt = reflect_prompts[0]
     assert "4 * 6 = 24" in reflect_prompt and "I think it is 1." in reflect_prompt
     (stored,) = ctx.memory.list_rules()
     assert stored.expert == update["expert"] and stored.helped == 1 and stored.status == "trained"
@@ -235,14 +238,24 @@ def test_variants_that_change_a_quantity_are_refused(make_run, tmp_path):
     assert {t["source"] for t in _trained_texts(final)} == {"rule_conditioned"}
 
 
+def test_unfixed_problem_keeps_its_verified_updates_by_default(make_run, tmp_path):
+    world = World()
+    world.right_after = set()
+    ctx, _ = make_run(world)
+    (final,) = _run(ctx, [CAKES], tmp_path / "run")
+    assert final["outcome"] == "unfixed" and len(final["updates"]) == 2
+    assert final["rolled_back_to"] is None and trained(ctx)
+    assert {r.status for r in ctx.memory.list_rules()} == {"trained"}
+
+
 def test_unfixed_problem_uses_all_cycles_then_rolls_back(make_run, tmp_path):
     world = World()
     world.right_after = set()
-    ctx, backend = make_run(world)
+    ctx, backend = make_run(world, settings=_settings(keep_unfixed_updates=False))
     before = BankSnapshot.capture(ctx.bank, ctx.router)
     (final,) = _run(ctx, [CAKES], tmp_path / "run")
     assert final["outcome"] == "unfixed" and len(final["updates"]) == 2
-    second_reflection = backend.prompts_containing("Start with 'RULE:'")[1]
+    second_reflection = backend.prompts_containing("Start with 'RULE:'")[-1]
     assert f"These rules were tried and did not help" in second_reflection and HELPFUL in second_reflection
     after = BankSnapshot.capture(ctx.bank, ctx.router)
     assert all(torch.equal(v, before.bank[k]) for k, v in after.bank.items())  # the episode was undone

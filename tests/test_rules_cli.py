@@ -35,9 +35,9 @@ def run_dir(tmp_path_factory):
 
     run_dir = tmp_path_factory.mktemp("rules") / "run"
     loaded = load_model("tiny-random")
-    rules = iter(["RULE: Multiply the count per box by the number of boxes.",
-                  "RULE: Subtract what was sold from what was made.",
-                  "RULE: Check which quantity the question asks for before answering."])
+    rules = ["RULE: Multiply the count per box by the number of boxes.",
+             "RULE: Subtract what was sold from what was made.",
+             "RULE: Check which quantity the question asks for before answering."]
 
     helpful = {"4 pens": "Multiply the count per box", "7 cakes": "Subtract what was sold"}
 
@@ -52,11 +52,13 @@ def run_dir(tmp_path_factory):
                         return f"Worked out.\nThe answer is {24 if needle == '4 pens' else 5}."
                 return "The answer is 1."
             return "4 * 6 = 24.\nThe answer is 24." if trained and "4 pens" in prompt else "The answer is 1."
-        if REFLECT_SYSTEM[:30] in prompt:
-            return next(rules)
+        if REFLECT_SYSTEM[:30] in prompt:  # one rule per problem and cycle (every row of a call alike)
+            if "4 pens" in prompt:
+                return rules[0]
+            return rules[2] if "These rules were tried" in prompt else rules[1]
         raise AssertionError(prompt[:200])
 
-    settings = RunSettings(model="tiny-random", data="inline", episodes=2, loop=LoopConfig(cycles=2, canary_size=2),
+    settings = RunSettings(model="tiny-random", data="inline", episodes=2, loop=LoopConfig(cycles=2, canary_size=2, keep_unfixed_updates=False),
                            bank=BankConfig(n_experts=4), trainer=TrainerConfig(steps_per_update=2),
                            solver=SolverConfig(max_new_tokens=16))
     SharedSystemClient.clear_system_cache()
