@@ -130,6 +130,8 @@ ModelOption = Annotated[Optional[str], typer.Option(
     help=f"Model spec: an alias, a folder, a .gguf file or a hub id. Default: {DEFAULT_MODEL}.")]
 ThreadsOption = Annotated[int, typer.Option(help="Torch CPU threads (0: torch's default). Not saved with the run.")]
 RESUME_NOTE = "On --resume every setting is read from --run-dir; an option given again must match it."
+SamplesOption = Annotated[Optional[int], typer.Option(
+    help="Sampled answers per problem besides the greedy one: verification, rule validation, the vote arm. Default: 6.")]
 PrecisionOption = Annotated[Optional[str], typer.Option(
     help="Frozen weights: auto (default: bfloat16 on CUDA; on CPU what a cached calibration measures faster), "
          "float32 or bfloat16. Adapters stay float32.")]
@@ -154,6 +156,7 @@ def run(
     backend: Annotated[Optional[str], typer.Option(help=BACKEND_HELP)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Sequences generated together. Default: 64.")] = None,
     precision: PrecisionOption = None,
+    samples: SamplesOption = None,
 ) -> None:
     """Run the self-improvement loop over a stream of problems, resumably.
 
@@ -177,7 +180,7 @@ def run(
     options = {
         "model": model, "data": data, "episodes": episodes, "loop.cycles": cycles, "loop.label_free": label_free,
         "loop.seed": seed, "solver.max_new_tokens": max_new_tokens, "memory_url": memory_url, "backend": backend,
-        "batch_size": batch_size, "embedder": embedder, "precision": precision,
+        "batch_size": batch_size, "embedder": embedder, "precision": precision, "verifier.samples": samples,
     }
     try:
         settings = run_settings(run_dir, resume, options)
@@ -327,6 +330,7 @@ def eval_command(
     threads: ThreadsOption = 0,
     plots: Annotated[Optional[bool], typer.Option("--plots/--no-plots", help="Write the PNG plots (default: yes).")] = None,
     precision: PrecisionOption = None,
+    samples: SamplesOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON to stdout.")] = False,
 ) -> None:
     """Compare arms on GSM8K under one protocol; write report.json, report.md and plots to --run-dir.
@@ -350,7 +354,7 @@ def eval_command(
         "learn_problems": learn_problems, "eval_problems": eval_problems, "seed": seed, "cycles": cycles,
         "label_free": label_free, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "backend": backend,
         "embedder": embedder, "bank.n_experts": experts, "trainer.steps_per_update": steps, "plots": plots,
-        "precision": precision,
+        "precision": precision, "verifier.samples": samples,
     }
     try:
         config = eval_config(run_dir, resume, options)
@@ -398,7 +402,7 @@ def _fresh_dir(base: Path) -> Path:
 @app.command()
 def demo(
     model: ModelOption = None,
-    learn_problems: Annotated[Optional[int], typer.Option(help="Train-split problems the loop learns from. Default: 3.")] = None,
+    learn_problems: Annotated[Optional[int], typer.Option(help="Train-split problems the loop learns from. Default: 2.")] = None,
     eval_problems: Annotated[Optional[int], typer.Option(help="Held-out test-split problems scored before and after. Default: 10.")] = None,
     cycles: Annotated[Optional[int], typer.Option(help="Reflect/update rounds per failed problem. Default: 1.")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Generation cap per answer. Default: 320.")] = None,
@@ -407,6 +411,7 @@ def demo(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the demo in --run-dir where it stopped. " + RESUME_NOTE)] = False,
     threads: ThreadsOption = 0,
     precision: PrecisionOption = None,
+    samples: Annotated[Optional[int], typer.Option(help="Sampled answers per learning problem (verify, validate). Default: 4.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON to stdout.")] = False,
 ) -> None:
     """The self-improvement loop, short: score held-out problems, learn on a few others, score them again.
@@ -427,9 +432,9 @@ def demo(
     if resume and run_dir is None:
         raise _fail(ValueError("--resume needs the --run-dir of the demo to continue"))
     run_dir = run_dir if run_dir is not None else _fresh_dir(Path("runs/demo"))
-    defaults = {"learn_problems": 3, "eval_problems": 10, "cycles": 1, "max_new_tokens": 320}
+    defaults = {"learn_problems": 2, "eval_problems": 10, "cycles": 1, "max_new_tokens": 320, "verifier.samples": 4}
     given = {"learn_problems": learn_problems, "eval_problems": eval_problems, "cycles": cycles,
-             "max_new_tokens": max_new_tokens}
+             "max_new_tokens": max_new_tokens, "verifier.samples": samples}
     options = {"model": model, "embedder": embedder, "plots": False, "precision": precision, **given}
     if not (resume and (run_dir / "eval.json").exists()):
         options.update({"protocol": "holdout", "arms": ("frozen", "full"), "learn_data": "train", "eval_data": "test",
@@ -456,8 +461,10 @@ def demo(
         f"({before['seconds']['score']:.0f} s)",
         f"loop    {learned['episodes']} learning episodes ({after['seconds']['learn']:.0f} s): "
         f"{learned['right_first_try']} right at the first try, {learned['fixed']} fixed by learning, "
-        f"{learned['unfixed']} not fixed, {learned['failed']} with no acceptable rule; "
-        f"{learned['rules']} rule(s) written, {learned['updates']} update(s) on {learned['texts']} training texts, "
+        f"{learned['unfixed']} not fixed, {learned['failed']} with nothing verified to learn from; rule candidates: "
+        f"{learned['rules_validated']} validated, {learned['rules_refuted']} refuted, {learned['rules_refused']} refused; "
+        f"{learned['updates']} update(s) on {learned['texts']} verified texts "
+        f"({', '.join(f'{n} {k}' for k, n in learned['texts_by_source'].items() if n) or 'none'}), "
         f"rolled back: {learned['mirror_rollbacks']} by stress, {learned['canary_rollbacks']} by the canary, "
         f"{learned['episode_rollbacks']} whole episodes",
         f"after   rules and experts: {after['correct']}/{after['n']} right ({flips['wrong_right']} wrong->right, "

@@ -49,6 +49,7 @@ class TrainerConfig:
     # expert; "router": through the router's dense mixture, so the LM loss trains the router too.
     lm_routing: Literal["target", "router"] = "target"
     steps_per_update: int = 3  # optimizer steps in one update burst
+    micro_batch: int = 2  # texts per forward/backward pass; a step accumulates their gradients
 
     def __post_init__(self) -> None:
         for name in ("lm_weight", "router_weight", "kl_weight", "weight_decay"):
@@ -62,6 +63,8 @@ class TrainerConfig:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
         if self.lm_routing not in ("target", "router"):
             raise ValueError(f"lm_routing must be 'target' or 'router', got {self.lm_routing!r}")
+        if self.micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {self.micro_batch}")
         if self.steps_per_update < 1:
             raise ValueError(f"steps_per_update must be >= 1, got {self.steps_per_update}")
 
@@ -175,11 +178,22 @@ class TestTimeTrainer:
             weights = self.bank.one_hot(target_expert, n_rows)  # (batch, n_experts)
         else:
             weights = self.router.weights(logits, mode="dense")  # (batch, n_experts), carries router grads
-        with self.bank.route(weights):
-            out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        lm_logits = out.logits[:, :-1].float()  # (batch, seq-1, vocab)
         labels = batch.labels[:, 1:]  # (batch, seq-1)
-        lm_loss = F.cross_entropy(lm_logits.reshape(-1, lm_logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+        if self.config.kl_weight > 0:
+            with self.bank.route(weights):
+                out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            lm_logits = out.logits[:, :-1].float()  # (batch, seq-1, vocab)
+            lm_loss = F.cross_entropy(lm_logits.reshape(-1, lm_logits.shape[-1]), labels.reshape(-1),
+                                      ignore_index=IGNORE_INDEX)
+        else:
+            # The output projection only where a completion token is predicted: the full
+            # (batch, seq, vocab) logits of a 150k vocabulary were most of a step's memory.
+            with self.bank.route(weights):
+                hidden = self.model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)[0]
+            keep = labels != IGNORE_INDEX  # (batch, seq-1)
+            picked = hidden[:, :-1][keep]  # (completion tokens, hidden)
+            lm_logits = self.model.get_output_embeddings()(picked).float()  # (completion tokens, vocab)
+            lm_loss = F.cross_entropy(lm_logits, labels[keep])  # no completion token: nan, refused by step()
         losses = {"lm": lm_loss, "router": router_loss}
         if self.config.kl_weight > 0:
             with torch.no_grad(), self.bank.bypass():
@@ -209,17 +223,31 @@ class TestTimeTrainer:
     ) -> dict:
         """One optimizer step. Refuses a non-finite loss or gradient and leaves parameters untouched."""
         start = time.perf_counter()
-        batch = self.tokenize(examples)
         self.router.train()
         optimizer.zero_grad(set_to_none=True)
-        losses = self._losses(batch, target_expert, memory)
-        total = self._total(losses)
-        if not torch.isfinite(total):
-            optimizer.zero_grad(set_to_none=True)
-            raise TrainingError(
-                f"non-finite loss {total.item()} (parts: { {k: v.item() for k, v in losses.items()} }); step refused"
-            )
-        total.backward()
+        # Micro-batches accumulate gradients: activations are kept for a few texts at a time.
+        size = self.config.micro_batch
+        batches = [self.tokenize(examples[i:i + size]) for i in range(0, len(examples), size)] or [self.tokenize(examples)]
+        predicted = [int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in batches]
+        n_predicted, n_rows = max(1, sum(predicted)), len(examples)
+        losses: dict[str, float] = {}
+        total_loss, tokens = 0.0, 0
+        for batch, n in zip(batches, predicted):
+            parts = self._losses(batch, target_expert, memory)
+            # Weighted so that the sum is the mean over all tokens (LM, KL) and rows (router), as one batch gives.
+            share = {"lm": n / n_predicted, "kl": n / n_predicted, "router": batch.input_ids.shape[0] / n_rows}
+            scaled = {k: v * share[k] for k, v in parts.items()}
+            total = self._total(scaled)
+            if not torch.isfinite(total):
+                optimizer.zero_grad(set_to_none=True)
+                raise TrainingError(
+                    f"non-finite loss {total.item()} (parts: { {k: v.item() for k, v in parts.items()} }); step refused"
+                )
+            total.backward()
+            for k, v in scaled.items():
+                losses[k] = losses.get(k, 0.0) + float(v.detach())
+            total_loss += float(total.detach())
+            tokens += int(batch.attention_mask.sum())
         params = self.trainable_parameters()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         if not torch.isfinite(grad_norm):
@@ -229,10 +257,9 @@ class TestTimeTrainer:
         optimizer.zero_grad(set_to_none=True)
         self.router.eval()
         seconds = time.perf_counter() - start
-        tokens = int(batch.attention_mask.sum())
-        metrics = {f"loss_{k}": float(v.detach()) for k, v in losses.items()}
+        metrics = {f"loss_{k}": v for k, v in losses.items()}
         metrics.update(
-            loss=float(total.detach()),
+            loss=total_loss,
             grad_norm=float(grad_norm),
             lr=optimizer.param_groups[0]["lr"],
             tokens=tokens,

@@ -60,6 +60,8 @@ def after_reevaluate(state: LoopState, runtime: Runtime[RunContext]) -> Literal[
         raise ValueError("after_reevaluate: the state has no canary check")
     if state["verdict"]["correct"] and not checks[-1]["rolled_back"]:
         return "commit"
+    if state["first"]["correct"]:
+        return "rollback"  # it learned from a problem it answered right, and that made things worse
     if state.get("cycle", 0) < runtime.context.config.cycles:
         return "reflect"
     return "rollback"

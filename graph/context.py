@@ -44,6 +44,7 @@ class LoopConfig:
     replay: int = 4  # earlier verified texts of the trained expert replayed with each update, against forgetting
     replay_keep: int = 32  # verified texts kept per expert for replay
     keep_unfixed_updates: bool = True  # out of cycles and unfixed: keep updates that passed the canary gate
+    validate_min_gain: int = 1  # a rule is validated when this many more of its k samples verify than without it
 
     def __post_init__(self) -> None:
         if self.cycles < 1:
@@ -58,6 +59,8 @@ class LoopConfig:
             raise ValueError(f"router_confidence must be in (0, 1], got {self.router_confidence}")
         if not 0 <= self.low_share <= 1:
             raise ValueError(f"low_share must be in [0, 1], got {self.low_share}")
+        if self.validate_min_gain < 1:
+            raise ValueError(f"validate_min_gain must be >= 1, got {self.validate_min_gain}")
         if self.replay < 0 or self.replay_keep < self.replay:
             raise ValueError(f"need 0 <= replay <= replay_keep, got {self.replay} and {self.replay_keep}")
 

@@ -330,6 +330,7 @@ EVAL_FLAGS = {
     "seed": "--seed", "cycles": "--cycles", "label_free": "--label-free", "max_new_tokens": "--max-new-tokens",
     "batch_size": "--batch-size", "backend": "--backend", "embedder": "--embedder", "bank.n_experts": "--experts",
     "trainer.steps_per_update": "--steps", "plots": "--plots", "precision": "--precision",
+    "verifier.samples": "--samples",
 }
 
 
@@ -634,6 +635,30 @@ def _timing(seconds: list[float]) -> dict:
             "episode_seconds_p90": rank(0.9)}
 
 
+RESULT_FILE = "result.json"  # a finished arm's scores (and learning states), so a resumed evaluation skips it
+
+
+def _result_path(run_dir: Path, arm: str) -> Path:
+    return Path(run_dir) / "arms" / arm / RESULT_FILE
+
+
+def save_arm(run_dir: Path, result: ArmResult, states: list[dict] | None = None) -> None:
+    """Keep a finished arm: written atomically, read back by ``finished_arm`` on resume."""
+    path = _result_path(run_dir, result.arm)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps({"result": asdict(result), "states": states}).encode())
+
+
+def finished_arm(run_dir: Path, arm: str) -> tuple[ArmResult, list[dict] | None] | None:
+    """The arm as saved by an earlier process of the same evaluation, or None."""
+    saved = read_saved(_result_path(run_dir, arm))
+    if saved is None:
+        return None
+    data = dict(saved["result"])
+    data["scores"] = [ItemScore(**x) for x in data["scores"]]
+    return ArmResult(**data), saved["states"]
+
+
 def learning_summary(states: list[dict]) -> dict:
     """What one arm's learning did, counted over its episodes."""
     outcomes = [s["outcome"] for s in states]
@@ -733,8 +758,19 @@ def evaluate(
 
     arms: dict[str, ArmResult] = {}
     extra: dict = {"precision": precision.to_dict()}
-    frozen_pool = run.frozen(sets.scored)
-    gc.collect()  # each arm loads its own model: free the last one before the next loads
+
+    def once(arm: str, compute):
+        """An arm computed, or read back when an earlier process of this evaluation finished it."""
+        done = finished_arm(run_dir, arm) if resume else None
+        if done is not None:
+            log.info("%s arm: finished earlier, read from %s", arm, _result_path(run_dir, arm))
+            return done
+        result, states = compute()
+        save_arm(run_dir, result, states)
+        gc.collect()  # each arm loads its own model: free the last one before the next loads
+        return result, states
+
+    frozen_pool, _ = once("frozen", lambda: (run.frozen(sets.scored), None))
     scored = sets.scored
     if config.protocol == "recovery":
         failed = [p for p, s in zip(sets.scored, frozen_pool.scores) if not s.correct]
@@ -746,21 +782,20 @@ def evaluate(
         frozen_pool.scores = [s for s in frozen_pool.scores if s.id in keep]
     arms["frozen"] = frozen_pool
     if "vote" in config.arms:
-        arms["vote"] = run.vote(scored)
-        gc.collect()
+        arms["vote"], _ = once("vote", lambda: (run.vote(scored), None))
 
     states_by_arm: dict[str, list[dict]] = {}
     for arm in (a for a in config.arms if a in LOOP_ARMS):
-        arms[arm], states_by_arm[arm] = run.loop_arm(arm, sets, scored, resume)
-        gc.collect()
+        arms[arm], states_by_arm[arm] = once(arm, lambda arm=arm: run.loop_arm(arm, sets, scored, resume))
     if "single-lora" in config.arms:
         missing = [u for s in states_by_arm["adapters"] for u in s.get("updates") or [] if "texts" not in u]
         if missing:
             raise RunDirError("the adapters arm's updates carry no training texts (made by an older version); "
                               "run the evaluation in a new --run-dir")
-        bursts = [[[TrainingExample(t["prompt"], t["completion"]) for t in u["texts"]] for u in s.get("updates") or []]
-                  for s in states_by_arm["adapters"]]
-        arms["single-lora"] = run.single_lora(bursts, sets, scored)
+        # The adapters arm's own texts, burst by burst; its replayed texts are not trained twice.
+        bursts = [[[TrainingExample(t["prompt"], t["completion"]) for t in u["texts"] if t.get("source") != "replay"]
+                   for u in s.get("updates") or []] for s in states_by_arm["adapters"]]
+        arms["single-lora"], _ = once("single-lora", lambda: (run.single_lora(bursts, sets, scored), None))
 
     comparisons = {name: compare([s.correct for s in arms["frozen"].scores], [s.correct for s in r.scores])
                    for name, r in arms.items() if name != "frozen"}

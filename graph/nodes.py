@@ -80,6 +80,16 @@ def _cap(ctx: RunContext) -> int:
     return ctx.solver.config.max_new_tokens
 
 
+def _with_rule(ctx: RunContext, state: LoopState, rule: str) -> list[str]:
+    """The first solve's remembered rules with ``rule`` added, within the prompt's rule budget."""
+    keep = max(1, ctx.solver.config.max_rules)
+    return [*(state.get("memory_rules") or [])[: keep - 1], rule]
+
+
+def _mixture(state: LoopState) -> torch.Tensor:
+    return torch.tensor([state["weights"]])  # (1, n_experts): the mixture the first solve's samples used
+
+
 def solve(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     ctx, problem = runtime.context, state["problem"]
     rules, rule_ids, _, weights, _ = _route(ctx, problem["question"])
@@ -117,6 +127,7 @@ def verify(state: LoopState, runtime: Runtime[RunContext]) -> dict:
         # RFT: the distinct verified solutions, greedy included, in the solver's answer format.
         own = verified_texts(problem["question"], [attempt, *samples], target, _cap(ctx), "own_sample")
         update["texts"] = [t.to_dict() for t in own]
+        update["own_verified"] = [t.completion for t in own]
     if "first" not in state:
         update["first"] = verdict
     return update
@@ -124,9 +135,9 @@ def verify(state: LoopState, runtime: Runtime[RunContext]) -> dict:
 
 def _verified_solution(ctx: RunContext, state: LoopState) -> str | None:
     """What the reflector compares the wrong attempt with: an own verified sample, else the reference solution."""
-    own = [t for t in state.get("texts") or [] if t["source"] == "own_sample"]
+    own = state.get("own_verified") or []
     if own:
-        return own[0]["completion"]
+        return own[0]
     problem = state["problem"]
     if state["learning"] and not ctx.config.label_free and problem.get("solution") and problem.get("label"):
         return as_completion(problem["solution"], problem["label"])
@@ -146,8 +157,7 @@ def reflect(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     ctx, problem = runtime.context, state["problem"]
     question, target, cycle = problem["question"], state["target"], state.get("cycle", 0)
     label = None if ctx.config.label_free else problem.get("label")
-    weights = torch.tensor([state["weights"]])  # (1, n_experts): the mixture the samples used
-    base_rules = list(state.get("memory_rules") or [])
+    weights = _mixture(state)
     texts = [Text(**t) for t in (state.get("texts") or [])] if cycle == 0 else []
     verified = _verified_solution(ctx, state)
     candidates: list[dict] = []
@@ -156,7 +166,7 @@ def reflect(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     if verified is not None:
         share_without = _share_without(ctx, state, weights)
         tried = [c["text"] for c in state.get("candidates") or [] if c["text"]]
-        proposed = ctx.reflector.propose(question, state["attempt"]["text"], verified, label=label, tried=tried,
+        proposed = ctx.reflector.propose(question, state["first"]["attempt"]["text"], verified, label=label, tried=tried,
                                          seed=_seed(ctx, state, 1))
         for cand in proposed:
             if cand.refused:
@@ -166,14 +176,14 @@ def reflect(state: LoopState, runtime: Runtime[RunContext]) -> dict:
             # Validation by effect: k samples per candidate, the first solve's mixture and
             # sampling, now with the rule in the prompt; all candidates in one call.
             k = ctx.verifier.samples
-            keep = max(1, ctx.solver.config.max_rules)
-            flat_rules = [[*base_rules, text][-keep:] for text in accepted for _ in range(k)]
+            flat_rules = [_with_rule(ctx, state, text) for text in accepted for _ in range(k)]
             answers = ctx.solver.solve([question] * len(flat_rules), flat_rules, weights=weights,
                                        sampling=_sampling(ctx, state))
             for j, text in enumerate(accepted):
                 with_rule = answers[j * k:(j + 1) * k]
                 share_with = verified_share(with_rule, target)
-                validated = share_with > share_without
+                # counts of the k samples that verified, with and without the rule
+                validated = round(share_with * k) >= round(share_without * k) + ctx.config.validate_min_gain
                 result = {"text": text, "cycle": cycle, "status": "validated" if validated else "refuted",
                           "share_with": share_with, "share_without": share_without,
                           "reason": None if validated else f"verified share {share_with:.2f} with it, {share_without:.2f} without"}
@@ -187,11 +197,13 @@ def reflect(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     if rule is None and _may_rationalize(ctx, state):
         hinted = rationalize(ctx.solver, question, problem["label"], ctx.verifier.samples, ctx.verifier.temperature,
                              _seed(ctx, state, 7), weights=weights)
-        texts += verified_texts(question, hinted, problem["label"], _cap(ctx), "rationalization")
+        # A solution that talks about its hint would teach the model to expect one.
+        texts += [t for t in verified_texts(question, hinted, problem["label"], _cap(ctx), "rationalization")
+                  if "hint" not in t.completion.lower()]
     error = None if rule is not None else (
         "no verified solution to compare with" if verified is None else "no rule helped in context")
     return {"rule": rule, "rules": tested, "candidates": candidates, "texts": [t.to_dict() for t in distinct(texts)],
-            "error": error}
+            "variants": [], "error": error}
 
 
 def _may_rationalize(ctx: RunContext, state: LoopState) -> bool:
@@ -207,9 +219,7 @@ def diversify(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     made = ctx.diversifier.variants(problem["question"], seed=_seed(ctx, state, 3))
     texts = [Text(**t) for t in state.get("texts") or []]
     if made.kept:
-        rules = [*(state.get("memory_rules") or []), rule][-max(1, ctx.solver.config.max_rules):]
-        weights = torch.tensor([state["weights"]])  # (1, n_experts)
-        answers = _sample(ctx, made.kept, rules, weights, _sampling(ctx, state))
+        answers = _sample(ctx, made.kept, _with_rule(ctx, state, rule), _mixture(state), _sampling(ctx, state))
         k = ctx.verifier.samples
         for i, variant in enumerate(made.kept):
             # The label holds for the variant: it has exactly the original's numbers.
@@ -235,7 +245,7 @@ def update(state: LoopState, runtime: Runtime[RunContext]) -> dict:
         store.snapshot(name, ctx.bank, ctx.router, ctx.trainer.stress)
     carry = dict(state.get("carry") or {})
     usage = list(carry.get("expert_updates") or [0] * ctx.bank.n_experts)
-    replay = {k: list(v) for k, v in (carry.get("replay") or {}).items()}
+    replay = carry.get("replay") or {}
     _, _, probs, _, memory = _route(ctx, problem["question"])
     expert, reason = ctx.pick_expert(problem["id"], probs, usage)
     texts = state["texts"]
@@ -245,15 +255,12 @@ def update(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     store.save(ctx.bank, ctx.router, ctx.trainer.stress, extra={"update_id": _update_id(state, cycle)})
     usage[result.expert] += 1
     carry["expert_updates"] = usage
-    if not result.rolled_back:
-        replay[str(result.expert)] = (replay.get(str(result.expert), []) + texts)[-ctx.config.replay_keep:]
-    carry["replay"] = replay
     info = {k: v for k, v in asdict(result).items() if k != "steps"}
     info.update(
         update_id=_update_id(state, cycle), snapshot=name, cycle=cycle, picked=expert, pick_reason=reason,
         step_losses=[s["loss_lm"] for s in result.steps],
         # every cycle's training texts, as trained (prompt, completion, source), e.g. for a comparison adapter
-        texts=[{"prompt": e.prompt, "completion": e.completion, "source": t["source"]}
+        texts=[{"question": t["question"], "prompt": e.prompt, "completion": e.completion, "source": t["source"]}
                for e, t in zip(examples, texts + [{**r, "source": "replay"} for r in replayed])],
         rule=(state.get("rule") or {}).get("text"),
     )
@@ -293,7 +300,9 @@ def rollback(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     ctx = runtime.context
     start = _snapshot_name(state["episode"], 0)
     restored = None
-    if not ctx.config.keep_unfixed_updates and start in ctx.bank_store.snapshots():
+    # An update that made a problem answered right at first wrong is undone whatever the setting.
+    undo = not ctx.config.keep_unfixed_updates or state["first"]["correct"]
+    if undo and start in ctx.bank_store.snapshots():
         ctx.bank_store.rollback(start, ctx.bank, ctx.router, ctx.trainer.stress)
         restored = start
     return {"outcome": "unfixed", "rolled_back_to": restored}
@@ -327,6 +336,13 @@ def commit(state: LoopState, runtime: Runtime[RunContext]) -> dict:
         # Label-free runs guard with the confident majority answer as the canary's label.
         canary = (canary + [{"id": problem["id"], "question": problem["question"], "label": state["target"]}])[-ctx.config.canary_size:]
     carry["canary"] = canary
+    # Replay only texts whose update is still in the bank (not undone by stress, canary or episode).
+    replay = {k: list(v) for k, v in (carry.get("replay") or {}).items()}
+    for u in updates:
+        if update_survived(state, u):
+            fresh = [{k: t[k] for k in ("question", "completion", "source")} for t in u["texts"] if t["source"] != "replay"]
+            replay[str(u["expert"])] = (replay.get(str(u["expert"]), []) + fresh)[-ctx.config.replay_keep:]
+    carry["replay"] = replay
     return {"outcome": outcome, "carry": carry}
 
 
@@ -357,6 +373,7 @@ def _remember(ctx: RunContext, state: LoopState, problem: ProblemData, outcome: 
     except UnknownIdError:
         already = False
     rule_ids = []
+    chosen_id = None  # the last rule an update trained from: its outcome is the episode's
     by_cycle = {u["cycle"]: u for u in updates}
     for rule in state.get("rules") or []:
         validated = rule["status"] == "validated"
@@ -372,13 +389,15 @@ def _remember(ctx: RunContext, state: LoopState, problem: ProblemData, outcome: 
             if update_survived(state, trained):
                 memory.record_training(rule_id, expert=trained["expert"], update_id=trained["update_id"],
                                        prompts=[t["prompt"] for t in trained.get("texts") or []])
-            else:
+            elif not merged:  # a duplicate never demotes a rule another, surviving update trained
                 memory.set_status(rule_id, "rolled_back")
         if validated:
             rule_ids.append(rule_id)
+        if rule.get("chosen"):
+            chosen_id = rule_id
     if not already:
-        if rule_ids:
-            memory.record_outcome(rule_ids[-1], helped=outcome == "fixed")
+        if chosen_id is not None:
+            memory.record_outcome(chosen_id, helped=outcome == "fixed")
         if state.get("memory_rule_ids"):
             memory.record_retrieved(state["memory_rule_ids"])
     memory.add_episode(episode.model_copy(update={"rule_ids": list(dict.fromkeys(rule_ids))}))

@@ -96,7 +96,7 @@ RUN_FLAGS = {
     "model": "--model", "data": "--data", "episodes": "--episodes", "loop.cycles": "--cycles",
     "loop.label_free": "--label-free", "loop.seed": "--seed", "solver.max_new_tokens": "--max-new-tokens",
     "memory_url": "--memory-url", "backend": "--backend", "batch_size": "--batch-size", "embedder": "--embedder",
-    "precision": "--precision",
+    "precision": "--precision", "verifier.samples": "--samples",
 }
 
 

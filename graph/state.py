@@ -36,6 +36,7 @@ class LoopState(TypedDict, total=False):
     memory_rules: list[str]  # remembered rules put into the solve prompt
     target: str | None  # what an answer must equal: the label, or label-free the majority's pseudo-label
     verified_share: float  # share of the sampled answers that reach the target
+    own_verified: list[str]  # the distinct verified solutions among the first solve's answers
     unverifiable: bool  # label-free and too little agreement: the problem is skipped
     first: dict  # the verdict before any learning on this problem
     verdict: dict  # the latest verdict

@@ -560,10 +560,13 @@ class MemoryStore:
 
     def record_validation(self, rule_id: str, *, validated: bool, share_with: float, share_without: float) -> Rule:
         """A rule's test by effect: the verified shares with and without it; refuted rules leave every prompt."""
-        change = {"share_with": float(share_with), "share_without": float(share_without)}
-        if not validated:
-            change["status"] = "refuted"
-        return self._update_rule(rule_id, "record a validation", lambda r: change)
+        def change(rule: Rule) -> dict:
+            shares = {"share_with": float(share_with), "share_without": float(share_without)}
+            if not validated:
+                return {**shares, "status": "refuted"}
+            return {**shares, "status": "new"} if rule.status == "refuted" else shares  # helped this time
+
+        return self._update_rule(rule_id, "record a validation", change)
 
     def record_training(self, rule_id: str, *, expert: int, update_id: str, prompts: Sequence[str] = ()) -> Rule:
         """Mark a rule trained into ``expert`` by update ``update_id`` from these prompts."""

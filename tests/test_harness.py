@@ -415,3 +415,15 @@ def test_the_vote_arm_takes_the_majority_of_exactly_k_samples(tmp_path):
     assert first.correct and first.answer == "42" and first.strategy == "vote"
     assert report.arms["vote"].learning == {"samples_per_problem": 3, "temperature": 0.8}
     assert report.summary()["arms"]["vote"]["vs_frozen"]["flips"]["right_right"] == 1
+
+
+def test_a_resumed_evaluation_reads_its_finished_arms_back(holdout):
+    report, model, _, run_dir = holdout
+
+    def no_model():
+        raise AssertionError("a finished arm was computed again")
+
+    again = _evaluate(_config(run_dir.parent), run_dir, types.SimpleNamespace(loader=no_model, backend=model.backend),
+                      resume=True)
+    assert again.summary()["arms"] == report.summary()["arms"]
+    assert (run_dir / "arms" / "frozen" / "result.json").is_file()

@@ -229,6 +229,24 @@ def test_right_but_rarely_learns_from_its_own_verified_samples(make_run, tmp_pat
     assert {t["source"] for t in update["texts"]} == {"own_sample"} and len(update["texts"]) == 1  # distinct
 
 
+def test_learning_that_breaks_a_problem_answered_right_is_undone(make_run, tmp_path):
+    world = World()
+    world.rarely_right = {"p-cakes"}
+    world.broken_after = {"p-cakes"}  # once trained, the greedy answer turns wrong
+    ctx, _ = make_run(world)
+    (final,) = _run(ctx, [CAKES], tmp_path / "run")
+    assert final["updates"] and final["rolled_back_to"] == "ep00000-c0" and not trained(ctx)
+    assert final["carry"]["replay"] == {}
+
+
+def test_replay_carries_the_kept_texts_to_the_next_update_of_the_expert(make_run, tmp_path):
+    settings = _settings(expert_policy="fresh")
+    ctx, _ = make_run(World(), settings=settings)
+    first, = _run(ctx, [PENS], tmp_path / "run")
+    (expert, texts), = [(k, v) for k, v in first["carry"]["replay"].items() if v]
+    assert {t["source"] for t in texts} <= {"rule_conditioned", "variant"} and all("question" in t for t in texts)
+
+
 def test_variants_that_change_a_quantity_are_refused(make_run, tmp_path):
     world = World()
     world.variants_keep_numbers = False
@@ -276,6 +294,7 @@ def test_regression_gate_rolls_back_an_update_that_breaks_a_canary(make_run, tmp
     assert ctx.memory.graph.broke_by(checks[0]["update_id"]), "the memory graph records the broken canary"
     # the rule whose update the gate undid is not recorded as trained into its expert
     assert {r.status for r in ctx.memory.list_rules()} == {"rolled_back"}
+    assert all(not texts for texts in second["carry"]["replay"].values())  # undone texts are never replayed
 
 
 def test_holdout_problems_never_reach_reflect_diversify_or_update(make_run, tmp_path):

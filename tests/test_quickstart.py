@@ -66,7 +66,7 @@ def test_the_readme_quickstart_runs_the_loop_from_a_bare_clone(clone):
     assert demo.returncode == 0, demo.stderr[-3000:]
     assert "test: the GSM8K sample bundled with selfimprove" in demo.stderr
     assert "train: the GSM8K sample bundled with selfimprove" in demo.stderr
-    for stage in ("before  the frozen model: ", "loop    3 learning episodes", "after   rules and experts: "):
+    for stage in ("before  the frozen model: ", "loop    2 learning episodes", "after   rules and experts: "):
         assert stage in demo.stdout, demo.stdout
     assert (clone / "runs" / "demo" / "report.json").is_file()
     inspect = next(line for line in demo.stdout.splitlines() if line.startswith("inspect its rules: "))
