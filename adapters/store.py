@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -226,7 +227,17 @@ class BankStore:
     def snapshots(self) -> list[str]:
         if not self.snapshot_root.is_dir():
             return []
-        return sorted(p.name for p in self.snapshot_root.iterdir() if (p / MANIFEST).is_file())
+        return sorted(p.name for p in self.snapshot_root.iterdir()
+                      if not p.name.startswith(".") and (p / MANIFEST).is_file())
+
+    def delete_snapshot(self, name: str) -> None:
+        """Remove a snapshot: renamed away first, so a kill never leaves a half-deleted one that lists as present."""
+        path = self.snapshot_root / name
+        if not path.is_dir():
+            return
+        doomed = self.snapshot_root / f".deleting-{name}-{os.getpid()}"
+        os.replace(path, doomed)
+        shutil.rmtree(doomed)
 
     def rollback(self, name: str, bank: ExpertBank, router: Router, stress: StressController | None = None) -> dict:
         """Restore a named snapshot into the live bank and make it the current one on disk."""

@@ -87,12 +87,16 @@ class RunContext:
 
     # ------------------------------------------------------------ routing
 
-    def memory_vectors(self, questions: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None, list[list[str]], list[list[str]]]:
-        """Memory features, priors, rule texts and rule ids for each question (None without memory)."""
+    def memory_vectors(self, questions: list[str], exclude_problem: str | None = None
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[list[str]], list[list[str]]]:
+        """Memory features, priors, rule texts and rule ids for each question (None without memory).
+
+        ``exclude_problem``: the episode's own problem, whose memories it must not see.
+        """
         if self.memory is None or self.router.config.memory_dim == 0:
             empty = [[] for _ in questions]
             return None, None, empty, empty
-        feats = [self.memory.memory_features(q) for q in questions]
+        feats = [self.memory.memory_features(q, exclude_problem=exclude_problem) for q in questions]
         vectors = torch.from_numpy(np.stack([f.vector for f in feats]))  # (batch, feature_dim)
         priors = torch.from_numpy(np.stack([f.prior for f in feats]))  # (batch, n_experts)
         return vectors, priors, [f.rules for f in feats], [f.rule_ids for f in feats]

@@ -48,6 +48,38 @@ def _snapshot_name(episode: int, cycle: int) -> str:
     return f"ep{episode:05d}-c{cycle}"
 
 
+def _done_name(episode: int, cycle: int) -> str:
+    return f"ep{episode:05d}-c{cycle}-done"
+
+
+def align_bank(ctx: RunContext, state: LoopState) -> None:
+    """Make the live bank the one the checkpointed state saw, before a half-done episode resumes.
+
+    A kill can come after a node changed the bank on disk but before its checkpoint: the
+    resumed episode reruns that node, so it must start from the bank as of the checkpoint:
+    the episode's start (snapshot c0), or right after its last checkpointed update (``-done``),
+    or that update's start if the canary gate or the rollback node undid it.
+    """
+    episode, updates = state["episode"], state.get("updates") or []
+    if state.get("rolled_back_to"):
+        name = state["rolled_back_to"]
+    elif updates:
+        last = updates[-1]
+        undone = any(c.get("update_id") == last["update_id"] and c["rolled_back"] for c in state.get("canary_checks") or [])
+        name = last["snapshot"] if undone else _done_name(episode, last["cycle"])
+    else:
+        name = _snapshot_name(episode, 0)
+    if name in ctx.bank_store.snapshots():
+        ctx.bank_store.rollback(name, ctx.bank, ctx.router, ctx.trainer.stress)
+
+
+def prune_snapshots(ctx: RunContext, episode: int) -> None:
+    """A committed episode never reruns: its snapshots (a bank copy each) can go."""
+    for name in ctx.bank_store.snapshots():
+        if name.startswith(f"ep{episode:05d}-"):
+            ctx.bank_store.delete_snapshot(name)
+
+
 def _update_id(state: LoopState, cycle: int) -> str:
     return f"{state['run_id']}-ep{state['episode']:05d}-c{cycle}"
 
@@ -56,8 +88,8 @@ def _seed(ctx: RunContext, state: LoopState, salt: int = 0) -> int:
     return ctx.config.seed + 1000 * state["episode"] + 10 * state.get("cycle", 0) + salt
 
 
-def _route(ctx: RunContext, question: str):
-    memory, prior, rules, rule_ids = ctx.memory_vectors([question])
+def _route(ctx: RunContext, question: str, state: LoopState):
+    memory, prior, rules, rule_ids = ctx.memory_vectors([question], exclude_problem=state["problem"]["id"])
     use = rules[0][: ctx.solver.config.max_rules] if ctx.config.rules_in_prompt else []
     used_ids = rule_ids[0][: len(use)]
     probs, weights = ctx.routing([ctx.solver.prompt(question, use)], memory, prior)
@@ -92,7 +124,7 @@ def _mixture(state: LoopState) -> torch.Tensor:
 
 def solve(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     ctx, problem = runtime.context, state["problem"]
-    rules, rule_ids, _, weights, _ = _route(ctx, problem["question"])
+    rules, rule_ids, _, weights, _ = _route(ctx, problem["question"], state)
     (attempt,) = ctx.solver.solve([problem["question"]], [rules], weights=weights)
     out = {
         "attempt": asdict(attempt),
@@ -246,13 +278,14 @@ def update(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     carry = dict(state.get("carry") or {})
     usage = list(carry.get("expert_updates") or [0] * ctx.bank.n_experts)
     replay = carry.get("replay") or {}
-    _, _, probs, _, memory = _route(ctx, problem["question"])
+    _, _, probs, _, memory = _route(ctx, problem["question"], state)
     expert, reason = ctx.pick_expert(problem["id"], probs, usage)
     texts = state["texts"]
     replayed = replay.get(str(expert), [])[-ctx.config.replay:] if ctx.config.replay else []
     examples = _examples(ctx, texts + replayed)
     result = ctx.trainer.update(examples, target_expert=expert, memory=None if memory is None else memory[0])
     store.save(ctx.bank, ctx.router, ctx.trainer.stress, extra={"update_id": _update_id(state, cycle)})
+    store.snapshot(_done_name(episode, cycle), ctx.bank, ctx.router, ctx.trainer.stress)  # for a resume after it
     usage[result.expert] += 1
     carry["expert_updates"] = usage
     info = {k: v for k, v in asdict(result).items() if k != "steps"}
@@ -269,13 +302,13 @@ def update(state: LoopState, runtime: Runtime[RunContext]) -> dict:
 
 def reevaluate(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     ctx, problem = runtime.context, state["problem"]
-    rules, _, _, weights, _ = _route(ctx, problem["question"])
+    rules, _, _, weights, _ = _route(ctx, problem["question"], state)
     (attempt,) = ctx.solver.solve([problem["question"]], [rules], weights=weights)
     verdict = {"attempt": asdict(attempt), **asdict(check(attempt, state["target"]))}
     canary = [c for c in (state.get("carry") or {}).get("canary", []) if c["id"] != problem["id"]]
     result = {"checked": len(canary), "correct": len(canary), "broke": [], "rolled_back": False}
     if canary:
-        routed = [_route(ctx, c["question"]) for c in canary]
+        routed = [_route(ctx, c["question"], state) for c in canary]
         weights_batch = torch.cat([r[3] for r in routed])  # (n_canary, n_experts)
         attempts = ctx.solver.solve([c["question"] for c in canary], [r[0] for r in routed], weights=weights_batch)
         broke = [c["id"] for c, a in zip(canary, attempts) if not matches(a, c["label"])]
@@ -343,7 +376,7 @@ def commit(state: LoopState, runtime: Runtime[RunContext]) -> dict:
             fresh = [{k: t[k] for k in ("question", "completion", "source")} for t in u["texts"] if t["source"] != "replay"]
             replay[str(u["expert"])] = (replay.get(str(u["expert"]), []) + fresh)[-ctx.config.replay_keep:]
     carry["replay"] = replay
-    return {"outcome": outcome, "carry": carry}
+    return {"outcome": outcome, "carry": carry, "committed": True}
 
 
 def update_survived(state: LoopState, update: dict) -> bool:

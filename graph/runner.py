@@ -37,6 +37,7 @@ from agents.solver import Solver, SolverConfig
 from agents.verifier import VerifierConfig
 from adapters.trainer import TestTimeTrainer, TrainerConfig
 from graph.builder import build_graph, recursion_limit
+from graph.nodes import align_bank, prune_snapshots
 from graph.context import LoopConfig, RunContext
 from graph.saved_settings import leaf_differences, read_saved, settings_with_options
 from graph.state import LoopState, ProblemData
@@ -236,14 +237,19 @@ def run_episodes(
         for index, problem in enumerate(problems):
             thread = {"configurable": {"thread_id": f"{run_id}-ep{index:05d}"}, "recursion_limit": limit}
             snapshot = app.get_state(thread)
-            if snapshot.values and not snapshot.next:
+            # Finished only when commit's own write is in the checkpoint: a kill after a node's
+            # writes were saved but before the next checkpoint leaves `next` empty too
+            # (get_state omits a task whose writes are saved), and that episode must go on.
+            if snapshot.values.get("committed"):
                 carry = snapshot.values["carry"]
                 yield snapshot.values  # finished in an earlier process
                 continue
             if snapshot.values and snapshot.values["problem"]["id"] != problem["id"]:
                 raise RunDirError(f"episode {index} of this run was problem {snapshot.values['problem']['id']}, "
                                   f"but the data now gives {problem['id']}: the data file changed")
-            start = None if snapshot.next else {
+            # A killed earlier try of this episode may have changed the bank before any checkpoint.
+            align_bank(ctx, snapshot.values or {"episode": index})
+            start = None if snapshot.values else {
                 "run_id": run_id, "episode": index, "problem": problem, "learning": learning, "carry": carry,
                 "rules": [], "updates": [], "canary_checks": [],
             }
@@ -258,6 +264,7 @@ def run_episodes(
                     return
             final = app.get_state(thread).values
             carry = final["carry"]
+            prune_snapshots(ctx, index)
             yield final
     finally:
         events.close()

@@ -51,5 +51,6 @@ class LoopState(TypedDict, total=False):
     canary_checks: Annotated[list[dict], operator.add]  # every regression check of this episode
     rolled_back_to: str | None  # the snapshot the episode's updates were undone to, if any
     outcome: str  # correct | fixed | unfixed | not_learned | failed | skipped
+    committed: bool  # set by commit alone: the episode is finished (graph/runner.py resumes any other)
     error: str | None
     carry: Carry

@@ -720,11 +720,14 @@ class MemoryStore:
 
     # -- what the memory gives the router -------------------------------------------------
 
-    def memory_features(self, question: str, *, embedding: Any | None = None) -> MemoryFeatures:
+    def memory_features(self, question: str, *, embedding: Any | None = None,
+                        exclude_problem: str | None = None) -> MemoryFeatures:
         """Router features, expert prior and top rules from the question's nearest memories.
 
         Read-only (it does not count retrievals: call record_retrieved for rules you use), so
         router training and inference see the same function. Vector size: config.feature_dim.
+        ``exclude_problem``: leave out that problem's own episodes and rules (an episode never
+        sees what it wrote itself, also when it reruns after a kill).
         """
         self._require_open()
         vector = self._embed([question], None if embedding is None else [embedding])  # (1, embed_dim)
@@ -733,7 +736,7 @@ class MemoryStore:
         with _chroma_errors("query"):
             # Inactive rules are dropped after an unfiltered search; 2k candidates leave room.
             rule_hits = self._rules.query(query_embeddings=vector, n_results=2 * k, include=include)
-            episode_hits = self._episodes.query(query_embeddings=vector, n_results=k, include=include)
+            episode_hits = self._episodes.query(query_embeddings=vector, n_results=2 * k, include=include)
         n = self.config.n_experts
         neighbours = []
         episode_ids = []
@@ -745,6 +748,8 @@ class MemoryStore:
             strict=True,
         ):
             episode = Episode.from_chroma(doc, meta)
+            if episode.problem_id == exclude_problem or len(episode_ids) == k:
+                continue
             neighbours.append(episode_neighbour(episode, emb, _similarity(dist), n))
             episode_ids.append(episode.episode_id)
         top_rules = []
@@ -755,7 +760,7 @@ class MemoryStore:
             rule_hits["embeddings"][0],
             strict=True,
         ):
-            if meta["status"] not in ACTIVE_STATUSES or len(top_rules) == k:
+            if meta["status"] not in ACTIVE_STATUSES or len(top_rules) == k or meta["problem_id"] == exclude_problem:
                 continue
             rule = Rule.from_chroma(doc, meta)
             neighbours.append(rule_neighbour(rule, emb, _similarity(dist), n))

@@ -408,3 +408,36 @@ def test_resume_accepts_a_run_saved_before_backend_settings_existed(tmp_path):
     changed = RunSettings(model="tiny-random", data="train", episodes=2, loop=LoopConfig(cycles=5))
     with pytest.raises(RunDirError, match=r"different settings \(loop.cycles: saved 2, now 5\)"):
         prepare_run_dir(tmp_path, changed, resume=True)
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 3, 5, 8, 12])
+def test_a_kill_inside_the_checkpointers_put_resumes_exactly(make_run, tmp_path, monkeypatch, kill_at):
+    """The window after a node's writes are saved and before the next checkpoint: resume must finish the episode."""
+    from langgraph.checkpoint.sqlite import SqliteSaver
+
+    problems = [PENS, CAKES]
+    ctx, _ = make_run(World(), run_dir=tmp_path / "a")
+    want = _state_of(ctx, _run(ctx, problems, tmp_path / "a"))
+    ctx.memory.close()
+
+    real_put = SqliteSaver.put
+    calls = {"n": 0}
+
+    def dying_put(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == kill_at:  # the node's writes are saved (put_writes); its checkpoint is not
+            raise KeyboardInterrupt("killed inside put")
+        return real_put(self, *args, **kwargs)
+
+    ctx_b, _ = make_run(World(), run_dir=tmp_path / "b")
+    monkeypatch.setattr(SqliteSaver, "put", dying_put)
+    with pytest.raises(KeyboardInterrupt):
+        _run(ctx_b, problems, tmp_path / "b")
+    ctx_b.memory.close()
+    monkeypatch.setattr(SqliteSaver, "put", real_put)
+    resumed, _ = make_run(World(), run_dir=tmp_path / "b")
+    finals = _run(resumed, problems, tmp_path / "b")
+    assert all(f.get("committed") and "outcome" in f for f in finals)
+    got = _state_of(resumed, finals)
+    assert got[1] == want[1] and got[2] == want[2]
+    assert all(torch.equal(want[0][k], got[0][k]) for k in want[0])
