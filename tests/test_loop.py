@@ -337,32 +337,40 @@ def _state_of(ctx, finals):
     return bank, rules, results
 
 
-def test_kill_inside_update_then_resume_equals_uninterrupted_run(make_run, tmp_path, monkeypatch):
-    problems = [APPLES, PENS, CAKES]
+def _kill_then_resume(make_run, tmp_path, monkeypatch, problems, owner, name, kill_at, why):
+    """An uninterrupted run in a/, and in b/ a run whose ``owner.name`` raises on its kill_at-th call, then resumed.
+
+    Returns the uninterrupted state and the resumed run's context and final states.
+    """
     ctx, _ = make_run(World(), run_dir=tmp_path / "a")
     want = _state_of(ctx, _run(ctx, problems, tmp_path / "a"))
     ctx.memory.close()
-
-    from adapters.trainer import TestTimeTrainer
-
-    real_step = TestTimeTrainer.step
+    real = getattr(owner, name)
     calls = {"n": 0}
 
-    def dying_step(self, *args, **kwargs):
+    def dying(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:  # after one optimizer step of the first update has changed the bank
-            raise KeyboardInterrupt("killed inside update")
-        return real_step(self, *args, **kwargs)
+        if calls["n"] == kill_at:
+            raise KeyboardInterrupt(why)
+        return real(self, *args, **kwargs)
 
     ctx_b, _ = make_run(World(), run_dir=tmp_path / "b")
-    monkeypatch.setattr(TestTimeTrainer, "step", dying_step)
+    monkeypatch.setattr(owner, name, dying)
     with pytest.raises(KeyboardInterrupt):
         _run(ctx_b, problems, tmp_path / "b")
     ctx_b.memory.close()
-    monkeypatch.setattr(TestTimeTrainer, "step", real_step)
-
+    monkeypatch.setattr(owner, name, real)
     resumed, _ = make_run(World(), run_dir=tmp_path / "b")  # a new process: fresh model, bank from disk
-    got = _state_of(resumed, _run(resumed, problems, tmp_path / "b"))
+    return want, resumed, _run(resumed, problems, tmp_path / "b")
+
+
+def test_kill_inside_update_then_resume_equals_uninterrupted_run(make_run, tmp_path, monkeypatch):
+    from adapters.trainer import TestTimeTrainer
+
+    # the 2nd optimizer step: after one step of the first update has changed the bank
+    want, resumed, finals = _kill_then_resume(make_run, tmp_path, monkeypatch, [APPLES, PENS, CAKES],
+                                              TestTimeTrainer, "step", 2, "killed inside update")
+    got = _state_of(resumed, finals)
     assert got[1] == want[1] and got[2] == want[2]
     assert want[0].keys() == got[0].keys()
     assert all(torch.equal(want[0][k], got[0][k]) for k in want[0])
@@ -415,28 +423,9 @@ def test_a_kill_inside_the_checkpointers_put_resumes_exactly(make_run, tmp_path,
     """The window after a node's writes are saved and before the next checkpoint: resume must finish the episode."""
     from langgraph.checkpoint.sqlite import SqliteSaver
 
-    problems = [PENS, CAKES]
-    ctx, _ = make_run(World(), run_dir=tmp_path / "a")
-    want = _state_of(ctx, _run(ctx, problems, tmp_path / "a"))
-    ctx.memory.close()
-
-    real_put = SqliteSaver.put
-    calls = {"n": 0}
-
-    def dying_put(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == kill_at:  # the node's writes are saved (put_writes); its checkpoint is not
-            raise KeyboardInterrupt("killed inside put")
-        return real_put(self, *args, **kwargs)
-
-    ctx_b, _ = make_run(World(), run_dir=tmp_path / "b")
-    monkeypatch.setattr(SqliteSaver, "put", dying_put)
-    with pytest.raises(KeyboardInterrupt):
-        _run(ctx_b, problems, tmp_path / "b")
-    ctx_b.memory.close()
-    monkeypatch.setattr(SqliteSaver, "put", real_put)
-    resumed, _ = make_run(World(), run_dir=tmp_path / "b")
-    finals = _run(resumed, problems, tmp_path / "b")
+    # the node's writes are saved (put_writes); its checkpoint is not
+    want, resumed, finals = _kill_then_resume(make_run, tmp_path, monkeypatch, [PENS, CAKES],
+                                              SqliteSaver, "put", kill_at, "killed inside put")
     assert all(f.get("committed") and "outcome" in f for f in finals)
     got = _state_of(resumed, finals)
     assert got[1] == want[1] and got[2] == want[2]
