@@ -14,7 +14,6 @@ f16 copy at 32 slots, with the plain transformers answers token for token (llama
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -22,7 +21,7 @@ import torch
 from adapters.bank import ExpertBank
 from agents.continuous_batching import ContinuousBatcher
 from agents.errors import SelfImproveError
-from agents.generation import Generation, chat_prompt, generate
+from agents.generation import GREEDY, Ask, Generation, Request, Sampling, chat_prompt, generate
 
 if TYPE_CHECKING:
     from agents.backend_llamacpp import LlamaCppConfig
@@ -40,26 +39,6 @@ class BackendError(SelfImproveError):
     """A generation backend cannot be built or used as asked (missing package or GGUF, bad request)."""
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """Sampling settings; the default is greedy decoding."""
-
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int = 0  # sampled runs with the same seed give the same texts
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-GREEDY = Sampling()
 
 
 @runtime_checkable
@@ -159,6 +138,29 @@ class TorchBackend:
                     top_p=sampling.top_p,
                 )
         return results
+
+    def generate_requests(self, requests: Sequence[Request]) -> list[list[Generation]]:
+        """Several agents' calls as one: continuous batching decodes all their rows together."""
+        if self.engine == "continuous":
+            return self.batcher.generate_requests(requests)
+        return _one_call_each(self, requests)
+
+
+def generate_together(backend: GenerationBackend, requests: Sequence[Request]) -> list[list[Generation]]:
+    """The completions of each request; one call when the backend can serve them together, else one call each."""
+    together = getattr(backend, "generate_requests", None)
+    return together(list(requests)) if together is not None else _one_call_each(backend, requests)
+
+
+def ask_together(backend: GenerationBackend, asks: Sequence[Ask]) -> list:
+    """Each agent's reading of its completions, the requests generated together (``generate_together``)."""
+    outputs = generate_together(backend, [a.request for a in asks])
+    return [a.read(out) for a, out in zip(asks, outputs)]
+
+
+def _one_call_each(backend: GenerationBackend, requests: Sequence[Request]) -> list[list[Generation]]:
+    return [backend.generate(r.prompts, weights=r.weights, max_new_tokens=r.max_new_tokens,
+                             stop_at_answer=r.stop_at_answer, sampling=r.sampling) for r in requests]
 
 
 def close_backend(backend: GenerationBackend) -> None:

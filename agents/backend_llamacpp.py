@@ -47,8 +47,8 @@ import torch
 
 from adapters.bank import ExpertBank
 from adapters.gguf_lora import GgufBase, export_expert_loras, write_dense_gguf
-from agents.backend import GREEDY, BackendError, Sampling
-from agents.generation import ANSWER_COMPLETE, Generation, chat_prompt
+from agents.backend import BackendError
+from agents.generation import ANSWER_COMPLETE, GREEDY, Generation, Sampling, chat_prompt
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import torch
 
 from adapters.bank import ExpertBank
 from agents.cpu_kernels import ExactGreedyHead, PackedLinears
-from agents.generation import ANSWER_COMPLETE, Generation, mixture_applied
+from agents.generation import ANSWER_COMPLETE, Generation, Request, Sampling, mixture_applied
 
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth a separate forward pass
 ANSWER_WINDOW = 48  # generated tokens decoded per answer-line check, as the generate path does
@@ -118,7 +118,6 @@ class ContinuousBatcher:
             parts.append(f"MKL-packed linears at {self.slots} rows")
         return ", ".join(parts) or "no extra kernels"
 
-    @torch.no_grad()
     def generate(
         self,
         prompts: Sequence[str],
@@ -133,23 +132,37 @@ class ContinuousBatcher:
         """Completions of templated prompts; ``weights`` (len(prompts) or 1, n_experts), None = bare model."""
         if not prompts:
             return []
-        if weights is not None and weights.shape[0] not in (1, len(prompts)):
-            raise ValueError(f"got mixture weights for {weights.shape[0]} rows and {len(prompts)} prompts")
+        request = Request(tuple(prompts), weights, max_new_tokens, stop_at_answer, Sampling(temperature, top_p, seed))
+        return self.generate_requests([request])[0]
+
+    @torch.no_grad()
+    def generate_requests(self, requests: Sequence[Request]) -> list[list[Generation]]:
+        """Several requests decoded through the same slots at once, each row with its request's settings.
+
+        A request's sampled rows draw from its own generator, seeded by its sampling seed, so a
+        request alone gives exactly what ``generate`` gives it.
+        """
         started = time.perf_counter()
         device = next(self.model.parameters()).device
+        prompts = [p for r in requests for p in r.prompts]
+        if not prompts:
+            return [[] for _ in requests]
+        owner = [i for i, r in enumerate(requests) for _ in r.prompts]  # the request of each row
         ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         if not all(ids):
             raise ValueError(f"prompt {next(i for i, t in enumerate(ids) if not t)} is empty")
+        weights = _weights_of(requests, self.bank)
         shared = self.reuse_prefix and (weights is None or weights.shape[0] == 1 or bool((weights == weights[:1]).all()))
         prefix = _common_prefix(ids) if shared and len(ids) > 1 else 0
         prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
         prefix = min(prefix, min(len(i) for i in ids) - 1)  # every prompt keeps a token to prefill
         slots = min(self.slots, len(prompts))
-        capacity = max(len(i) for i in ids) + max_new_tokens
+        capacity = max(len(i) for i in ids) + max(r.max_new_tokens for r in requests)
         dtype = next(self.model.parameters()).dtype
         cache = SlotCache(self.n_layers, slots, self.kv_heads, self.head_dim, capacity, dtype, device)
-        generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
-        pick = _Picker(temperature, top_p, generator, self.head)
+        pick = _Picker([r.sampling for r in requests], owner, self.head, device)
+        limits = [requests[o].max_new_tokens for o in owner]
+        stops = [requests[o].stop_at_answer for o in owner]
 
         prefix_cache = None
         if prefix:
@@ -175,25 +188,26 @@ class ContinuousBatcher:
                 first = 0
                 fresh = [row for row, _ in live]
                 out = self._decode_step(cache, live, prefix, _rows_of(weights, [r.prompt for r in fresh], device))
-            live = live[:first] + self._settle(cache, first, list(zip(fresh, pick(out))), done, max_new_tokens, stop_at_answer)
+            chosen = pick(out, [row.prompt for row in fresh])
+            live = live[:first] + self._settle(cache, first, list(zip(fresh, chosen)), done, limits, stops)
 
         seconds = time.perf_counter() - started
-        results = []
+        results: list[list[Generation]] = [[] for _ in requests]
         for p in range(len(prompts)):
             tokens = list(done[p])
             while tokens and tokens[-1] in self.strip_ids:
                 tokens.pop()
-            results.append(Generation(self.tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), seconds))
+            results[owner[p]].append(Generation(self.tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), seconds))
         return results
 
-    def _settle(self, cache: SlotCache, first: int, entries, done: dict, max_new_tokens: int, stop_at_answer: bool):
+    def _settle(self, cache: SlotCache, first: int, entries, done: dict, limits: list[int], stops: list[bool]):
         """Record each row's new token; finished rows leave, the rest close up from slot ``first`` on."""
         kept = []
         for slot, (row, token) in enumerate(entries, start=first):
             if token not in self.stop_ids:
                 row.tokens.append(token)
-            if (token in self.stop_ids or len(row.tokens) >= max_new_tokens
-                    or (stop_at_answer and self._answer_complete(row.tokens))):
+            if (token in self.stop_ids or len(row.tokens) >= limits[row.prompt]
+                    or (stops[row.prompt] and self._answer_complete(row.tokens))):
                 done[row.prompt] = row.tokens
                 continue
             if slot != first + len(kept):
@@ -252,26 +266,55 @@ class ContinuousBatcher:
 
 
 class _Picker:
-    """The next token of each row: argmax, or temperature and top-p sampling over the logits."""
+    """The next token of each row: argmax, or temperature and top-p sampling with its request's generator."""
 
-    def __init__(self, temperature: float, top_p: float, generator: torch.Generator | None, head: ExactGreedyHead | None):
-        self.temperature, self.top_p, self.generator, self.head = temperature, top_p, generator, head
+    def __init__(self, samplings: Sequence[Sampling], owner: list[int], head: ExactGreedyHead | None, device):
+        self.samplings, self.owner, self.head = samplings, owner, head
+        self.generators = [torch.Generator(device=device).manual_seed(s.seed) if not s.greedy else None
+                           for s in samplings]
 
-    def __call__(self, out: torch.Tensor) -> list[int]:
-        """``out``: hidden states (rows, hidden) when there is a head, else logits (rows, vocab)."""
-        if self.head is not None and self.temperature <= 0:
+    def __call__(self, out: torch.Tensor, prompts: list[int]) -> list[int]:
+        """``out``: hidden states (rows, hidden) when there is a head, else logits (rows, vocab); row i answers prompts[i]."""
+        owners = [self.owner[p] for p in prompts]
+        if len(set(owners)) == 1:
+            return self._pick(out, owners[0])
+        tokens = [0] * len(prompts)
+        for request in dict.fromkeys(owners):  # each request's rows in slot order, requests in order of appearance
+            rows = [i for i, o in enumerate(owners) if o == request]
+            for i, token in zip(rows, self._pick(out[rows], request)):
+                tokens[i] = token
+        return tokens
+
+    def _pick(self, out: torch.Tensor, request: int) -> list[int]:
+        sampling, generator = self.samplings[request], self.generators[request]
+        if self.head is not None and sampling.greedy:
             return self.head.greedy(out).tolist()
         logits = (out if self.head is None else self.head.logits(out)).float()
-        if self.temperature <= 0:
+        if sampling.greedy:
             return logits.argmax(dim=-1).tolist()
-        probs = torch.softmax(logits / self.temperature, dim=-1)
-        if self.top_p < 1:
+        probs = torch.softmax(logits / sampling.temperature, dim=-1)
+        if sampling.top_p < 1:
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             # keep the smallest head whose mass reaches top_p (always the top token)
-            drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= self.top_p
+            drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= sampling.top_p
             sorted_probs = sorted_probs.masked_fill(drop, 0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1).tolist()
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1).tolist()
+
+
+def _weights_of(requests: Sequence[Request], bank: ExpertBank | None) -> torch.Tensor | None:
+    """One mixture per row (rows, n_experts), or (1, n) when every row shares one, or None for the bare model.
+
+    A bare-model request among mixed ones gets all-zero weights: the bank then adds nothing to it.
+    """
+    if bank is None or all(r.weights is None for r in requests):
+        return None
+    if len(requests) == 1:
+        return requests[0].weights
+    n = bank.n_experts
+    rows = [(r.weights if r.weights is not None else torch.zeros(1, n)).float().cpu().expand(len(r.prompts), -1)
+            for r in requests]
+    return torch.cat(rows)
 
 
 def _rows_of(weights: torch.Tensor | None, prompts: list[int], device) -> torch.Tensor | None:

@@ -13,7 +13,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from agents.backend import GenerationBackend, Sampling
+from agents.backend import GenerationBackend, ask_together
+from agents.generation import Ask, Generation, Request, Sampling
 from agents.guard import numbers_in
 from agents.prompts import VARIANT_KINDS, VARIANT_REQUEST, VARIANT_SYSTEM
 
@@ -71,19 +72,28 @@ class Diversifier:
 
     def variants(self, question: str, *, seed: int = 0) -> Variants:
         """Variants of the question, each checked to keep every quantity (one batched call)."""
+        (made,) = ask_together(self.backend, [self.ask(question, seed=seed)])
+        return made
+
+    def ask(self, question: str, *, seed: int = 0) -> Ask[Variants]:
+        """``variants`` as a request, for a backend call shared with other agents' requests."""
         cfg = self.config
         kinds = [k for k in cfg.kinds for _ in range(cfg.per_kind)]
         prompts = [self.backend.chat_prompt(VARIANT_SYSTEM, VARIANT_REQUEST[k].format(question=question)) for k in kinds]
-        outputs = self.backend.generate(prompts, max_new_tokens=cfg.max_new_tokens,
-                                        sampling=Sampling(temperature=cfg.temperature, seed=seed))
-        kept, refused = [], []
-        for kind, out in zip(kinds, outputs):
-            text = parse_variant(out.text)
-            reason = quantity_problem(question, text)
-            if reason is None and text in kept:
-                reason = "it repeats another variant"
-            if reason is None:
-                kept.append(text)
-            else:
-                refused.append({"kind": kind, "text": text, "reason": reason})
-        return Variants(kept, refused)
+        request = Request(tuple(prompts), max_new_tokens=cfg.max_new_tokens,
+                          sampling=Sampling(temperature=cfg.temperature, seed=seed))
+
+        def read(outputs: list[Generation]) -> Variants:
+            kept, refused = [], []
+            for kind, out in zip(kinds, outputs):
+                text = parse_variant(out.text)
+                reason = quantity_problem(question, text)
+                if reason is None and text in kept:
+                    reason = "it repeats another variant"
+                if reason is None:
+                    kept.append(text)
+                else:
+                    refused.append({"kind": kind, "text": text, "reason": reason})
+            return Variants(kept, refused)
+
+        return Ask(request, read)

@@ -6,11 +6,14 @@ import contextlib
 import re
 import time
 from dataclasses import dataclass
+from typing import Callable, Generic, TypeVar
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from adapters.bank import ExpertBank
+
+T = TypeVar("T")
 
 # An answer line is complete when the number after "answer is" (or inside \boxed{}) is
 # followed by a line end or a sentence end; "18." alone might still become "18.5", so a
@@ -26,6 +29,52 @@ class Generation:
     text: str  # the generated text, prompt excluded
     new_tokens: int  # tokens generated, up to and including the stop
     seconds: float  # wall time of the call (batch) that generated it
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings; the default is greedy decoding."""
+
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0  # sampled runs with the same seed give the same texts
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = Sampling()
+
+
+@dataclass(frozen=True)
+class Request:
+    """Prompts decoded alike: one agent's call, which a backend may serve together with others."""
+
+    prompts: tuple[str, ...]
+    weights: torch.Tensor | None = None  # (len(prompts) or 1, n_experts); None: the bare model
+    max_new_tokens: int = 384
+    stop_at_answer: bool = False
+    sampling: Sampling = GREEDY
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        if self.weights is not None and self.weights.shape[0] not in (1, len(self.prompts)):
+            raise ValueError(f"got mixture weights for {self.weights.shape[0]} rows and {len(self.prompts)} prompts")
+
+
+@dataclass(frozen=True)
+class Ask(Generic[T]):
+    """An agent's request and how it reads the completions: what it hands to a call shared with others."""
+
+    request: Request
+    read: Callable[[list[Generation]], T]
 
 
 class AnswerLineComplete(StoppingCriteria):

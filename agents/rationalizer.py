@@ -9,17 +9,17 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from agents.backend import Sampling
+from agents.generation import Ask, Sampling
 from agents.prompts import RATIONALIZE_HINT
 from agents.solver import Attempt, Solver
 
 
-def rationalize(solver: Solver, question: str, label: str, samples: int, temperature: float, seed: int,
-                weights=None) -> list[Attempt]:
-    """``samples`` solutions written with the answer as a hint (one batched call)."""
+def ask_rationalizations(solver: Solver, question: str, label: str, samples: int, temperature: float, seed: int,
+                         weights=None) -> Ask[list[Attempt]]:
+    """A request for ``samples`` solutions written with the answer as a hint."""
     hinted = question + RATIONALIZE_HINT.format(label=label)
     sampling = Sampling(temperature=temperature, seed=seed)
-    return solver.solve([hinted] * samples, [()] * samples, weights=weights, sampling=sampling)
+    return solver.ask([hinted] * samples, [()] * samples, weights=weights, sampling=sampling)
 
 
 def hint_free(prompts: Sequence[str], label: str) -> bool:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from agents.backend import GenerationBackend, Sampling
+from agents.backend import GenerationBackend, ask_together
+from agents.generation import Ask, Generation, Request, Sampling
 from agents.guard import rule_problem
 from agents.prompts import REFLECT_PREVIOUS, REFLECT_SYSTEM, REFLECT_USER
 
@@ -74,23 +75,43 @@ class Reflector:
         proposed for this problem; the model is asked for a different one, and a repeat (of
         those or of an earlier candidate of this call) is refused.
         """
+        ask = self.ask(question, wrong_attempt, verified_solution, label=label, tried=tried, seed=seed)
+        (candidates,) = ask_together(self.backend, [ask])
+        return candidates
+
+    def ask(
+        self,
+        question: str,
+        wrong_attempt: str,
+        verified_solution: str,
+        *,
+        label: str | None,
+        tried: list[str],
+        seed: int = 0,
+    ) -> Ask[list[Candidate]]:
+        """``propose`` as a request, for a backend call shared with other agents' requests."""
         cfg = self.config
         previous = REFLECT_PREVIOUS.format(rules="\n".join(f"- {r}" for r in tried)) if tried else ""
         user = REFLECT_USER.format(question=question, attempt=wrong_attempt, verified=verified_solution,
                                    previous=previous)
         prompt = self.backend.chat_prompt(REFLECT_SYSTEM, user)
-        outputs = self.backend.generate([prompt] * cfg.max_attempts, max_new_tokens=cfg.max_new_tokens,
-                                        sampling=Sampling(temperature=cfg.temperature, seed=seed))
-        seen = list(tried)
-        candidates = []
-        for out in outputs:
-            rule = parse_rule(out.text)
-            if not rule:
-                candidates.append(Candidate("", "it has no 'RULE:' line"))
-                continue
-            reason = rule_problem(rule, label, cfg.max_chars, cfg.max_sentences, echoes=(REFLECT_SYSTEM, REFLECT_USER))
-            if reason is None and any(_same_text(rule, t) for t in seen):
-                reason = "it repeats a rule already tried on this problem"
-            candidates.append(Candidate(rule, reason))
-            seen.append(rule)
-        return candidates
+        request = Request((prompt,) * cfg.max_attempts, max_new_tokens=cfg.max_new_tokens,
+                          sampling=Sampling(temperature=cfg.temperature, seed=seed))
+
+        def read(outputs: list[Generation]) -> list[Candidate]:
+            seen = list(tried)
+            candidates = []
+            for out in outputs:
+                rule = parse_rule(out.text)
+                if not rule:
+                    candidates.append(Candidate("", "it has no 'RULE:' line"))
+                    continue
+                reason = rule_problem(rule, label, cfg.max_chars, cfg.max_sentences,
+                                      echoes=(REFLECT_SYSTEM, REFLECT_USER))
+                if reason is None and any(_same_text(rule, t) for t in seen):
+                    reason = "it repeats a rule already tried on this problem"
+                candidates.append(Candidate(rule, reason))
+                seen.append(rule)
+            return candidates
+
+        return Ask(request, read)

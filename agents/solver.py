@@ -8,7 +8,8 @@ from typing import Sequence
 import torch
 
 from agents.answers import extract_answer
-from agents.backend import GREEDY, GenerationBackend, Sampling
+from agents.backend import GenerationBackend, ask_together
+from agents.generation import GREEDY, Ask, Generation, Request, Sampling
 from agents.prompts import SOLVER_RULES_HEADER, SOLVER_SYSTEM, SOLVER_USER
 
 
@@ -50,19 +51,32 @@ class Solver:
         sampling: Sampling = GREEDY,
     ) -> list[Attempt]:
         """Answer several questions in one batched call; rules[i] go into question i's prompt."""
+        (attempts,) = ask_together(self.backend, [self.ask(questions, rules, weights, sampling)])
+        return attempts
+
+    def ask(
+        self,
+        questions: Sequence[str],
+        rules: Sequence[Sequence[str]] | None = None,
+        weights: torch.Tensor | None = None,
+        sampling: Sampling = GREEDY,
+    ) -> Ask[list[Attempt]]:
+        """``solve`` as a request, for a backend call shared with other agents' requests."""
         rules = rules if rules is not None else [()] * len(questions)
         if len(rules) != len(questions):
             raise ValueError(f"got {len(rules)} rule lists for {len(questions)} questions")
         prompts = [self.prompt(q, r) for q, r in zip(questions, rules)]
-        outputs = self.backend.generate(
-            prompts, weights=weights, max_new_tokens=self.config.max_new_tokens, stop_at_answer=True, sampling=sampling
-        )
-        attempts = []
-        for out in outputs:
-            extraction = extract_answer(out.text)
-            answer = None if extraction.value is None else _plain(extraction.value)
-            attempts.append(Attempt(out.text, answer, extraction.strategy, out.new_tokens))
-        return attempts
+        request = Request(tuple(prompts), weights, self.config.max_new_tokens, stop_at_answer=True, sampling=sampling)
+        return Ask(request, _attempts)
+
+
+def _attempts(outputs: list[Generation]) -> list[Attempt]:
+    attempts = []
+    for out in outputs:
+        extraction = extract_answer(out.text)
+        answer = None if extraction.value is None else _plain(extraction.value)
+        attempts.append(Attempt(out.text, answer, extraction.strategy, out.new_tokens))
+    return attempts
 
 
 def _plain(value) -> str:

@@ -49,10 +49,11 @@ from adapters.router import Router, RouterConfig
 from adapters.store import BankStore, atomic_write_bytes
 from adapters.stress import StressConfig, StressController
 from adapters.trainer import TestTimeTrainer, TrainerConfig, TrainingExample
-from agents.backend import BACKENDS, DEFAULT_BATCH_SIZE, GenerationBackend, Sampling, close_backend, make_backend
+from agents.backend import BACKENDS, DEFAULT_BATCH_SIZE, GenerationBackend, close_backend, make_backend
 from agents.diversifier import Diversifier
 from agents.errors import DataError, SelfImproveError
 from agents.data_sources import DataSource, open_source
+from agents.generation import Sampling
 from agents.gsm8k import Problem, normalise_question, sample_problems
 from agents.models import DEFAULT_MODEL, LoadedModel, load_model, pick_device
 from agents.precision import PRECISIONS, PrecisionChoice, choose_precision

@@ -10,12 +10,16 @@ variants, rationalizations), and keep a rule only when it helps in context.
               verified solutions of a problem solved wrongly or rarely become training texts (RFT)
   reflect     a failure: the model compares its wrong attempt with a verified solution and writes
               a rule; each rule is validated by its effect (k samples with the rule in the prompt
-              must verify more often than without); if none validates, STaR's rationalization
-  diversify   variants of the problem with the same quantities, solved with the validated rule
-              in the prompt; verified solutions train with rule-free prompts (context
-              distillation, Snell et al. 2022, arXiv 2209.15189)
+              must verify more often than without); if none validates, STaR's rationalization;
+              variants of the problem with the same quantities are drafted in the same call
+  diversify   the drafted variants, solved with the validated rule in the prompt; verified
+              solutions train with rule-free prompts (context distillation, Snell et al. 2022,
+              arXiv 2209.15189)
   update      the routed expert trains on the verified texts plus a replay of its earlier ones
   reevaluate  the problem again, and the canary set; a regression rolls the update back
+
+Requests that do not wait on each other go to the backend together (``ask_together``), so
+that decoding runs many rows at once: an episode that fails and learns makes five calls.
 
 Nodes that change the bank save it before they return, and the update node snapshots it
 first under a name fixed by (episode, cycle). A node killed half-way therefore reruns from
@@ -31,8 +35,10 @@ import torch
 from langgraph.runtime import Runtime
 
 from adapters.trainer import TrainingExample
-from agents.backend import Sampling
-from agents.rationalizer import rationalize
+from agents.generation import Sampling
+from agents.backend import ask_together
+from agents.rationalizer import ask_rationalizations
+from agents.generation import Ask
 from agents.solver import Attempt
 from agents.trajectories import Text, as_completion, distinct, matches, verified_share, verified_texts
 from agents.verifier import check, vote
@@ -101,11 +107,11 @@ def _sampling(ctx: RunContext, state: LoopState) -> Sampling:
     return Sampling(temperature=ctx.verifier.temperature, seed=ctx.config.seed + 1000 * state["episode"])
 
 
-def _sample(ctx: RunContext, questions: list[str], rules: list[str], weights, sampling: Sampling) -> list[Attempt]:
-    """k sampled answers to each question (all in one call), ``rules`` in every prompt; flat, question-major."""
+def _ask_samples(ctx: RunContext, questions: list[str], rules: list[str], weights, sampling: Sampling) -> Ask[list[Attempt]]:
+    """k sampled answers to each question, ``rules`` in every prompt; flat, question-major."""
     k = ctx.verifier.samples
     flat = [q for q in questions for _ in range(k)]
-    return ctx.solver.solve(flat, [rules] * len(flat), weights=weights, sampling=sampling)
+    return ctx.solver.ask(flat, [rules] * len(flat), weights=weights, sampling=sampling)
 
 
 def _cap(ctx: RunContext) -> int:
@@ -125,7 +131,10 @@ def _mixture(state: LoopState) -> torch.Tensor:
 def solve(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     ctx, problem = runtime.context, state["problem"]
     rules, rule_ids, _, weights, _ = _route(ctx, problem["question"], state)
-    (attempt,) = ctx.solver.solve([problem["question"]], [rules], weights=weights)
+    asks = [ctx.solver.ask([problem["question"]], [rules], weights=weights)]
+    if state["learning"] or ctx.config.label_free:
+        asks.append(_ask_samples(ctx, [problem["question"]], rules, weights, _sampling(ctx, state)))
+    (attempt,), *sampled = ask_together(ctx.backend, asks)  # the greedy answer and the samples, in one call
     out = {
         "attempt": asdict(attempt),
         "weights": [round(float(w), 6) for w in weights[0]],
@@ -133,8 +142,8 @@ def solve(state: LoopState, runtime: Runtime[RunContext]) -> dict:
         "memory_rules": rules,
         "cycle": state.get("cycle", 0),
     }
-    if state["learning"] or ctx.config.label_free:
-        out["samples"] = [asdict(a) for a in _sample(ctx, [problem["question"]], rules, weights, _sampling(ctx, state))]
+    if sampled:
+        out["samples"] = [asdict(a) for a in sampled[0]]
     return out
 
 
@@ -176,16 +185,8 @@ def _verified_solution(ctx: RunContext, state: LoopState) -> str | None:
     return None
 
 
-def _share_without(ctx: RunContext, state: LoopState, weights) -> float:
-    """The rule-free verified share under the bank as it is now (the first solve's, before any update)."""
-    if state.get("cycle", 0) == 0:
-        return state["verified_share"]
-    question = state["problem"]["question"]
-    again = _sample(ctx, [question], state.get("memory_rules") or [], weights, _sampling(ctx, state))
-    return verified_share(again, state["target"])
-
-
 def reflect(state: LoopState, runtime: Runtime[RunContext]) -> dict:
+    """Rules proposed (with the problem's variants drafted alongside), then validated, all in two calls."""
     ctx, problem = runtime.context, state["problem"]
     question, target, cycle = problem["question"], state["target"], state.get("cycle", 0)
     label = None if ctx.config.label_free else problem.get("label")
@@ -195,47 +196,65 @@ def reflect(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     candidates: list[dict] = []
     tested: list[dict] = []
     rule = None
+    variants: list[dict] = []
+    proposed = []
+    # First call: rule candidates, and the variants diversify will solve if a rule validates
+    # (drafting them needs only the question, so they need not wait for a call of their own).
+    first: list[Ask] = []
     if verified is not None:
-        share_without = _share_without(ctx, state, weights)
         tried = [c["text"] for c in state.get("candidates") or [] if c["text"]]
-        proposed = ctx.reflector.propose(question, state["first"]["attempt"]["text"], verified, label=label, tried=tried,
-                                         seed=_seed(ctx, state, 1))
-        for cand in proposed:
-            if cand.refused:
-                candidates.append({"text": cand.text, "cycle": cycle, "status": "refused", "reason": cand.refused})
-        accepted = [c.text for c in proposed if not c.refused]
-        if accepted:
-            # Validation by effect: k samples per candidate, the first solve's mixture and
-            # sampling, now with the rule in the prompt; all candidates in one call.
-            k = ctx.verifier.samples
-            flat_rules = [_with_rule(ctx, state, text) for text in accepted for _ in range(k)]
-            answers = ctx.solver.solve([question] * len(flat_rules), flat_rules, weights=weights,
-                                       sampling=_sampling(ctx, state))
-            for j, text in enumerate(accepted):
-                with_rule = answers[j * k:(j + 1) * k]
-                share_with = verified_share(with_rule, target)
-                # counts of the k samples that verified, with and without the rule
-                validated = round(share_with * k) >= round(share_without * k) + ctx.config.validate_min_gain
-                result = {"text": text, "cycle": cycle, "status": "validated" if validated else "refuted",
-                          "share_with": share_with, "share_without": share_without,
-                          "reason": None if validated else f"verified share {share_with:.2f} with it, {share_without:.2f} without"}
-                candidates.append(result)
-                tested.append(result)
-                if validated and (rule is None or share_with > rule["share_with"]):
-                    rule, best = result, with_rule
-            if rule is not None:
-                rule["chosen"] = True  # the one the episode trains from; other validated rules stay in memory
-                texts += verified_texts(question, best, target, _cap(ctx), "rule_conditioned")
-    if rule is None and _may_rationalize(ctx, state):
-        hinted = rationalize(ctx.solver, question, problem["label"], ctx.verifier.samples, ctx.verifier.temperature,
-                             _seed(ctx, state, 7), weights=weights)
+        first.append(ctx.reflector.ask(question, state["first"]["attempt"]["text"], verified, label=label, tried=tried,
+                                       seed=_seed(ctx, state, 1)))
+    if verified is not None and ctx.config.adapters:
+        first.append(ctx.diversifier.ask(question, seed=_seed(ctx, state, 3)))
+    if first:
+        drafted = ask_together(ctx.backend, first)
+        proposed = drafted[0]
+        if len(drafted) > 1:
+            made = drafted[1]
+            variants = [{"text": v, "status": "kept"} for v in made.kept] + [{**r, "status": "refused"} for r in made.refused]
+    for cand in proposed:
+        if cand.refused:
+            candidates.append({"text": cand.text, "cycle": cycle, "status": "refused", "reason": cand.refused})
+    accepted = [c.text for c in proposed if not c.refused]
+    # Second call: k samples per accepted candidate with the rule in the prompt (the first
+    # solve's mixture and sampling, so shares are paired); after an update, k rule-free samples
+    # again for the share without; and STaR's rationalizations, used only if no rule validates.
+    second: list[Ask] = [_ask_samples(ctx, [question], _with_rule(ctx, state, text), weights, _sampling(ctx, state))
+                         for text in accepted]
+    if accepted and cycle > 0:
+        second.append(_ask_samples(ctx, [question], state.get("memory_rules") or [], weights, _sampling(ctx, state)))
+    if _may_rationalize(ctx, state):
+        second.append(ask_rationalizations(ctx.solver, question, problem["label"], ctx.verifier.samples,
+                                           ctx.verifier.temperature, _seed(ctx, state, 7), weights=weights))
+    answered = ask_together(ctx.backend, second) if second else []
+    with_rules, rest = answered[:len(accepted)], answered[len(accepted):]
+    share_without = state["verified_share"]
+    if accepted and cycle > 0:
+        share_without, rest = verified_share(rest[0], target), rest[1:]  # under the bank as it is now
+    k = ctx.verifier.samples
+    for text, with_rule in zip(accepted, with_rules):
+        share_with = verified_share(with_rule, target)
+        # counts of the k samples that verified, with and without the rule
+        validated = round(share_with * k) >= round(share_without * k) + ctx.config.validate_min_gain
+        result = {"text": text, "cycle": cycle, "status": "validated" if validated else "refuted",
+                  "share_with": share_with, "share_without": share_without,
+                  "reason": None if validated else f"verified share {share_with:.2f} with it, {share_without:.2f} without"}
+        candidates.append(result)
+        tested.append(result)
+        if validated and (rule is None or share_with > rule["share_with"]):
+            rule, best = result, with_rule
+    if rule is not None:
+        rule["chosen"] = True  # the one the episode trains from; other validated rules stay in memory
+        texts += verified_texts(question, best, target, _cap(ctx), "rule_conditioned")
+    elif _may_rationalize(ctx, state):
         # A solution that talks about its hint would teach the model to expect one.
-        texts += [t for t in verified_texts(question, hinted, problem["label"], _cap(ctx), "rationalization")
+        texts += [t for t in verified_texts(question, rest[0], problem["label"], _cap(ctx), "rationalization")
                   if "hint" not in t.completion.lower()]
     error = None if rule is not None else (
         "no verified solution to compare with" if verified is None else "no rule helped in context")
     return {"rule": rule, "rules": tested, "candidates": candidates, "texts": [t.to_dict() for t in distinct(texts)],
-            "variants": [], "error": error}
+            "variants": variants, "error": error}
 
 
 def _may_rationalize(ctx: RunContext, state: LoopState) -> bool:
@@ -246,18 +265,19 @@ def _may_rationalize(ctx: RunContext, state: LoopState) -> bool:
 
 
 def diversify(state: LoopState, runtime: Runtime[RunContext]) -> dict:
-    ctx, problem = runtime.context, state["problem"]
+    """The variants reflect drafted, solved with the validated rule in the prompt; verified solutions train rule-free."""
+    ctx = runtime.context
     rule = state["rule"]["text"]
-    made = ctx.diversifier.variants(problem["question"], seed=_seed(ctx, state, 3))
+    kept = [v["text"] for v in state.get("variants") or [] if v["status"] == "kept"]
     texts = [Text(**t) for t in state.get("texts") or []]
-    if made.kept:
-        answers = _sample(ctx, made.kept, _with_rule(ctx, state, rule), _mixture(state), _sampling(ctx, state))
+    if kept:
+        (answers,) = ask_together(ctx.backend, [_ask_samples(ctx, kept, _with_rule(ctx, state, rule), _mixture(state),
+                                                             _sampling(ctx, state))])
         k = ctx.verifier.samples
-        for i, variant in enumerate(made.kept):
+        for i, variant in enumerate(kept):
             # The label holds for the variant: it has exactly the original's numbers.
             texts += verified_texts(variant, answers[i * k:(i + 1) * k], state["target"], _cap(ctx), "variant")
-    variants = [{"text": v, "status": "kept"} for v in made.kept] + [{**r, "status": "refused"} for r in made.refused]
-    return {"texts": [t.to_dict() for t in distinct(texts)], "variants": variants}
+    return {"texts": [t.to_dict() for t in distinct(texts)]}
 
 
 def _examples(ctx: RunContext, texts: list[dict]) -> list[TrainingExample]:
@@ -301,16 +321,16 @@ def update(state: LoopState, runtime: Runtime[RunContext]) -> dict:
 
 
 def reevaluate(state: LoopState, runtime: Runtime[RunContext]) -> dict:
+    """The problem again and the canary set, greedy, in one call; a regression rolls the update back."""
     ctx, problem = runtime.context, state["problem"]
-    rules, _, _, weights, _ = _route(ctx, problem["question"], state)
-    (attempt,) = ctx.solver.solve([problem["question"]], [rules], weights=weights)
-    verdict = {"attempt": asdict(attempt), **asdict(check(attempt, state["target"]))}
     canary = [c for c in (state.get("carry") or {}).get("canary", []) if c["id"] != problem["id"]]
+    questions = [problem["question"]] + [c["question"] for c in canary]
+    routed = [_route(ctx, q, state) for q in questions]
+    weights = torch.cat([r[3] for r in routed])  # (1 + n_canary, n_experts)
+    attempt, *attempts = ctx.solver.solve(questions, [r[0] for r in routed], weights=weights)
+    verdict = {"attempt": asdict(attempt), **asdict(check(attempt, state["target"]))}
     result = {"checked": len(canary), "correct": len(canary), "broke": [], "rolled_back": False}
     if canary:
-        routed = [_route(ctx, c["question"], state) for c in canary]
-        weights_batch = torch.cat([r[3] for r in routed])  # (n_canary, n_experts)
-        attempts = ctx.solver.solve([c["question"] for c in canary], [r[0] for r in routed], weights=weights_batch)
         broke = [c["id"] for c, a in zip(canary, attempts) if not matches(a, c["label"])]
         accuracy = 1 - len(broke) / len(canary)
         result.update(correct=len(canary) - len(broke), broke=broke, accuracy=accuracy)

@@ -14,6 +14,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -253,10 +254,15 @@ def run_episodes(
                 "run_id": run_id, "episode": index, "problem": problem, "learning": learning, "carry": carry,
                 "rules": [], "updates": [], "canary_checks": [],
             }
+            mark = time.perf_counter()
             for chunk in app.stream(start, thread, context=ctx, stream_mode="updates"):
+                # wall seconds since the previous node ended: the node and its checkpoint write
+                now = time.perf_counter()
+                seconds, mark = round(now - mark, 3), now
                 for node, update in chunk.items():
                     event = EpisodeEvent(index, node, update or {})
-                    events.write(json.dumps({"episode": index, "node": node, **_summary(update or {})}) + "\n")
+                    line = {"episode": index, "node": node, "seconds": seconds, **_summary(update or {})}
+                    events.write(json.dumps(line) + "\n")
                     events.flush()
                     if on_event:
                         on_event(event)

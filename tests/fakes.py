@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from agents.backend import GREEDY, Sampling
-from agents.generation import Generation
+from agents.generation import GREEDY, Generation, Sampling
 
 
 class ScriptedBackend:
@@ -17,6 +16,7 @@ class ScriptedBackend:
     def __init__(self, script: Callable[[str, Sampling, object], str]):
         self.script = script
         self.calls: list[dict] = []
+        self.together: list[list[int]] = []  # per backend call: the row count of each request it served
         self.closed = False  # like llama.cpp's backend: unusable after close()
 
     def close(self) -> None:
@@ -36,6 +36,12 @@ class ScriptedBackend:
             text = self.script(prompt, sampling, row)
             outs.append(Generation(text, len(text.split()), 0.0))
         return outs
+
+    def generate_requests(self, requests) -> list[list[Generation]]:
+        """Several requests as one call, as the torch backend serves them."""
+        self.together.append([len(r.prompts) for r in requests])
+        return [self.generate(r.prompts, weights=r.weights, max_new_tokens=r.max_new_tokens,
+                              stop_at_answer=r.stop_at_answer, sampling=r.sampling) for r in requests]
 
     def prompts_containing(self, needle: str) -> list[str]:
         return [c["prompt"] for c in self.calls if needle in c["prompt"]]

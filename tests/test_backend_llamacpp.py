@@ -21,7 +21,8 @@ from adapters.gguf_lora import (  # noqa: E402
     write_dense_gguf,
     write_llama_gguf,
 )
-from agents.backend import BackendError, Sampling, TorchBackend, make_backend  # noqa: E402
+from agents.backend import BackendError, TorchBackend, make_backend
+from agents.generation import Sampling  # noqa: E402
 from agents.backend_llamacpp import LlamaCppBackend, LlamaCppConfig, _segment, _TokenStream  # noqa: E402
 from agents.generation import AnswerLineComplete  # noqa: E402
 from agents.models import load_model  # noqa: E402

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from adapters.bank import BankConfig, ExpertBank
-from agents.backend import Sampling, TorchBackend
+from agents.backend import TorchBackend
 from agents.continuous_batching import ContinuousBatcher, _common_prefix
-from agents.generation import generate
+from agents.generation import Request, Sampling, generate
 
 QUESTIONS = [
     "Tom has 3 apples and buys 4 more. How many apples does he have?",
@@ -146,6 +146,41 @@ def test_sampling_repeats_with_its_seed_and_differs_from_greedy(tiny):
     assert _texts(first) == _texts(batcher.generate(prompts, max_new_tokens=16, temperature=1.0, top_p=0.9, seed=5))
     assert _texts(first) != _texts(batcher.generate(prompts, max_new_tokens=16, temperature=1.0, top_p=0.9, seed=6))
     assert _texts(first) != _texts(batcher.generate(prompts, max_new_tokens=16))
+
+
+def test_requests_decoded_together_equal_each_request_alone(tiny_bank):
+    """One call serving several agents' requests: per-request caps, answer stops, mixtures and sampling."""
+    tiny, bank = tiny_bank
+    prompts = _prompts(tiny)
+    requests = [
+        Request(tuple(prompts[:2]), None, max_new_tokens=12),  # the bare model (zero weights beside mixtures)
+        Request(tuple(prompts[2:4]), torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), max_new_tokens=30),
+        Request(tuple(prompts[4:]), torch.tensor([[0.0, 0.6, 0.4]]), max_new_tokens=20, stop_at_answer=True,
+                sampling=Sampling(temperature=0.9, seed=5)),
+        Request((prompts[0],), torch.tensor([[0.0, 0.6, 0.4]]), max_new_tokens=8,
+                sampling=Sampling(temperature=0.9, seed=11)),
+    ]
+    batcher = ContinuousBatcher(tiny.model, tiny.tokenizer, bank, slots=8)
+    together = batcher.generate_requests(requests)
+    for request, got in zip(requests, together):
+        (alone,) = batcher.generate_requests([request])
+        assert len(got) == len(request.prompts)
+        assert all(g.new_tokens <= request.max_new_tokens for g in got)
+        if request.sampling.greedy:  # greedy rows do not depend on what else is in the batch
+            assert _texts(got) == _texts(alone)
+            via_generate = generate(tiny.model, tiny.tokenizer, bank, list(request.prompts), request.weights,
+                                    max_new_tokens=request.max_new_tokens, stop_at_answer=request.stop_at_answer)
+            assert _texts(got) == _texts(via_generate)
+    # a request alone is what generate gives it, sampled ones included (same seed, same rows)
+    sampled = requests[2]
+    assert _texts(batcher.generate_requests([sampled])[0]) == _texts(batcher.generate(
+        list(sampled.prompts), sampled.weights, max_new_tokens=20, stop_at_answer=True, temperature=0.9, seed=5))
+    assert _texts(batcher.generate_requests(requests)[2]) == _texts(together[2])  # repeatable
+
+
+def test_a_request_with_mismatched_weights_is_refused():
+    with pytest.raises(ValueError, match="weights for 2 rows and 3 prompts"):
+        Request(("a", "b", "c"), torch.zeros(2, 4))
 
 
 def test_common_prefix():

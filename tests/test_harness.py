@@ -25,7 +25,6 @@ from graph.harness import (
     EvalConfig,
     EvalInterrupted,
     _prepare_eval_dir,
-    arm_settings,
     evaluate,
     prepare_problems,
 )

@@ -162,6 +162,12 @@ def test_wrong_answer_gets_a_validated_rule_verified_texts_and_is_fixed(make_run
     assert len(reflect_prompts) == ctx.reflector.config.max_attempts and len(set(reflect_prompts)) == 1  # one call
     reflect_prompt = reflect_prompts[0]
     assert "4 * 6 = 24" in reflect_prompt and "I think it is 1." in reflect_prompt
+    # five backend calls: solve (greedy + samples), reflect (rules + variant drafts; then validation
+    # + rationalization), diversify (the variants with the rule), reevaluate (problem + canary)
+    k, n_rules, n_variants = ctx.verifier.samples, ctx.reflector.config.max_attempts, len(ctx.diversifier.config.kinds)
+    accepted = sum(c["status"] != "refused" for c in final["candidates"])
+    kept = sum(v["status"] == "kept" for v in final["variants"])
+    assert backend.together == [[1, k], [n_rules, n_variants], [k] * accepted + [k], [kept * k], [1]]
     (stored,) = ctx.memory.list_rules()
     assert stored.expert == update["expert"] and stored.helped == 1 and stored.status == "trained"
     assert (stored.share_with, stored.share_without) == (1.0, 0.0)
@@ -274,7 +280,7 @@ def test_unfixed_problem_uses_all_cycles_then_rolls_back(make_run, tmp_path):
     (final,) = _run(ctx, [CAKES], tmp_path / "run")
     assert final["outcome"] == "unfixed" and len(final["updates"]) == 2
     second_reflection = backend.prompts_containing("Start with 'RULE:'")[-1]
-    assert f"These rules were tried and did not help" in second_reflection and HELPFUL in second_reflection
+    assert "These rules were tried and did not help" in second_reflection and HELPFUL in second_reflection
     after = BankSnapshot.capture(ctx.bank, ctx.router)
     assert all(torch.equal(v, before.bank[k]) for k, v in after.bank.items())  # the episode was undone
     assert final["rolled_back_to"] == "ep00000-c0"

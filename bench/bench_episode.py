@@ -1,0 +1,208 @@
+"""The learning episode as the unit of speed: wall time of episodes on failed train problems.
+
+Runs the loop (the eval harness's `full` arm settings: samples, reflect and validation,
+rationalization, variants, update, re-evaluation with the canary) over GSM8K train problems
+on the default model, one precision per process, and keeps the episodes whose first greedy
+answer was wrong (those are the ones that learn). Prints, per precision:
+  - the failed episodes' wall seconds: median and p90, and the episodes right at the first try;
+  - where the time goes: seconds per node, and per generation call (rows, tokens, seconds)
+    against the update steps, summed over the failed episodes;
+  - the ratio of the bfloat16 median to the float32 median, measured in this one run.
+
+    python bench/bench_episode.py                              # 20 failed episodes per precision
+    python bench/bench_episode.py --failed 6 --precisions bfloat16
+"""
+
+from __future__ import annotations
+
+import os
+
+if "OMP_WAIT_POLICY" not in os.environ:  # as run_loop.py does, before torch loads (children inherit it)
+    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections import defaultdict  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PRECISIONS = ("float32", "bfloat16")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+class CallLog:
+    """Wraps a backend's calls: rows, new tokens and seconds of every call, tagged later with its node."""
+
+    def __init__(self, backend):
+        self.backend, self.pending, self.calls = backend, [], []
+        self._generate_requests = backend.generate_requests
+        backend.generate_requests = self.generate_requests
+
+    def generate_requests(self, requests):
+        start = time.perf_counter()
+        outs = self._generate_requests(requests)
+        flat = [g for out in outs for g in out]
+        self.pending.append({"rows": len(flat), "requests": len(requests), "tokens": sum(g.new_tokens for g in flat),
+                             "longest": max((g.new_tokens for g in flat), default=0),
+                             "seconds": time.perf_counter() - start})
+        return outs
+
+    def node_ended(self, episode: int, node: str) -> None:
+        self.calls += [{**c, "episode": episode, "node": node} for c in self.pending]
+        self.pending = []
+
+
+def run_precision(args) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from agents.data_sources import open_source
+    from agents.precision import load_in_precision
+    from graph.harness import EvalConfig, arm_settings
+    from graph.inspect import make_embedder
+    from graph.runner import build_context, problem_data, run_episodes
+
+    loaded, choice = load_in_precision(args.model, args.precision)
+    source = open_source(args.data)
+    problems = source.take(min(args.max_episodes, source.size))
+    config = EvalConfig(model=args.model, cycles=1, precision=args.precision, arms=("full",))
+    settings = arm_settings(config, "full", len(problems))
+    node_seconds: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "bench-episode"
+        run_dir.mkdir()
+        ctx = build_context(loaded, settings, run_dir, embedder=make_embedder(config.embedder))
+        calls = CallLog(ctx.backend)
+        update = ctx.trainer.update
+        updates: list[dict] = []
+
+        def timed_update(*a, **k):
+            start = time.perf_counter()
+            result = update(*a, **k)
+            updates.append({"seconds": time.perf_counter() - start, "texts": len(a[0])})
+            return result
+
+        ctx.trainer.update = timed_update
+        events_at = run_dir / "events.jsonl"
+        episodes: list[dict] = []
+        read = 0
+        mark = time.perf_counter()
+        stream = [problem_data(p, learning=True, label_free=False) for p in problems]
+
+        def on_event(event) -> None:
+            calls.node_ended(event.episode, event.node)
+
+        for state in run_episodes(ctx, stream, run_dir=run_dir, on_event=on_event):
+            now = time.perf_counter()
+            lines = events_at.read_text().splitlines()
+            for line in lines[read:]:
+                e = json.loads(line)
+                node_seconds[e["episode"]][e["node"]] += e["seconds"]
+            read = len(lines)
+            episodes.append({"episode": state["episode"], "problem": state["problem"]["id"],
+                             "first_correct": bool(state["first"]["correct"]), "outcome": state["outcome"],
+                             "seconds": now - mark, "updates": len(state.get("updates") or [])})
+            mark = now
+            failed = [e for e in episodes if not e["first_correct"]]
+            print(f"  {choice.used}: episode {len(episodes)}: {'right' if episodes[-1]['first_correct'] else 'wrong'} "
+                  f"at first, {episodes[-1]['seconds']:.1f} s ({len(failed)}/{args.failed} failed)", flush=True)
+            if len(failed) >= args.failed:
+                break
+        if ctx.memory is not None:
+            ctx.memory.close()
+    failed_ids = {e["episode"] for e in episodes if not e["first_correct"]}
+    return {
+        "precision": choice.used, "reason": choice.reason, "backend": ctx.backend.description,
+        "episodes": episodes,
+        "node_seconds": {str(k): dict(v) for k, v in node_seconds.items() if k in failed_ids},
+        "calls": [c for c in calls.calls if c["episode"] in failed_ids],
+        "updates": updates,
+    }
+
+
+def summarize(result: dict) -> dict:
+    failed = [e for e in result["episodes"] if not e["first_correct"]]
+    right = [e for e in result["episodes"] if e["first_correct"]]
+    seconds = [e["seconds"] for e in failed]
+    by_node: dict[str, float] = defaultdict(float)
+    for nodes in result["node_seconds"].values():
+        for node, s in nodes.items():
+            by_node[node] += s
+    calls = result["calls"]
+    by_call_node: dict[str, list] = defaultdict(list)
+    for c in calls:
+        by_call_node[c["node"]].append(c)
+    return {
+        "failed": len(failed), "right_first": len(right),
+        "median": statistics.median(seconds) if seconds else None,
+        "p90": percentile(seconds, 90) if seconds else None,
+        "right_first_median": statistics.median([e["seconds"] for e in right]) if right else None,
+        "by_node": dict(by_node),
+        "generation_seconds": sum(c["seconds"] for c in calls),
+        "calls_per_episode": len(calls) / max(1, len(failed)),
+        "by_call_node": {n: {"calls": len(cs), "mean_rows": statistics.mean(c["rows"] for c in cs),
+                             "seconds": sum(c["seconds"] for c in cs), "tokens": sum(c["tokens"] for c in cs)}
+                         for n, cs in by_call_node.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b")
+    parser.add_argument("--data", default="train", help="learning problems (agents.data_sources spec)")
+    parser.add_argument("--failed", type=int, default=20, help="failed episodes to time per precision")
+    parser.add_argument("--max-episodes", type=int, default=200, help="give up after this many episodes")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS))
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--json", type=Path, help="write every measurement here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.precision = args.child
+        print("RESULT " + json.dumps(run_precision(args)), flush=True)
+        return
+
+    results = {}
+    for precision in args.precisions.split(","):
+        cmd = [sys.executable, __file__, "--child", precision, "--model", args.model, "--data", args.data,
+               "--failed", str(args.failed), "--max-episodes", str(args.max_episodes), "--threads", str(args.threads)]
+        print(f"{precision}: running up to {args.failed} failed episodes", flush=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+        lines = proc.stdout.splitlines()
+        print("\n".join(line for line in lines if not line.startswith("RESULT ")))
+        results[precision] = json.loads(next(line for line in lines if line.startswith("RESULT "))[7:])
+    summaries = {p: summarize(r) for p, r in results.items()}
+    print("\nprecision | failed episodes | median s | p90 s | right-first median s | generation s | update s | calls/episode")
+    for p, s in summaries.items():
+        update_s = s["by_node"].get("update", 0.0)
+        print(f"{p} | {s['failed']} | {s['median']:.1f} | {s['p90']:.1f} | "
+              f"{s['right_first_median'] or 0:.1f} | {s['generation_seconds']:.0f} | {update_s:.0f} | {s['calls_per_episode']:.1f}")
+    for p, s in summaries.items():
+        total = sum(s["by_node"].values())
+        print(f"\n{p}: seconds per node over the failed episodes (share of their wall time)")
+        for node, sec in sorted(s["by_node"].items(), key=lambda kv: -kv[1]):
+            print(f"  {node:<11} {sec:8.1f}  {sec / total:6.1%}")
+        print(f"{p}: generation calls by node: calls, mean rows, seconds, tokens")
+        for node, c in sorted(s["by_call_node"].items(), key=lambda kv: -kv[1]["seconds"]):
+            print(f"  {node:<11} {c['calls']:4d} {c['mean_rows']:6.1f} {c['seconds']:8.1f} {c['tokens']:8d}")
+    if len(summaries) == 2 and all(s["median"] for s in summaries.values()):
+        a, b = (summaries[p]["median"] for p in PRECISIONS)
+        print(f"\nbfloat16 median episode / float32 median episode: {b / a:.2f} (target: a median of at most 45 s)")
+    if args.json:
+        args.json.write_text(json.dumps({"results": results, "summaries": summaries}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
