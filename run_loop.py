@@ -168,7 +168,7 @@ def run(
     """
     _quiet_openmp()
     from agents.data_sources import open_source
-    from graph.runner import run_settings
+    from graph.runner import check_run_dir, claim_run_dir, run_settings
 
     err = Console(stderr=True, soft_wrap=True)
     if embedder is not None and embedder not in ("minilm", "hash"):
@@ -187,17 +187,23 @@ def run(
         source = open_source(settings.data)  # data errors before anything loads or is written
         _status(err, f"data: {source.describe()}")
         chosen = source.take(settings.episodes, "episodes")
+        # The folder, its saved settings and its lock, before the model loads (a minute, the first time).
+        check_run_dir(run_dir, settings, resume)
+        lock = claim_run_dir(run_dir)
     except (SelfImproveError, ValueError) as error:
         raise _fail(error) from error
-    _run_loop(settings, source, chosen, run_dir, resume, threads, err)
+    try:
+        _run_loop(settings, source, chosen, run_dir, resume, threads, err)
+    finally:
+        lock.release()
 
 
 def _run_loop(settings, source, chosen, run_dir: Path, resume: bool, threads: int, err: Console) -> None:
     """The loop over the chosen problems with live progress; the summary on stdout."""
     from agents.backend import close_backend
     from agents.precision import load_in_precision
-    from graph.runner import (StopFlag, build_context, describe_episode, prepare_run_dir, problem_data, run_episodes,
-                              set_threads)
+    from graph.runner import (StopFlag, build_context, check_questions_fit, describe_episode, problem_data,
+                              run_episodes, set_threads, write_run_settings)
     from graph.inspect import make_embedder
 
     set_threads(threads)
@@ -205,9 +211,10 @@ def _run_loop(settings, source, chosen, run_dir: Path, resume: bool, threads: in
     try:
         loaded, precision = load_in_precision(settings.model, settings.precision)
         _status(err, f"precision: {precision.used} ({precision.requested}: {precision.reason})")
-        prepare_run_dir(run_dir, settings, resume, notes={"data_source": source.to_dict()})
+        check_questions_fit(chosen, loaded, settings.solver.max_new_tokens, where=source.location)
         problems = [problem_data(p, learning=True, label_free=label_free) for p in chosen]
         ctx = build_context(loaded, settings, run_dir, embedder=make_embedder(settings.embedder))
+        write_run_settings(run_dir, settings, notes={"data_source": source.to_dict()})
     except (SelfImproveError, ValueError) as error:
         raise _fail(error) from error
     _status(err, f"backend: {ctx.backend.description}; model {settings.model} on {loaded.device} ({loaded.dtype}); "
@@ -260,13 +267,25 @@ def _run_loop(settings, source, chosen, run_dir: Path, resume: bool, threads: in
 
 def _evaluate_with_progress(config, run_dir: Path, resume: bool, threads: int, err: Console):
     """Resolve the problems (printing each data source), run the evaluation with live progress; the report."""
-    from graph.harness import EvalInterrupted, evaluate, prepare_problems
-    from graph.runner import StopFlag, set_threads
+    from graph.harness import prepare_problems
+    from graph.runner import claim_run_dir
 
     try:
         problems = prepare_problems(config, on_source=lambda source: _status(err, f"data: {source.describe()}"))
+        lock = claim_run_dir(run_dir)  # before any model loads: a second process on the folder is refused now
     except (SelfImproveError, ValueError) as error:
         raise _fail(error) from error
+    try:
+        return _evaluate_locked(config, run_dir, resume, threads, err, problems)
+    finally:
+        lock.release()
+
+
+def _evaluate_locked(config, run_dir: Path, resume: bool, threads: int, err: Console, problems):
+    """The evaluation, its folder locked, with live progress; the report."""
+    from graph.harness import EvalInterrupted, evaluate
+    from graph.runner import StopFlag, set_threads
+
     set_threads(threads)
     from agents.models import pick_device
     from agents.precision import choose_precision

@@ -2,7 +2,8 @@
 
 A saved bank is a folder:
 
-    manifest.json               format, versions, configs, shapes, sha256 of each file
+    manifest.json               format, versions, configs, shapes, sha256 of each file,
+                                and content_sha256: the sha256 of the manifest itself
     bank-<sha12>.safetensors    '<layer>.lora_A' (n, r, in) and '<layer>.lora_B' (n, r, out)
     router-<sha12>.safetensors  the router's state dict
 
@@ -37,8 +38,12 @@ from agents.errors import AdapterFileError
 log = logging.getLogger(__name__)
 
 FORMAT = "selfimprove-expert-bank"
-FORMAT_VERSION = 1
+# Version 2 added content_sha256. Version 1 manifests (no checksum) still load, with a
+# warning, so banks saved before it keep resuming; the next save rewrites them as version 2.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
+CHECKSUM_KEY = "content_sha256"
 _SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -71,6 +76,14 @@ def _versions() -> dict:
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "safetensors": safetensors.__version__}
+
+
+def manifest_checksum(manifest: dict) -> str:
+    """sha256 of the canonical JSON of every manifest field except the checksum itself."""
+    content = {k: v for k, v in manifest.items() if k != CHECKSUM_KEY}
+    # Round-trip first so int keys and tuples hash as they will read back from the file.
+    canonical = json.dumps(json.loads(json.dumps(content)), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _describe(bank: ExpertBank, router: Router) -> dict:
@@ -113,6 +126,9 @@ def save_bank(
         "stress": stress.state_dict() if stress is not None else None,
         "extra": extra or {},
     }
+    # The tensor files carry digests; this covers the rest (configs, stress state), which
+    # would otherwise load silently after a hand edit that is still valid JSON.
+    manifest[CHECKSUM_KEY] = manifest_checksum(manifest)
     atomic_write_bytes(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
     keep = {f["path"] for f in files.values()}
     for stale in directory.glob("*.safetensors"):
@@ -131,10 +147,18 @@ def read_manifest(directory: str | Path) -> dict:
         raise AdapterFileError(f"{path} is corrupt: not valid JSON ({err})") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise AdapterFileError(f"{path} is not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise AdapterFileError(
-            f"{path} has format_version {manifest.get('format_version')!r}; this version reads {FORMAT_VERSION}"
+            f"{path} has format_version {manifest.get('format_version')!r}; this version reads {list(READABLE_VERSIONS)}"
         )
+    # Checked whenever present, so lowering format_version to 1 does not skip the check.
+    if CHECKSUM_KEY in manifest:
+        if manifest[CHECKSUM_KEY] != manifest_checksum(manifest):
+            raise AdapterFileError(f"{path} was edited or is corrupt: its content does not match its checksum")
+    elif manifest["format_version"] == FORMAT_VERSION:
+        raise AdapterFileError(f"{path} is corrupt: its '{CHECKSUM_KEY}' is missing")
+    else:
+        log.warning("%s is a format_version 1 manifest without a checksum; loading it unchecked", path)
     for key in ("files", "bank_config", "router_config", "layers"):
         if not isinstance(manifest.get(key), dict):
             raise AdapterFileError(f"{path} is corrupt: '{key}' is missing or malformed")
@@ -248,4 +272,4 @@ class BankStore:
         return manifest
 
 
-__all__ = ["BankSnapshot", "BankStore", "atomic_write_bytes", "load_bank", "read_manifest", "save_bank"]
+__all__ = ["BankSnapshot", "BankStore", "atomic_write_bytes", "load_bank", "manifest_checksum", "read_manifest", "save_bank"]

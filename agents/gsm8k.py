@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 from agents.errors import DataError
@@ -44,6 +45,10 @@ def parse_record(record: dict, split: str) -> Problem:
         raise ValueError("'answer' does not end with a '#### N' line")
     solution = _CALCULATOR.sub("", "\n".join(lines[:-1])).strip()
     label = match.group(1).replace(",", "").strip()
+    try:
+        Fraction(label)  # answers are scored as numbers: a label that is none could never be matched
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"the final answer {label[:40]!r} after '####' is not a number") from None
     return Problem(problem_id(split, question), question.strip(), solution, label, split)
 
 
@@ -55,15 +60,30 @@ def read_problems(path: Path, split: str | None = None) -> list[Problem]:
     split = split or Path(path.name.removesuffix(".gz")).stem
     opener = gzip.open if path.suffix == ".gz" else open
     problems = []
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                problems.append(parse_record(json.loads(line), split))
-            except (json.JSONDecodeError, ValueError, AttributeError) as err:
-                raise DataError(f"{path}:{number}: bad GSM8K record: {err}") from err
+    try:
+        with opener(path, "rb") as fh:
+            for number, raw in enumerate(fh, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DataError(f"{path}:{number}: not UTF-8 text (is it a JSON-lines file?)") from None
+                if not line.strip():
+                    continue
+                try:
+                    problems.append(parse_record(json.loads(line), split))
+                except (json.JSONDecodeError, ValueError, AttributeError, TypeError) as err:
+                    raise DataError(f"{path}:{number}: bad GSM8K record: {_short(err)}") from err
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError; EOFError: a truncated .gz
+        raise DataError(f"{path}: cannot be read: {_short(err)}") from err
+    if not problems:
+        raise DataError(f"{path} holds no problems")
     return problems
+
+
+def _short(err: BaseException) -> str:
+    """One line of an error, at most 200 characters: a huge field never floods the terminal."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def parse_rows(rows, split: str, where: str) -> list[Problem]:

@@ -508,7 +508,7 @@ def _build_tiny_random(seed: int) -> tuple[PreTrainedModel, PreTrainedTokenizerB
         show_progress=False,
     )
     bpe.train_from_iterator(_TINY_CORPUS, trainer)
-    max_positions = 512
+    max_positions = 4096  # room for long reflect prompts, as real models have; rotary positions need no weights
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token="<|endoftext|>",

@@ -39,9 +39,7 @@ class Solver:
         self.config = config or SolverConfig()
 
     def prompt(self, question: str, rules: Sequence[str] = ()) -> str:
-        rules = list(rules)[: self.config.max_rules]
-        header = SOLVER_RULES_HEADER.format(rules="\n".join(f"- {r}" for r in rules)) if rules else ""
-        return self.backend.chat_prompt(SOLVER_SYSTEM, SOLVER_USER.format(rules=header, question=question))
+        return self.backend.chat_prompt(SOLVER_SYSTEM, solver_turn(question, list(rules)[: self.config.max_rules]))
 
     def solve(
         self,
@@ -68,6 +66,12 @@ class Solver:
         prompts = [self.prompt(q, r) for q, r in zip(questions, rules)]
         request = Request(tuple(prompts), weights, self.config.max_new_tokens, stop_at_answer=True, sampling=sampling)
         return Ask(request, _attempts)
+
+
+def solver_turn(question: str, rules: Sequence[str] = ()) -> str:
+    """The user turn of the solver's prompt: the rules (if any), then the problem."""
+    header = SOLVER_RULES_HEADER.format(rules="\n".join(f"- {r}" for r in rules)) if rules else ""
+    return SOLVER_USER.format(rules=header, question=question)
 
 
 def _attempts(outputs: list[Generation]) -> list[Attempt]:

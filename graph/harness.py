@@ -65,8 +65,8 @@ from graph.context import LoopConfig, RunContext
 from graph.inspect import EMBEDDERS, make_embedder
 from graph.nodes import update_survived
 from graph.saved_settings import leaf_differences, read_saved, settings_with_options
-from graph.runner import (RunDirError, RunSettings, StopFlag, build_context, describe_episode, prepare_run_dir,
-                          problem_data, run_episodes)
+from graph.runner import (RunDirError, RunSettings, StopFlag, build_context, check_questions_fit, describe_episode,
+                          prepare_run_dir, problem_data, run_episodes)
 from graph.stats import PairedComparison, compare, wilson_interval
 
 log = logging.getLogger(__name__)
@@ -410,14 +410,25 @@ def _chunks(items: Sequence, size: int):
 class _Run:
     """One evaluate() call: the config, its dependencies and the progress hook."""
 
-    def __init__(self, config, run_dir, loader, backend, on_progress, stop, embedder, precision: PrecisionChoice):
-        self.config, self.run_dir = config, run_dir
-        self.loader = loader or (lambda: load_model(config.model, dtype=precision.used))
+    def __init__(self, config, run_dir, loader, backend, on_progress, stop, embedder, precision: PrecisionChoice,
+                 sets: ProblemSets):
+        self.config, self.run_dir, self.sets = config, run_dir, sets
+        self._load = loader or (lambda: load_model(config.model, dtype=precision.used))
+        self._fit_checked = False
         self.backend = backend
         self.on_progress = on_progress or (lambda _p: None)
         self.stop = stop
         self.embedder = embedder
         self.solver_config = SolverConfig(max_new_tokens=config.max_new_tokens)
+
+    def loader(self) -> LoadedModel:
+        """A fresh model for an arm; the first one also checks that every question fits its context."""
+        loaded = self._load()
+        if not self._fit_checked:
+            problems = list({p.id: p for p in [*self.sets.learn, *self.sets.scored]}.values())
+            check_questions_fit(problems, loaded, self.config.max_new_tokens, where="the evaluation's data")
+            self._fit_checked = True
+        return loaded
 
     def progress(self, arm: str, phase: str, done: int, total: int, detail: str = "", finished: str = "") -> None:
         self.on_progress(EvalProgress(arm, phase, done, total, detail, finished))
@@ -755,7 +766,7 @@ def evaluate(
     _prepare_eval_dir(run_dir, config, sets, resume)
     precision = choose_precision(config.precision, pick_device(None).type)
     run = _Run(config, run_dir, loader, backend, on_progress, stop,
-               embedder if embedder is not None else make_embedder(config.embedder), precision)
+               embedder if embedder is not None else make_embedder(config.embedder), precision, sets)
 
     arms: dict[str, ArmResult] = {}
     extra: dict = {"precision": precision.to_dict()}

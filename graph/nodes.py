@@ -406,6 +406,10 @@ def update_survived(state: LoopState, update: dict) -> bool:
     return not update.get("rolled_back") and not undone_by_canary and state.get("rolled_back_to") is None
 
 
+def _written_by_this_commit(stored, rule: dict, episode_id: str) -> bool:
+    return stored.episode_id == episode_id and stored.text == rule["text"].strip() and stored.cycle == rule["cycle"]
+
+
 def _remember(ctx: RunContext, state: LoopState, problem: ProblemData, outcome: str, updates: list[dict]) -> None:
     memory = ctx.memory
     final_update = updates[-1]["update_id"] if updates and outcome == "fixed" else None
@@ -420,11 +424,6 @@ def _remember(ctx: RunContext, state: LoopState, problem: ProblemData, outcome: 
         rule_ids=[],
         update_id=final_update,
     )
-    try:
-        memory.get_episode(episode.episode_id)
-        already = True  # a rerun of this commit after a kill: counters were counted
-    except UnknownIdError:
-        already = False
     rule_ids = []
     chosen_id = None  # the last rule an update trained from: its outcome is the episode's
     by_cycle = {u["cycle"]: u for u in updates}
@@ -435,6 +434,8 @@ def _remember(ctx: RunContext, state: LoopState, problem: ProblemData, outcome: 
             rule["text"], problem_id=problem["id"], expert=trained["expert"] if trained else None,
             cycle=rule["cycle"], episode_id=episode.episode_id,
         )
+        if merged and _written_by_this_commit(memory.get_rule(rule_id), rule, episode.episode_id):
+            merged = False  # a rerun of this commit after a kill found its own rule, not a duplicate
         if not merged or validated:  # a refuted duplicate never demotes the rule it merged into
             memory.record_validation(rule_id, validated=validated, share_with=rule["share_with"],
                                      share_without=rule["share_without"])
@@ -448,11 +449,12 @@ def _remember(ctx: RunContext, state: LoopState, problem: ProblemData, outcome: 
             rule_ids.append(rule_id)
         if rule.get("chosen"):
             chosen_id = rule_id
-    if not already:
-        if chosen_id is not None:
-            memory.record_outcome(chosen_id, helped=outcome == "fixed")
-        if state.get("memory_rule_ids"):
-            memory.record_retrieved(state["memory_rule_ids"])
+    # Counted once per episode whatever reruns: a kill between these writes and the episode's
+    # own resumes to the same counters.
+    if chosen_id is not None:
+        memory.record_outcome(chosen_id, helped=outcome == "fixed", episode_id=episode.episode_id)
+    if state.get("memory_rule_ids"):
+        memory.record_retrieved(state["memory_rule_ids"], episode_id=episode.episode_id)
     memory.add_episode(episode.model_copy(update={"rule_ids": list(dict.fromkeys(rule_ids))}))
     questions = {c["id"]: c["question"] for c in (state.get("carry") or {}).get("canary", [])}
     for check_result in state.get("canary_checks") or []:

@@ -29,12 +29,14 @@ from adapters.store import BankStore, atomic_write_bytes
 from adapters.stress import StressConfig, StressController
 from agents.backend import DEFAULT_BATCH_SIZE, GenerationBackend, make_backend
 from agents.diversifier import Diversifier, DiversifierConfig
-from agents.errors import SelfImproveError
+from agents.errors import DataError, SelfImproveError
+from agents.generation import chat_prompt
 from agents.gsm8k import Problem
 from agents.models import DEFAULT_MODEL, LoadedModel
 from agents.precision import PRECISIONS
+from agents.prompts import SOLVER_SYSTEM
 from agents.reflector import Reflector, ReflectorConfig
-from agents.solver import Solver, SolverConfig
+from agents.solver import Solver, SolverConfig, solver_turn
 from agents.verifier import VerifierConfig
 from adapters.trainer import TestTimeTrainer, TrainerConfig
 from graph.builder import build_graph, recursion_limit
@@ -43,11 +45,13 @@ from graph.context import LoopConfig, RunContext
 from graph.saved_settings import leaf_differences, read_saved, settings_with_options
 from graph.state import LoopState, ProblemData
 from memory_store.config import MemoryConfig
+from memory_store.locks import WriterLock
 from memory_store.store import MemoryStore
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+RUN_LOCK = "run.lock"  # held by the process running in the folder
 CHECKPOINTS = "checkpoints.sqlite"
 EVENTS = "events.jsonl"
 
@@ -115,24 +119,79 @@ def run_settings(run_dir: Path, resume: bool, options: dict) -> RunSettings:
                                  where=Path(run_dir) / RUN_FILE)
 
 
-def prepare_run_dir(run_dir: Path, settings: RunSettings, resume: bool, notes: dict | None = None) -> None:
-    """Create the run directory, or check that a resumed one belongs to the same settings.
+def usable_run_dir(run_dir: Path) -> None:
+    """Create the run folder (an empty folder holds no run), or say in one line why it cannot be one."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--run-dir {run_dir} is a file, not a folder")
+    above = next((p for p in run_dir.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise RunDirError(f"--run-dir {run_dir} is under {above}, which is a file, not a folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise RunDirError(f"--run-dir {run_dir} cannot be written: {err.strerror or err}") from None
+
+
+def claim_run_dir(run_dir: Path) -> WriterLock:
+    """The run folder's lock, held until released: a second process on the same folder is refused at once."""
+    usable_run_dir(run_dir)
+    lock = WriterLock(Path(run_dir) / RUN_LOCK, what=f"run folder {run_dir}")
+    lock.acquire()
+    return lock
+
+
+def check_run_dir(run_dir: Path, settings: RunSettings, resume: bool) -> None:
+    """Refuse, before anything loads or is written, a folder holding another run (or a run without --resume)."""
+    usable_run_dir(run_dir)
+    saved = saved_run_settings(run_dir)
+    wanted = settings.to_dict()
+    if saved is None:
+        return
+    if not resume:
+        raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+    differs = leaf_differences({k: saved.get(k) for k in wanted if k not in RESUMABLE_CHANGES},
+                               {k: v for k, v in wanted.items() if k not in RESUMABLE_CHANGES})
+    if differs:
+        shown = "; ".join(f"{path}: saved {a!r}, now {b!r}" for path, a, b in differs)
+        raise RunDirError(f"{run_dir} holds a run with different settings ({shown}); use another --run-dir")
+
+
+def write_run_settings(run_dir: Path, settings: RunSettings, notes: dict | None = None) -> None:
+    """run.json, written once the run's parts exist: a run that failed to start leaves none behind.
 
     ``notes`` (where the data came from, say) are saved beside the settings, not compared.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    saved_path = run_dir / RUN_FILE
-    wanted = settings.to_dict()
-    saved = saved_run_settings(run_dir)
-    if saved is not None:
-        if not resume:
-            raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
-        differs = leaf_differences({k: saved.get(k) for k in wanted if k not in RESUMABLE_CHANGES},
-                                   {k: v for k, v in wanted.items() if k not in RESUMABLE_CHANGES})
-        if differs:
-            shown = "; ".join(f"{path}: saved {a!r}, now {b!r}" for path, a, b in differs)
-            raise RunDirError(f"{run_dir} holds a run with different settings ({shown}); use another --run-dir")
-    atomic_write_bytes(saved_path, json.dumps({**wanted, **(notes or {})}, indent=2).encode())
+    atomic_write_bytes(Path(run_dir) / RUN_FILE, json.dumps({**settings.to_dict(), **(notes or {})}, indent=2).encode())
+
+
+def prepare_run_dir(run_dir: Path, settings: RunSettings, resume: bool, notes: dict | None = None) -> None:
+    """Check that the folder can take this run (``check_run_dir``), then save its settings."""
+    check_run_dir(run_dir, settings, resume)
+    write_run_settings(run_dir, settings, notes)
+
+
+def check_questions_fit(problems: Iterable[Problem], loaded: LoadedModel, max_new_tokens: int, where: str) -> None:
+    """Refuse a question whose solver prompt and answer budget exceed the model's context, naming it.
+
+    A longer prompt would be cut or overrun the model's positions; refusing up front, before a
+    call the size of the whole text runs for minutes, is what a user can act on.
+    """
+    context = getattr(loaded.model.config, "max_position_embeddings", None)
+    if not context:
+        return
+    limit = context - max_new_tokens
+    for problem in problems:
+        if len(problem.question) < limit:  # a token is at least one character: it fits
+            continue
+        prompt = chat_prompt(loaded.tokenizer, SOLVER_SYSTEM, solver_turn(problem.question))
+        tokens = len(loaded.tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"])
+        if tokens > limit:
+            raise DataError(f"{where}: problem {problem.id} is too long: its prompt is {tokens} tokens, and the model "
+                            f"reads {context} with {max_new_tokens} kept for the answer (at most {limit}); shorten it")
 
 
 def build_context(

@@ -22,8 +22,9 @@ from memory_store.errors import MemoryStoreError, WriterLockedError
 
 
 class WriterLock:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, what: str | None = None) -> None:
         self.path = Path(path)
+        self.what = what  # what the lock guards, for the error message (default: the memory store)
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -34,6 +35,8 @@ class WriterLock:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
+            if self.what is not None:
+                raise WriterLockedError(f"{self.what} is in use by process {holder}; wait for it or stop it") from None
             raise WriterLockedError(
                 f"memory store {self.path.parent} is already open for writing by process {holder}; "
                 "stop it, or open the store read-only (writable=False)"

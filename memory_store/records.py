@@ -86,6 +86,9 @@ class Rule(BaseModel):
     share_without: float | None = None
     prompts: list[str] = Field(default_factory=list)  # training prompts made from it
     merged_from: list[RuleSource] = Field(default_factory=list)  # near-duplicates folded in
+    # "<counter>:<episode_id>" of every counted event: an episode's commit, rerun after a kill,
+    # counts nothing twice (each counter and its mark are one metadata write).
+    counted: list[str] = Field(default_factory=list)
 
     @property
     def outcome(self) -> str:
@@ -112,6 +115,7 @@ class Rule(BaseModel):
             "merged": len(self.merged_from),
             "prompts": json.dumps(self.prompts),
             "merged_from": json.dumps([s.model_dump() for s in self.merged_from]),
+            "counted": json.dumps(self.counted),
         }
         for key in ("episode_id", "expert", "update_id", "share_with", "share_without"):
             if getattr(self, key) is not None:
@@ -138,6 +142,7 @@ class Rule(BaseModel):
             share_without=meta.get("share_without"),
             prompts=json.loads(meta.get("prompts", "[]")),
             merged_from=json.loads(meta.get("merged_from", "[]")),
+            counted=json.loads(meta.get("counted", "[]")),
         )
 
 

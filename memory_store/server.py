@@ -1,7 +1,9 @@
 """A local `chroma run` server for tests and benchmarks of the server mode.
 
 Starts the ``chroma`` command that ships with the chromadb package on a free loopback port,
-waits for its heartbeat with a bounded timeout, and stops it on exit.
+waits for its heartbeat with a bounded timeout, and stops it on exit. The command is looked
+for beside the running interpreter first, so ``venv/bin/python -m pytest`` finds it without
+an activated venv, then on PATH.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,12 +33,34 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _beside_interpreter(interpreter_dir: Path, windows: bool) -> list[Path]:
+    """Where pip puts chromadb's console script for this interpreter."""
+    if windows:
+        # A venv keeps python.exe and scripts in Scripts/; a base install has python.exe above Scripts/.
+        return [interpreter_dir / "chroma.exe", interpreter_dir / "Scripts" / "chroma.exe"]
+    return [interpreter_dir / "chroma"]
+
+
+def chroma_executable() -> str:
+    """Path of the ``chroma`` command: beside sys.executable first, then on PATH."""
+    # Not resolved: a venv's python is a symlink into the base install, whose folder has no chroma.
+    candidates = _beside_interpreter(Path(sys.executable).parent, windows=os.name == "nt")
+    for candidate in candidates:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    on_path = shutil.which("chroma")
+    if on_path is not None:
+        return on_path
+    looked = ", ".join(str(c) for c in candidates)
+    raise MemoryStoreError(
+        f"the `chroma` command (installed with chromadb) is neither beside this Python ({looked}) nor on PATH"
+    )
+
+
 @contextmanager
 def local_chroma_server(data_dir: Path, start_timeout_s: float = 30.0) -> Iterator[str]:
     """Run ``chroma run --path data_dir`` on 127.0.0.1; yields its URL ("http://127.0.0.1:PORT")."""
-    exe = shutil.which("chroma")
-    if exe is None:
-        raise MemoryStoreError("the `chroma` command (installed with chromadb) is not on PATH")
+    exe = chroma_executable()
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()

@@ -532,13 +532,20 @@ class MemoryStore:
             self.graph.add_rule(rule)
             return rule
 
-    def record_outcome(self, rule_id: str, helped: bool) -> Rule:
-        """Count one outcome of a rule: helped (True) or hurt (False)."""
+    def record_outcome(self, rule_id: str, helped: bool, *, episode_id: str | None = None) -> Rule:
+        """Count one outcome of a rule: helped (True) or hurt (False); once per ``episode_id`` when given."""
         key = "helped" if helped else "hurt"
-        return self._update_rule(rule_id, "record an outcome", lambda r: {key: getattr(r, key) + 1})
+        mark = f"outcome:{episode_id}"
 
-    def record_retrieved(self, rule_ids: Sequence[str]) -> None:
-        """Count that these rules were offered to the solver (memory_features does not count)."""
+        def change(rule: Rule) -> dict:
+            if episode_id is not None and mark in rule.counted:
+                return {}  # this episode's outcome is already counted
+            return {key: getattr(rule, key) + 1, "counted": rule.counted + ([mark] if episode_id is not None else [])}
+
+        return self._update_rule(rule_id, "record an outcome", change)
+
+    def record_retrieved(self, rule_ids: Sequence[str], *, episode_id: str | None = None) -> None:
+        """Count that these rules were offered to the solver (memory_features does not count); once per episode."""
         with self._writing("record retrievals"):
             rules = self._get_rules(list(dict.fromkeys(rule_ids)))
             missing = [i for i in rule_ids if i not in rules]
@@ -546,8 +553,11 @@ class MemoryStore:
                 raise UnknownIdError(f"no rule with id {missing[0]!r}")
             now = time.time()
             counts = Counter(rule_ids)
+            mark = f"retrieved:{episode_id}"
             updated = [
-                r.model_copy(update={"retrieved": r.retrieved + counts[i], "updated_at": now}) for i, r in rules.items()
+                r.model_copy(update={"retrieved": r.retrieved + counts[i], "updated_at": now,
+                                     "counted": r.counted + ([mark] if episode_id is not None else [])})
+                for i, r in rules.items() if episode_id is None or mark not in r.counted
             ]
             if updated:
                 self._rules.update(ids=[r.rule_id for r in updated], metadatas=[r.to_metadata() for r in updated])

@@ -338,7 +338,8 @@ def test_label_free_skips_a_problem_below_the_agreement_share_and_never_rational
 
 def _state_of(ctx, finals):
     bank = {k: v.clone() for k, v in BankSnapshot.capture(ctx.bank, ctx.router).bank.items()}
-    rules = sorted((r.rule_id, r.text, r.expert, r.helped, r.hurt) for r in ctx.memory.list_rules())
+    rules = sorted((r.rule_id, r.text, r.expert, r.helped, r.hurt, r.retrieved, r.status, r.share_with, r.share_without)
+                   for r in ctx.memory.list_rules())
     results = [(f["problem"]["id"], f["outcome"], f["verdict"]["answer"], len(f["updates"])) for f in finals]
     return bank, rules, results
 
@@ -436,3 +437,32 @@ def test_a_kill_inside_the_checkpointers_put_resumes_exactly(make_run, tmp_path,
     got = _state_of(resumed, finals)
     assert got[1] == want[1] and got[2] == want[2]
     assert all(torch.equal(want[0][k], got[0][k]) for k in want[0])
+
+
+@pytest.mark.parametrize("kill_at", [2, 5, 8])
+def test_a_kill_between_the_commits_memory_writes_counts_nothing_twice(make_run, tmp_path, monkeypatch, kill_at):
+    """Memory writes of commit as kill points: 5 and 8 fall after a rule's outcome or retrieval count and before the
+    episode record (the writes of all nine points were tried; these three cover first, outcome and retrieval)."""
+    from memory_store.store import MemoryStore
+
+    want, resumed, finals = _kill_then_resume(make_run, tmp_path, monkeypatch, [PENS, CAKES, PENS],
+                                              MemoryStore, "_writing", kill_at, "killed between memory writes")
+    got = _state_of(resumed, finals)
+    assert got[1] == want[1] and got[2] == want[2]
+    assert any(r[3] or r[4] for r in want[1]) and any(r[5] for r in want[1])  # outcomes and retrievals were counted
+    def episodes(stored):  # ids differ: they name the run folder
+        return sorted((e.problem_id, e.split, e.verdict_before, e.verdict_after, e.cycle) for e in stored)
+
+    assert episodes(resumed.memory.list_episodes()) == episodes(_episodes_of(tmp_path / "a"))
+
+
+def _episodes_of(run_dir):
+    from memory_store.config import MemoryConfig
+    from memory_store.store import MemoryStore
+
+    SharedSystemClient.clear_system_cache()
+    store = MemoryStore.open(MemoryConfig(run_dir=run_dir, n_experts=4), embedder=HashEmbedding(dim=384), writable=False)
+    try:
+        return store.list_episodes()
+    finally:
+        store.close()
