@@ -36,6 +36,7 @@ import gc
 import json
 import logging
 import math
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -439,22 +440,32 @@ class _Run:
         return make_backend(self.config.backend, loaded, bank, batch_size=self.config.batch_size,
                             max_new_tokens=self.config.max_new_tokens)
 
-    def _solve(self, arm: str, solver: Solver, problems: Sequence[Problem], route) -> tuple[list[ItemScore], list]:
+    def _solve(self, arm: str, solver: Solver, problems: Sequence[Problem], route,
+               keep: bool = True) -> tuple[list[ItemScore], list]:
         """Score problems in calls of several batches; route(questions) gives (rules, weights) for a call.
 
         A call holds SCORE_CALL_BATCHES batches' worth of problems: continuous batching refills
-        its slots within a call, and progress is reported after each.
+        its slots within a call, and progress is reported after each. With ``keep``, each finished
+        call is kept (``ScoredCalls``), so a killed arm resumes after its last finished call.
         """
+        kept = ScoredCalls(self.run_dir if keep else None, arm)
         scores, used = [], []
-        for chunk in _chunks(list(problems), SCORE_CALL_BATCHES * self.config.batch_size):
-            rules, weights = route([p.question for p in chunk])
-            attempts = solver.solve([p.question for p in chunk], rules, weights=weights)
-            scores += [_score(p, a) for p, a in zip(chunk, attempts)]
-            if weights is not None:
-                used.append(weights.float().cpu().expand(len(chunk), -1))  # (chunk, n_experts)
+        for index, chunk in enumerate(_chunks(list(problems), SCORE_CALL_BATCHES * self.config.batch_size)):
+            done = kept.get(index, chunk)
+            if done is None:
+                start = time.perf_counter()
+                rules, weights = route([p.question for p in chunk])
+                attempts = solver.solve([p.question for p in chunk], rules, weights=weights)
+                mixture = None if weights is None else weights.float().cpu().expand(len(chunk), -1).tolist()
+                done = kept.add(index, chunk, [_score(p, a) for p, a in zip(chunk, attempts)], mixture,
+                                time.perf_counter() - start)
+            scores += done.scores
+            if done.weights is not None:
+                used.append(torch.tensor(done.weights))  # (chunk, n_experts)
             right = sum(score.correct for score in scores)
             self.progress(arm, "score", len(scores), len(problems),
                           finished=f"{arm}: scored {len(scores)}/{len(problems)}, {right} right" if len(scores) == len(problems) else "")
+        self.score_seconds = kept.seconds
         return scores, used
 
     # -- frozen
@@ -463,13 +474,11 @@ class _Run:
         loaded = self.loader()
         backend = self._backend_for(loaded, None)
         try:
-            start = time.perf_counter()
             scores, _ = self._solve("frozen", Solver(backend, self.solver_config), problems,
                                     lambda qs: ([[] for _ in qs], None))
-            seconds = time.perf_counter() - start
         finally:
             close_backend(backend)
-        return ArmResult("frozen", scores, {"learn": 0.0, "score": seconds}, backend=backend.description)
+        return ArmResult("frozen", scores, {"learn": 0.0, "score": self.score_seconds}, backend=backend.description)
 
     # -- vote: the compute-matched baseline
 
@@ -481,21 +490,24 @@ class _Run:
         backend = self._backend_for(loaded, None)
         solver = Solver(backend, self.solver_config)
         sampling = Sampling(temperature=cfg.verifier.temperature, seed=cfg.seed)
+        kept = ScoredCalls(self.run_dir, "vote")
         scores: list[ItemScore] = []
         try:
-            start = time.perf_counter()
-            for chunk in _chunks(list(problems), max(1, SCORE_CALL_BATCHES * cfg.batch_size // k)):
-                flat = [p.question for p in chunk for _ in range(k)]
-                attempts = solver.solve(flat, [[] for _ in flat], sampling=sampling)
-                for i, problem in enumerate(chunk):
-                    scores.append(_vote_score(problem, attempts[i * k:(i + 1) * k], cfg.verifier))
+            for index, chunk in enumerate(_chunks(list(problems), max(1, SCORE_CALL_BATCHES * cfg.batch_size // k))):
+                done = kept.get(index, chunk)
+                if done is None:
+                    start = time.perf_counter()
+                    flat = [p.question for p in chunk for _ in range(k)]
+                    attempts = solver.solve(flat, [[] for _ in flat], sampling=sampling)
+                    voted = [_vote_score(p, attempts[i * k:(i + 1) * k], cfg.verifier) for i, p in enumerate(chunk)]
+                    done = kept.add(index, chunk, voted, None, time.perf_counter() - start)
+                scores += done.scores
                 self.progress("vote", "score", len(scores), len(problems),
                               finished=f"vote: scored {len(scores)}/{len(problems)}, {sum(x.correct for x in scores)} right"
                               if len(scores) == len(problems) else "")
-            seconds = time.perf_counter() - start
         finally:
             close_backend(backend)
-        return ArmResult("vote", scores, {"learn": 0.0, "score": seconds},
+        return ArmResult("vote", scores, {"learn": 0.0, "score": kept.seconds},
                          {"samples_per_problem": k, "temperature": cfg.verifier.temperature}, backend=backend.description)
 
     # -- loop arms
@@ -550,7 +562,8 @@ class _Run:
                 finally:
                     close_backend(backend)
                 scored_by = backend.description
-            seconds = {"learn": learn_seconds, "score": time.perf_counter() - start}
+            seconds = {"learn": learn_seconds,
+                       "score": self.score_seconds if cfg.protocol != "stream" else time.perf_counter() - start}
             result = ArmResult(arm, scores, seconds, learning, learning_curve(states, sets.learn), backend=scored_by)
             if arm != "rules":
                 n = ctx.bank.n_experts
@@ -615,14 +628,14 @@ class _Run:
                 scores = []
                 for problem, episode_bursts in zip(sets.learn, bursts):
                     start = time.perf_counter()
-                    scores += self._solve("single-lora", solver, [problem], route)[0]
+                    scores += self._solve("single-lora", solver, [problem], route, keep=False)[0]
                     score_seconds += time.perf_counter() - start
                     train(episode_bursts)
             else:
                 for episode_bursts in bursts:
                     train(episode_bursts)
                 start = time.perf_counter()
-                scores, _ = self._solve("single-lora", solver, scored, route)
+                scores, _ = self._solve("single-lora", solver, scored, route, keep=False)
                 score_seconds = time.perf_counter() - start
         finally:
             close_backend(backend)
@@ -647,7 +660,62 @@ def _timing(seconds: list[float]) -> dict:
             "episode_seconds_p90": rank(0.9)}
 
 
+SCORED_FILE = "scored.jsonl"  # an arm's finished scoring calls, for a resume inside scoring
 RESULT_FILE = "result.json"  # a finished arm's scores (and learning states), so a resumed evaluation skips it
+
+
+@dataclass
+class ScoredCall:
+    scores: list[ItemScore]
+    weights: list | None  # (rows, n_experts) mixtures the call used, or None
+    seconds: float
+
+
+class ScoredCalls:
+    """The finished scoring calls of an arm, one JSON line each in ``arms/<arm>/scored.jsonl``.
+
+    A call is found again only under its index with the same problem ids, so a resumed arm
+    repeats exactly the calls it had not finished; a line cut short by a kill is ignored.
+    ``run_dir`` None keeps nothing (scores that depend on training done in this process).
+    """
+
+    def __init__(self, run_dir: Path | None, arm: str):
+        self.path = None if run_dir is None else Path(run_dir) / "arms" / arm / SCORED_FILE
+        self.calls: dict[int, dict] = {}
+        self.new_seconds = 0.0
+        if self.path is not None and self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    call = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # the last line, written when the process died
+                self.calls[call["index"]] = call
+
+    @property
+    def seconds(self) -> float:
+        return self.new_seconds + sum(c["seconds"] for c in self.calls.values())
+
+    def get(self, index: int, problems: Sequence[Problem]) -> ScoredCall | None:
+        call = self.calls.get(index)
+        if call is None or call["ids"] != [p.id for p in problems]:
+            return None
+        return ScoredCall([ItemScore(**x) for x in call["scores"]], call["weights"], call["seconds"])
+
+    def add(self, index: int, problems: Sequence[Problem], scores: list[ItemScore], weights: list | None,
+            seconds: float) -> ScoredCall:
+        if self.path is None:
+            self.new_seconds += seconds
+            return ScoredCall(scores, weights, seconds)
+        call = {"index": index, "ids": [p.id for p in problems], "scores": [asdict(x) for x in scores],
+                "weights": weights, "seconds": seconds}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        torn = self.path.is_file() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(("\n" if torn else "") + json.dumps(call) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.calls[index] = call
+        return ScoredCall(scores, weights, seconds)
 
 
 def _result_path(run_dir: Path, arm: str) -> Path:

@@ -426,3 +426,36 @@ def test_a_resumed_evaluation_reads_its_finished_arms_back(holdout):
                       resume=True)
     assert again.summary()["arms"] == report.summary()["arms"]
     assert (run_dir / "arms" / "frozen" / "result.json").is_file()
+
+
+def test_an_arm_killed_inside_scoring_resumes_after_its_last_finished_call(tmp_path):
+    """The vote arm in four calls (batch size 1): a kill in the third; the resume makes calls three and four only."""
+    config = _config(tmp_path, arms=("frozen", "vote"), batch_size=1, verifier=VerifierConfig(samples=3, temperature=0.8),
+                     plots=False)
+    whole = _evaluate(config, tmp_path / "whole", Model())
+
+    model = Model()
+    scripted, sampled_calls = model.script, {"n": 0}
+
+    class Killed(BaseException):
+        pass
+
+    def dying(prompt, sampling, weights):
+        if sampling.temperature > 0 and prompt != dying.last:
+            sampled_calls["n"] += 1  # each vote call is one question's 3 samples, in a row
+            if sampled_calls["n"] == 3:
+                raise Killed("killed inside the vote arm's third scoring call")
+        dying.last = prompt
+        return scripted(prompt, sampling, weights)
+
+    dying.last = None
+    model.script = dying
+    with pytest.raises(Killed):
+        _evaluate(config, tmp_path / "run", model)
+    assert not (tmp_path / "run" / "arms" / "vote" / "result.json").exists()
+    again = Model()
+    resumed = _evaluate(config, tmp_path / "run", again, resume=True)
+    sampled = [c["prompt"] for b in again.backends for c in b.calls if c["sampling"].temperature > 0]
+    assert len(sampled) == 2 * 3  # the calls not finished before the kill, 3 samples each
+    assert resumed.arms["vote"].correct == whole.arms["vote"].correct
+    assert [s.answer for s in resumed.arms["vote"].scores] == [s.answer for s in whole.arms["vote"].scores]
