@@ -59,24 +59,15 @@ class Reflector:
         self.backend = backend
         self.config = config or ReflectorConfig()
 
-    def propose(
-        self,
-        question: str,
-        wrong_attempt: str,
-        verified_solution: str,
-        *,
-        label: str | None,
-        tried: list[str],
-        seed: int = 0,
-    ) -> list[Candidate]:
+    def propose(self, *args, **kwargs) -> list[Candidate]:
         """``max_attempts`` rule candidates from one batched call (sampled, so they differ), each checked by the guard.
 
-        ``label`` feeds only the leak guard; the model never sees it. ``tried``: rules already
-        proposed for this problem; the model is asked for a different one, and a repeat (of
-        those or of an earlier candidate of this call) is refused.
+        Takes ``ask``'s arguments: the question, the wrong attempt, the verified solution, and
+        keywords ``label`` (feeds only the leak guard; the model never sees it), ``tried``
+        (rules already proposed for this problem: the model is asked for a different one, and
+        a repeat of those or of an earlier candidate of this call is refused) and ``seed``.
         """
-        ask = self.ask(question, wrong_attempt, verified_solution, label=label, tried=tried, seed=seed)
-        (candidates,) = ask_together(self.backend, [ask])
+        (candidates,) = ask_together(self.backend, [self.ask(*args, **kwargs)])
         return candidates
 
     def ask(
