@@ -180,10 +180,18 @@ class ContinuousBatcher:
                 first = len(live)
                 if prefix_cache is not None:
                     cache.copy_prefix(prefix_cache, prefix, slice(first, first + len(group)))
-                suffixes = [ids[p][prefix:] for p in group]
+                unique, copies = _same_prompts(group, ids, owner, weights, [r.sampling for r in requests])
+                suffixes = [ids[p][prefix:] for p in unique]
                 width = max(len(s) for s in suffixes)
-                out = self._forward_block(cache, first, suffixes, prefix, _rows_of(weights, group, device))
-                fresh = [_Row(p, prefix + width - len(s), prefix + width) for p, s in zip(group, suffixes)]
+                out = self._forward_block(cache, first, suffixes, prefix, _rows_of(weights, unique, device))
+                fresh = [_Row(p, prefix + width - len(s), prefix + width) for p, s in zip(unique, suffixes)]
+                if copies:
+                    # A sampled prompt asked k times is prefilled once; its keys and values are copied.
+                    sources = [unique.index(source) for _, source in copies]
+                    for j, (p, i) in enumerate(zip((p for p, _ in copies), sources)):
+                        cache.move(first + i, first + len(unique) + j, prefix + width)
+                        fresh.append(_Row(p, fresh[i].start, fresh[i].length))
+                    out = torch.cat([out, out[sources]])
             else:
                 first = 0
                 fresh = [row for row, _ in live]
@@ -292,14 +300,54 @@ class _Picker:
         logits = (out if self.head is None else self.head.logits(out)).float()
         if sampling.greedy:
             return logits.argmax(dim=-1).tolist()
-        probs = torch.softmax(logits / sampling.temperature, dim=-1)
+        scaled = logits / sampling.temperature
         if sampling.top_p < 1:
+            probs = torch.softmax(scaled, dim=-1)
             sorted_probs, order = probs.sort(dim=-1, descending=True)
             # keep the smallest head whose mass reaches top_p (always the top token)
             drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= sampling.top_p
             sorted_probs = sorted_probs.masked_fill(drop, 0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1).tolist()
+        else:
+            probs = (scaled - scaled.amax(dim=-1, keepdim=True)).exp()  # unnormalised: the draw scales by the total
+        return _draw(probs, generator)
+
+
+def _same_prompts(group: list[int], ids: list[list[int]], owner: list[int], weights: torch.Tensor | None,
+                  samplings: Sequence[Sampling]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Rows to prefill, and (row, the row whose prefill it copies) for repeats of a sampled prompt.
+
+    Only sampled rows share a prefill: a greedy row keeps its own, so greedy decoding stays
+    what plain ``generate`` gives, whatever else is in the call.
+    """
+    unique: list[int] = []
+    copies: list[tuple[int, int]] = []
+    seen: dict[tuple, int] = {}
+    for p in group:
+        if samplings[owner[p]].greedy:
+            unique.append(p)
+            continue
+        mixture = () if weights is None else tuple(weights[0 if weights.shape[0] == 1 else p].tolist())
+        key = (tuple(ids[p]), mixture)
+        if key in seen:
+            copies.append((p, seen[key]))
+        else:
+            seen[key] = p
+            unique.append(p)
+    return unique, copies
+
+
+def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> list[int]:
+    """One token per row with probability proportional to ``weights`` (rows, vocab), by the inverse CDF.
+
+    One uniform number per row, against torch.multinomial's one per vocabulary entry: on a
+    152k vocabulary that draw, not the model, was the largest cost of a sampled decode step.
+    The running sum is float64 so that the 152k-term total keeps every token's share.
+    """
+    cdf = weights.double().cumsum(dim=-1)  # (rows, vocab)
+    u = torch.rand(weights.shape[0], 1, generator=generator, dtype=torch.float64, device=weights.device)
+    tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (rows, 1)
+    return tokens.clamp(max=weights.shape[-1] - 1).squeeze(1).tolist()
 
 
 def _weights_of(requests: Sequence[Request], bank: ExpertBank | None) -> torch.Tensor | None:

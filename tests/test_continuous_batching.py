@@ -178,6 +178,39 @@ def test_requests_decoded_together_equal_each_request_alone(tiny_bank):
     assert _texts(batcher.generate_requests(requests)[2]) == _texts(together[2])  # repeatable
 
 
+def test_repeats_of_a_sampled_prompt_are_prefilled_once_and_decode_from_the_copied_cache(tiny_bank, monkeypatch):
+    """k copies of a prompt at a temperature so low that sampling is greedy: each copy must give the greedy text."""
+    tiny, bank = tiny_bank
+    prompts = _prompts(tiny)[:2]
+    weights = torch.tensor([[0.0, 0.6, 0.4]])
+    batcher = ContinuousBatcher(tiny.model, tiny.tokenizer, bank, slots=8)
+    greedy = batcher.generate(prompts, weights, max_new_tokens=20, stop_at_answer=False)
+    prefilled = []
+    real = ContinuousBatcher._forward_block
+
+    def counting(self, cache, first, suffixes, prefix, w):
+        prefilled.append(len(suffixes))
+        return real(self, cache, first, suffixes, prefix, w)
+
+    monkeypatch.setattr(ContinuousBatcher, "_forward_block", counting)
+    repeated = [prompts[0]] * 4 + [prompts[1]] * 3
+    near_greedy = batcher.generate(repeated, weights, max_new_tokens=20, stop_at_answer=False, temperature=1e-4, seed=3)
+    assert prefilled[-1] == 2  # seven rows, two distinct prompts (before it, float32's shared-prefix pass)
+    assert _texts(near_greedy) == _texts([greedy[0]] * 4 + [greedy[1]] * 3)
+    sampled = batcher.generate(repeated, weights, max_new_tokens=20, stop_at_answer=False, temperature=1.5, seed=3)
+    assert len({g.text for g in sampled[:4]}) > 1  # the copies still draw their own tokens
+
+
+def test_the_inverse_cdf_draw_follows_the_weights():
+    from agents.continuous_batching import _draw
+
+    weights = torch.tensor([[1.0, 0.0, 3.0, 6.0]]).repeat(40_000, 1)  # unnormalised
+    drawn = torch.tensor(_draw(weights, torch.Generator().manual_seed(0)))
+    shares = torch.bincount(drawn, minlength=4).float() / len(drawn)
+    assert shares[1] == 0  # a zero weight is never drawn
+    assert torch.allclose(shares, torch.tensor([0.1, 0.0, 0.3, 0.6]), atol=0.01)
+
+
 def test_a_request_with_mismatched_weights_is_refused():
     with pytest.raises(ValueError, match="weights for 2 rows and 3 prompts"):
         Request(("a", "b", "c"), torch.zeros(2, 4))
