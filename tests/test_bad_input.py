@@ -208,3 +208,10 @@ def test_generated_malformed_files_are_one_line_and_change_nothing(tmp_path, no_
                                 *TINY]))
     assert str(data) in line and len(line) < 600
     assert _tree(run_dir) == before and not eval_dir.exists()
+
+
+def test_a_file_named_gz_that_is_not_gzip_is_one_line(tmp_path, no_model_load):
+    data = tmp_path / "bad.jsonl.gz"
+    data.write_bytes(b'{"question": "Q?", "answer": "#### 1"}\n')  # plain text under a .gz name
+    line = _error_line(_invoke(["run", "--data", str(data), "--run-dir", str(tmp_path / "r"), *TINY]))
+    assert str(data) in line and "cannot be read" in line
