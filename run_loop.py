@@ -188,9 +188,13 @@ def run(
         _status(err, f"data: {source.describe()}")
         chosen = source.take(settings.episodes, "episodes")
         # The folder, its saved settings and its lock, before the model loads (a minute, the first time).
-        check_run_dir(run_dir, settings, resume)
         lock = claim_run_dir(run_dir)
     except (SelfImproveError, ValueError) as error:
+        raise _fail(error) from error
+    try:
+        check_run_dir(run_dir, settings, resume)  # under the lock: nobody writes run.json meanwhile
+    except (SelfImproveError, ValueError) as error:
+        lock.release()
         raise _fail(error) from error
     try:
         _run_loop(settings, source, chosen, run_dir, resume, threads, err)
@@ -202,7 +206,7 @@ def _run_loop(settings, source, chosen, run_dir: Path, resume: bool, threads: in
     """The loop over the chosen problems with live progress; the summary on stdout."""
     from agents.backend import close_backend
     from agents.precision import load_in_precision
-    from graph.runner import (StopFlag, build_context, check_questions_fit, describe_episode, problem_data,
+    from graph.runner import (StopFlag, build_fresh_context, check_questions_fit, describe_episode, problem_data,
                               run_episodes, set_threads, write_run_settings)
     from graph.inspect import make_embedder
 
@@ -213,7 +217,7 @@ def _run_loop(settings, source, chosen, run_dir: Path, resume: bool, threads: in
         _status(err, f"precision: {precision.used} ({precision.requested}: {precision.reason})")
         check_questions_fit(chosen, loaded, settings.solver.max_new_tokens, where=source.location)
         problems = [problem_data(p, learning=True, label_free=label_free) for p in chosen]
-        ctx = build_context(loaded, settings, run_dir, embedder=make_embedder(settings.embedder))
+        ctx = build_fresh_context(loaded, settings, run_dir, embedder=make_embedder(settings.embedder))
         write_run_settings(run_dir, settings, notes={"data_source": source.to_dict()})
     except (SelfImproveError, ValueError) as error:
         raise _fail(error) from error

@@ -44,7 +44,6 @@ from agents.trajectories import Text, as_completion, distinct, matches, verified
 from agents.verifier import check, vote
 from graph.context import RunContext
 from graph.state import LoopState, ProblemData
-from memory_store.errors import UnknownIdError
 from memory_store.records import Episode
 
 log = logging.getLogger(__name__)
@@ -450,11 +449,12 @@ def _remember(ctx: RunContext, state: LoopState, problem: ProblemData, outcome: 
         if rule.get("chosen"):
             chosen_id = rule_id
     # Counted once per episode whatever reruns: a kill between these writes and the episode's
-    # own resumes to the same counters.
+    # own resumes to the same counters. The mark names the run and the episode (memory shared
+    # through --memory-url holds other runs' episodes of the same problem).
     if chosen_id is not None:
-        memory.record_outcome(chosen_id, helped=outcome == "fixed", episode_id=episode.episode_id)
+        memory.record_outcome(chosen_id, helped=outcome == "fixed", episode_id=_update_id(state, 0))
     if state.get("memory_rule_ids"):
-        memory.record_retrieved(state["memory_rule_ids"], episode_id=episode.episode_id)
+        memory.record_retrieved(state["memory_rule_ids"], episode_id=_update_id(state, 0))
     memory.add_episode(episode.model_copy(update={"rule_ids": list(dict.fromkeys(rule_ids))}))
     questions = {c["id"]: c["question"] for c in (state.get("carry") or {}).get("canary", [])}
     for check_result in state.get("canary_checks") or []:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 import time
@@ -184,11 +185,18 @@ def check_questions_fit(problems: Iterable[Problem], loaded: LoadedModel, max_ne
     if not context:
         return
     limit = context - max_new_tokens
+
+    def prompt_tokens(question: str) -> int:
+        prompt = chat_prompt(loaded.tokenizer, SOLVER_SYSTEM, solver_turn(question))
+        return len(loaded.tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"])
+
+    template = prompt_tokens("")
     for problem in problems:
-        if len(problem.question) < limit:  # a token is at least one character: it fits
+        # A token covers at least one byte (byte-level BPE, or byte fallback): a question of
+        # fewer bytes than the room left by the template fits without tokenizing it.
+        if template + len(problem.question.encode("utf-8")) + 8 < limit:
             continue
-        prompt = chat_prompt(loaded.tokenizer, SOLVER_SYSTEM, solver_turn(problem.question))
-        tokens = len(loaded.tokenizer(prompt, add_special_tokens=False, verbose=False)["input_ids"])
+        tokens = prompt_tokens(problem.question)
         if tokens > limit:
             raise DataError(f"{where}: problem {problem.id} is too long: its prompt is {tokens} tokens, and the model "
                             f"reads {context} with {max_new_tokens} kept for the answer (at most {limit}); shorten it")
@@ -204,13 +212,23 @@ def build_context(
     with_memory: bool = True,
 ) -> RunContext:
     """Model, bank (reloaded if saved), router, trainer, memory and agents for one process."""
-    model, tok = loaded.model, loaded.tokenizer
     memory = None
     memory_dim = 0
     if with_memory:
         mem_config = MemoryConfig(run_dir=run_dir, url=settings.memory_url, n_experts=settings.bank.n_experts)
         memory = MemoryStore.open(mem_config, embedder=embedder)
         memory_dim = mem_config.feature_dim
+    try:
+        return _build_with_memory(loaded, settings, run_dir, memory, memory_dim, backend)
+    except BaseException:
+        if memory is not None:
+            memory.close()
+        raise
+
+
+def _build_with_memory(loaded: LoadedModel, settings: RunSettings, run_dir: Path, memory, memory_dim: int,
+                       backend: GenerationBackend | None) -> RunContext:
+    model, tok = loaded.model, loaded.tokenizer
     router_config = RouterConfig(**{**asdict(settings.router), "memory_dim": memory_dim})
     bank = ExpertBank(model, settings.bank)
     router = Router(model.config.hidden_size, bank.n_experts, router_config).to(loaded.device)
@@ -239,6 +257,23 @@ def build_context(
         bank_store=store,
         memory=memory,
     )
+
+
+def build_fresh_context(loaded: LoadedModel, settings: RunSettings, run_dir: Path, **kwargs) -> RunContext:
+    """``build_context``; if it fails, the parts it created in a folder with no run yet are removed.
+
+    Otherwise a later run in that folder, with other settings, would start from this attempt's
+    initial bank (a folder holds a run only once run.json is written).
+    """
+    run_dir = Path(run_dir)
+    parts = [run_dir / "bank", MemoryConfig(run_dir=run_dir).memory_dir]
+    created = [p for p in parts if not p.exists()] if saved_run_settings(run_dir) is None else []
+    try:
+        return build_context(loaded, settings, run_dir, **kwargs)
+    except BaseException:
+        for part in created:
+            shutil.rmtree(part, ignore_errors=True)
+        raise
 
 
 def problem_data(problem: Problem, *, learning: bool, label_free: bool) -> ProblemData:

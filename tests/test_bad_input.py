@@ -215,3 +215,13 @@ def test_a_file_named_gz_that_is_not_gzip_is_one_line(tmp_path, no_model_load):
     data.write_bytes(b'{"question": "Q?", "answer": "#### 1"}\n')  # plain text under a .gz name
     line = _error_line(_invoke(["run", "--data", str(data), "--run-dir", str(tmp_path / "r"), *TINY]))
     assert str(data) in line and "cannot be read" in line
+
+
+def test_a_start_that_fails_after_the_bank_is_made_leaves_no_bank_behind(tmp_path):
+    """llama.cpp cannot serve tiny-random (no GGUF): the failure comes after the initial bank was saved."""
+    data = _lines(tmp_path / "d.jsonl", GOOD)
+    run_dir = tmp_path / "run"
+    line = _error_line(_invoke(["run", "--data", str(data), "--episodes", "1", "--run-dir", str(run_dir),
+                                "--backend", "llama.cpp", "--seed", "1", *TINY]))
+    assert "llama.cpp" in line
+    assert not (run_dir / "bank").exists() and not (run_dir / "memory").exists() and not (run_dir / "run.json").exists()
