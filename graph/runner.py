@@ -147,7 +147,6 @@ def claim_run_dir(run_dir: Path) -> WriterLock:
 
 def check_run_dir(run_dir: Path, settings: RunSettings, resume: bool) -> None:
     """Refuse, before anything loads or is written, a folder holding another run (or a run without --resume)."""
-    usable_run_dir(run_dir)
     saved = saved_run_settings(run_dir)
     wanted = settings.to_dict()
     if saved is None:
@@ -170,7 +169,8 @@ def write_run_settings(run_dir: Path, settings: RunSettings, notes: dict | None 
 
 
 def prepare_run_dir(run_dir: Path, settings: RunSettings, resume: bool, notes: dict | None = None) -> None:
-    """Check that the folder can take this run (``check_run_dir``), then save its settings."""
+    """Check that the folder can take this run (``usable_run_dir``, ``check_run_dir``), then save its settings."""
+    usable_run_dir(run_dir)
     check_run_dir(run_dir, settings, resume)
     write_run_settings(run_dir, settings, notes)
 
