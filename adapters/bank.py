@@ -83,9 +83,7 @@ class Mixture:
     row_scale: torch.Tensor | None
     active: torch.Tensor | None  # (n_active,) expert indices, or None when all experts are active
     bypass: bool = False  # True: the bank adds nothing (the bare frozen model)
-    # Per-layer gathered (k*r, in) / (k*r, out) factors, reused across the decode steps of one
-    # generate call; only filled without autograd, so training always reads the parameters.
-    factors: dict = field(default_factory=dict)
+    active_key: tuple[int, ...] | None = None  # the same indices, hashable: what a layer's gathered factors are for
 
 
 @dataclass
@@ -119,6 +117,11 @@ class LoRABankLinear(nn.Module):
         self.lora_A = nn.Parameter(a.to(device))
         # B is stored (n, r, out) so that the second einsum reads it without a transpose copy.
         self.lora_B = nn.Parameter(torch.zeros(config.n_experts, config.rank, self.out_features, device=device))
+        # The active experts' factors gathered for inference, kept while the same experts stay
+        # active and unchanged: a decode call routes every step anew, and gathering them each
+        # time cost a fifth of a step. Keyed by the parameters' in-place versions, so an update,
+        # a rollback or a load is always seen.
+        self._gathered: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -130,18 +133,7 @@ class LoRABankLinear(nn.Module):
             )
         if mixture.bypass:
             return out
-        factors = mixture.factors.get(id(self))
-        if factors is None:
-            if mixture.active is None:
-                lora_a, lora_b = self.lora_A, self.lora_B  # (n, r, in), (n, r, out)
-            else:
-                # index_select copies only the k active experts; it beat advanced indexing here.
-                lora_a = self.lora_A.index_select(0, mixture.active)  # (k, r, in)
-                lora_b = self.lora_B.index_select(0, mixture.active)  # (k, r, out)
-            factors = (lora_a.reshape(-1, self.in_features), lora_b.reshape(-1, self.out_features))  # (k*r, in), (k*r, out)
-            if not torch.is_grad_enabled():
-                mixture.factors[id(self)] = factors
-        flat_a, flat_b = factors
+        flat_a, flat_b = self._factors(mixture)  # (k*r, in), (k*r, out)
         scale = mixture.row_scale  # (batch or 1, k*r)
         if scale.shape[0] not in (1, x.shape[0]):
             raise AdapterError(f"mixture weights have batch size {scale.shape[0]} but the input has {x.shape[0]}")
@@ -152,6 +144,20 @@ class LoRABankLinear(nn.Module):
         h = h * scale.view(scale.shape[0], *([1] * (h.dim() - 2)), scale.shape[1])  # (batch, [seq,] k*r)
         delta = torch.matmul(h, flat_b)  # (batch, [seq,] out)
         return out + delta.to(out.dtype)
+
+    def _factors(self, mixture: Mixture) -> tuple[torch.Tensor, torch.Tensor]:
+        """The active experts' A and B, flattened over (expert, rank)."""
+        if mixture.active is None:
+            return self.lora_A.reshape(-1, self.in_features), self.lora_B.reshape(-1, self.out_features)  # views
+        key = (mixture.active_key, self.lora_A._version, self.lora_B._version)
+        if not torch.is_grad_enabled() and self._gathered is not None and self._gathered[0] == key:
+            return self._gathered[1]
+        # index_select copies only the k active experts; it beat advanced indexing here.
+        factors = (self.lora_A.index_select(0, mixture.active).reshape(-1, self.in_features),
+                   self.lora_B.index_select(0, mixture.active).reshape(-1, self.out_features))
+        # Only kept without autograd, so training always reads the parameters themselves.
+        self._gathered = None if torch.is_grad_enabled() else (key, factors)
+        return factors
 
     def expert_delta_weight(self, expert: int) -> torch.Tensor:
         """The dense weight delta of one expert, (out, in), including the scaling."""
@@ -240,7 +246,8 @@ class ExpertBank(nn.Module):
         kept = weights if active is None else weights[:, active]  # (batch or 1, k)
         row_scale = kept.repeat_interleave(self.config.rank, dim=1) * self.config.scaling  # (batch or 1, k*r)
         device = self._layers[0].lora_A.device
-        mixture = Mixture(row_scale=row_scale.to(device), active=None if active is None else active.to(device))
+        mixture = Mixture(row_scale=row_scale.to(device), active=None if active is None else active.to(device),
+                          active_key=None if active is None else tuple(active.tolist()))
         with self._set(mixture):
             yield
 

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from adapters.bank import ExpertBank
-from agents.cpu_kernels import ExactGreedyHead, PackedLinears
+from agents.cpu_kernels import ExactGreedyHead, PackedLinears, PrepackedBfloat16Linears
 from agents.generation import ANSWER_COMPLETE, Generation, Request, Sampling, mixture_applied
 
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth a separate forward pass
@@ -106,7 +106,13 @@ class ContinuousBatcher:
         # copied prefix flips near-tied greedy tokens against plain generate (seen on the tiny model).
         self.reuse_prefix = next(model.parameters()).dtype == torch.float32
         self.head = ExactGreedyHead.for_model(model)
-        self.packed = PackedLinears.for_model(model, slots, exclude=(model.get_output_embeddings(),))
+        # Where logits are a plain linear map of the last hidden state, the head runs on that
+        # state alone: the model's own logits_to_keep=1 slices a prefill's hidden states without
+        # copying, and the product of that strided slice copied the whole output matrix each call.
+        output = model.get_output_embeddings()
+        self.plain_head = output if type(model).__name__ in ExactGreedyHead.MODELS and type(output) is torch.nn.Linear else None
+        self.packed = (PackedLinears.for_model(model, slots, exclude=(output,))
+                       or PrepackedBfloat16Linears.for_model(model))
 
     @property
     def features(self) -> str:
@@ -114,8 +120,10 @@ class ContinuousBatcher:
         parts = ["shared-prefix KV reuse"] if self.reuse_prefix else []
         if self.head is not None:
             parts.append("bfloat16-screened exact greedy head")
-        if self.packed is not None:
+        if isinstance(self.packed, PackedLinears):
             parts.append(f"MKL-packed linears at {self.slots} rows")
+        elif self.packed is not None:
+            parts.append("oneDNN-reordered bfloat16 linears")
         return ", ".join(parts) or "no extra kernels"
 
     def generate(
@@ -229,13 +237,12 @@ class ContinuousBatcher:
     def _forward(self, cache: SlotCache, input_ids, positions, mask, weights) -> torch.Tensor:
         """The last position's hidden state (rows, hidden) when the head is ours, else its logits (rows, vocab)."""
         kwargs = dict(input_ids=input_ids, position_ids=positions, attention_mask=mask, cache=cache, use_cache=True)
-        if self.head is not None:
-            run = lambda: self.model.get_decoder()(**kwargs).last_hidden_state[:, -1]  # noqa: E731
-        else:
-            run = lambda: self.model(**kwargs, logits_to_keep=1).logits[:, -1]  # noqa: E731
         packed = self.packed.applied(input_ids.numel()) if self.packed is not None else contextlib.nullcontext()
         with packed, mixture_applied(self.bank, weights):
-            return run()
+            if self.head is None and self.plain_head is None:
+                return self.model(**kwargs, logits_to_keep=1).logits[:, -1]
+            hidden = self.model.get_decoder()(**kwargs).last_hidden_state[:, -1].contiguous()  # (rows, hidden)
+            return hidden if self.head is not None else self.plain_head(hidden)
 
     def _forward_block(self, cache: SlotCache, first: int, suffixes: list[list[int]], prefix: int, weights):
         """Prefill: left-padded prompt suffixes into slots ``first``.., after ``prefix`` cached positions."""
@@ -337,17 +344,29 @@ def _same_prompts(group: list[int], ids: list[list[int]], owner: list[int], weig
     return unique, copies
 
 
+DRAW_BLOCK = 256  # vocabulary entries per block of the two-level draw
+
+
 def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> list[int]:
     """One token per row with probability proportional to ``weights`` (rows, vocab), by the inverse CDF.
 
     One uniform number per row, against torch.multinomial's one per vocabulary entry: on a
     152k vocabulary that draw, not the model, was the largest cost of a sampled decode step.
-    The running sum is float64 so that the 152k-term total keeps every token's share.
+    The CDF is walked in two levels, block totals and then the one block the number falls in,
+    so the 152k-long running sum is never made; sums are float64 so every token keeps its share.
     """
-    cdf = weights.double().cumsum(dim=-1)  # (rows, vocab)
-    u = torch.rand(weights.shape[0], 1, generator=generator, dtype=torch.float64, device=weights.device)
-    tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (rows, 1)
-    return tokens.clamp(max=weights.shape[-1] - 1).squeeze(1).tolist()
+    rows, vocab = weights.shape
+    pad = -vocab % DRAW_BLOCK
+    blocks = torch.nn.functional.pad(weights.float(), (0, pad)).view(rows, -1, DRAW_BLOCK)  # (rows, nb, block)
+    totals = blocks.sum(dim=-1, dtype=torch.float64)  # (rows, nb)
+    cdf = totals.cumsum(dim=-1)
+    u = torch.rand(rows, 1, generator=generator, dtype=torch.float64, device=weights.device)
+    target = u * cdf[:, -1:]  # (rows, 1)
+    block = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[1] - 1)  # (rows, 1)
+    before = cdf.gather(1, block) - totals.gather(1, block)  # the mass of the blocks before it
+    inner = blocks.gather(1, block.unsqueeze(-1).expand(-1, -1, DRAW_BLOCK)).squeeze(1).double().cumsum(dim=-1)
+    within = torch.searchsorted(inner, target - before, right=True).clamp(max=DRAW_BLOCK - 1)  # (rows, 1)
+    return (block * DRAW_BLOCK + within).clamp(max=vocab - 1).squeeze(1).tolist()
 
 
 def _weights_of(requests: Sequence[Request], bank: ExpertBank | None) -> torch.Tensor | None:

@@ -1,10 +1,11 @@
-"""Exact speedups of float32 decode steps on CPU: both change arithmetic order, never precision.
+"""Exact speedups of decode steps on CPU: they change arithmetic order at most, never precision.
 
 ``ExactGreedyHead`` ranks the vocabulary with a bfloat16 copy of the output projection and
-re-scores the best candidates in float32; ``PackedLinears`` gives the frozen linear layers
-MKL's pre-packed weight layout for the one batch shape decode steps run most. Neither
-applies to training (gradients flow through the plain layers) and both fall back to the
-plain float32 path where the hardware or library lacks what they need.
+re-scores the best candidates in float32; ``PackedLinears`` gives the frozen float32 linear
+layers MKL's pre-packed weight layout for the one batch shape decode steps run most;
+``PrepackedBfloat16Linears`` gives bfloat16 layers oneDNN's blocked weight layout for every
+batch shape. None applies to training (gradients flow through the plain layers) and each
+falls back to the plain path where the hardware or library lacks what it needs.
 """
 
 from __future__ import annotations
@@ -149,3 +150,77 @@ class PackedLinears:
             cached = (version, torch.ops.mkl._mkl_reorder_linear_weight(layer.weight.detach(), self.rows))
             self._packs[id(layer)] = cached
         return cached[1]
+
+
+class PrepackedBfloat16Linears:
+    """oneDNN-reordered copies of a bfloat16 model's frozen nn.Linear weights, used by calls without autograd.
+
+    A plain bfloat16 ``F.linear`` on CPU hands oneDNN the weight in its plain layout on every
+    call; given the weight already in oneDNN's own layout, the decode-shaped products ran
+    faster here (bench/bench_episode.py), and a decode step reads every weight of the model.
+    Same precision as the plain call (bfloat16 products, float32 sums), any row count; at some
+    row counts oneDNN picks another blocking for the two layouts, and sums in another order. A copy is made on first use, remade if its
+    weight changes in place, and takes the weight's own memory again.
+    """
+
+    def __init__(self, layers: list[nn.Linear]):
+        self.layers = layers
+        self._packs: dict[int, tuple[int, torch.Tensor]] = {}  # id(layer) -> (weight version, reordered weight)
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> PrepackedBfloat16Linears | None:
+        """Packed layers for a bfloat16 model on a CPU whose torch has oneDNN's linear ops; else None."""
+        layers = [m for m in model.modules()
+                  if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"]
+        if not layers or not torch.backends.mkldnn.is_available() or not _onednn_bfloat16_linear_works():
+            return None
+        return cls(layers)
+
+    @contextlib.contextmanager
+    def applied(self, rows: int) -> Iterator[None]:
+        """Inside the block the layers use their reordered weights (``rows`` is any count; not for training)."""
+        if torch.is_grad_enabled():
+            yield
+            return
+        saved = [layer.__dict__.get("forward") for layer in self.layers]
+        for layer in self.layers:
+            layer.forward = functools.partial(self._forward, layer)
+        try:
+            yield
+        finally:
+            for layer, previous in zip(self.layers, saved):
+                if previous is None:
+                    del layer.forward
+                else:
+                    layer.forward = previous
+
+    def _forward(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16:
+            return nn.functional.linear(x, layer.weight, layer.bias)
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.ops.mkldnn._linear_pointwise(flat, self._pack(layer), layer.bias, "none", [], "")
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _pack(self, layer: nn.Linear) -> torch.Tensor:
+        version = layer.weight._version
+        cached = self._packs.get(id(layer))
+        if cached is None or cached[0] != version:
+            cached = (version, torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), None))
+            self._packs[id(layer)] = cached
+        return cached[1]
+
+
+@functools.lru_cache(maxsize=1)
+def _onednn_bfloat16_linear_works() -> bool:
+    """Whether this torch build runs oneDNN's reordered bfloat16 linear, and agrees with the plain call."""
+    if not (hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 16, generator=generator).to(torch.bfloat16)
+    x = torch.randn(3, 16, generator=generator).to(torch.bfloat16)
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    except RuntimeError:
+        return False
+    return torch.allclose(out.float(), nn.functional.linear(x, weight).float(), rtol=2**-7, atol=2**-7)

@@ -323,7 +323,7 @@ def test_export_argument_errors(tiny, tmp_path):
         export_peft(bank, tmp_path, expert=16)
 
 
-def test_inference_factor_cache_lives_only_for_one_route_call(tiny):
+def test_inference_factor_cache_sees_every_change_of_the_experts(tiny):
     bank, _ = _make(tiny)
     ids, mask = _inputs(tiny.tokenizer)
     weights = torch.zeros(2, bank.n_experts)
@@ -331,9 +331,10 @@ def test_inference_factor_cache_lives_only_for_one_route_call(tiny):
     with torch.no_grad():
         with bank.route(weights):
             first = tiny.model(input_ids=ids, attention_mask=mask).logits
-        _randomize_b(bank)  # the experts change between two generate calls
+        _randomize_b(bank)  # the experts change in place between two calls: the gathered factors must follow
         with bank.route(weights):
             second = tiny.model(input_ids=ids, attention_mask=mask).logits
-            again = tiny.model(input_ids=ids, attention_mask=mask).logits  # reuses this call's factors
+        with bank.route(weights):
+            again = tiny.model(input_ids=ids, attention_mask=mask).logits  # reuses the gathered factors
     assert not torch.equal(first, second)
     assert torch.equal(second, again)

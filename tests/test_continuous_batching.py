@@ -211,6 +211,21 @@ def test_the_inverse_cdf_draw_follows_the_weights():
     assert torch.allclose(shares, torch.tensor([0.1, 0.0, 0.3, 0.6]), atol=0.01)
 
 
+def test_the_two_level_draw_is_the_inverse_cdf_over_the_whole_vocabulary():
+    from agents.continuous_batching import DRAW_BLOCK, _draw
+
+    vocab = 5 * DRAW_BLOCK + 17  # blocks, and a part-filled last one
+    generator = torch.Generator().manual_seed(4)
+    weights = torch.rand(3_000, vocab, generator=generator) ** 8  # peaked rows, with zeros set below
+    weights[:, ::7] = 0
+    drawn = torch.tensor(_draw(weights, torch.Generator().manual_seed(9)))
+    u = torch.rand(len(weights), 1, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    cdf = weights.double().cumsum(dim=-1)  # the one-level walk the two levels stand for
+    expected = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
+    assert (drawn == expected).float().mean() > 0.999  # the same token for the same number, up to rounding at a boundary
+    assert not bool((weights.gather(1, drawn.unsqueeze(1)) == 0).any())  # a zero weight is never drawn
+
+
 def test_a_request_with_mismatched_weights_is_refused():
     with pytest.raises(ValueError, match="weights for 2 rows and 3 prompts"):
         Request(("a", "b", "c"), torch.zeros(2, 4))

@@ -1,10 +1,10 @@
-"""The exact CPU speedups of decode steps: a screened greedy head and MKL-packed linear layers."""
+"""The exact CPU speedups of decode steps: a screened greedy head, MKL-packed and oneDNN-reordered linear layers."""
 
 import pytest
 import torch
 from torch import nn
 
-from agents.cpu_kernels import ExactGreedyHead, PackedLinears
+from agents.cpu_kernels import ExactGreedyHead, PackedLinears, PrepackedBfloat16Linears
 
 
 def _head(vocab=3000, hidden=64, seed=0, bias=False):
@@ -88,3 +88,42 @@ def test_packs_are_remade_after_the_weight_changes():
         with packed.applied(4):
             fast = model(x)
         torch.testing.assert_close(fast, model(x), rtol=1e-5, atol=1e-5)
+
+
+def _bfloat16_stack():
+    return _stack().to(torch.bfloat16)
+
+
+def test_reordered_bfloat16_layers_match_the_plain_ones_at_every_row_count_and_are_restored():
+    model = _bfloat16_stack()
+    packed = PrepackedBfloat16Linears.for_model(model)
+    if packed is None:
+        pytest.skip("torch without oneDNN's bfloat16 linear")
+    assert PrepackedBfloat16Linears.for_model(_stack()) is None  # float32 layers are not its to take
+    with torch.no_grad():
+        for rows in (1, 3, 6, 64):
+            x = torch.randn(rows, 1, 32).to(torch.bfloat16)
+            plain = model(x)
+            with packed.applied(rows):
+                assert all("forward" in layer.__dict__ for layer in packed.layers)
+                fast = model(x)
+            torch.testing.assert_close(fast, plain)  # bfloat16 tolerances: the sums may run in another order
+        assert all("forward" not in layer.__dict__ for layer in packed.layers)
+    with packed.applied(6):  # gradients need the plain layers
+        assert all("forward" not in layer.__dict__ for layer in packed.layers)
+
+
+def test_reordered_weights_are_remade_after_the_weight_changes():
+    model = _bfloat16_stack()
+    packed = PrepackedBfloat16Linears.for_model(model)
+    if packed is None:
+        pytest.skip("torch without oneDNN's bfloat16 linear")
+    x = torch.randn(4, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        with packed.applied(4):
+            before = model(x)
+        model[0].weight.mul_(2)
+        with packed.applied(4):
+            after = model(x)
+        assert not torch.allclose(after, before)
+        torch.testing.assert_close(after, model(x))
