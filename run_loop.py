@@ -21,7 +21,7 @@ from rich.table import Table
 # Nothing imported at the top may import torch or transformers: `--help` and the inspection
 # commands stay fast. Each command imports the library it calls.
 from agents.errors import SelfImproveError
-from agents.models import DEFAULT_MODEL
+from agents.lm.models import DEFAULT_MODEL
 
 app = typer.Typer(
     help="Test-time self-improvement for frozen causal language models.",
@@ -49,7 +49,7 @@ BACKEND_HELP = ("Generation backend: auto (= torch; bench/bench_generation.py co
 
 
 def _check_backend(name: str) -> None:
-    from agents.backend import BACKENDS
+    from agents.lm.backend import BACKENDS
 
     if name not in BACKENDS:
         raise _fail(ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {name!r}"))
@@ -73,7 +73,7 @@ def models(
 
     Example: python run_loop.py models --json
     """
-    from agents.models import list_models
+    from agents.lm.models import list_models
 
     try:
         infos = list_models(cache_dir)
@@ -204,8 +204,8 @@ def run(
 
 def _run_loop(settings, source, chosen, run_dir: Path, resume: bool, threads: int, err: Console) -> None:
     """The loop over the chosen problems with live progress; the summary on stdout."""
-    from agents.backend import close_backend
-    from agents.precision import load_in_precision
+    from agents.lm.backend import close_backend
+    from agents.lm.precision import load_in_precision
     from graph.runner import (StopFlag, build_fresh_context, check_questions_fit, describe_episode, problem_data,
                               run_episodes, set_threads, write_run_settings)
     from graph.inspect import make_embedder
@@ -291,8 +291,8 @@ def _evaluate_locked(config, run_dir: Path, resume: bool, threads: int, err: Con
     from graph.runner import StopFlag, set_threads
 
     set_threads(threads)
-    from agents.models import pick_device
-    from agents.precision import choose_precision
+    from agents.lm.models import pick_device
+    from agents.lm.precision import choose_precision
 
     try:
         precision = choose_precision(config.precision, pick_device(None).type)

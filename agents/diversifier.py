@@ -13,8 +13,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from agents.backend import GenerationBackend, ask_together
-from agents.generation import Ask, Generation, Request, Sampling
+from agents.lm.backend import GenerationBackend, ask_together
+from agents.lm.generation import Ask, Generation, Request, Sampling
 from agents.guard import numbers_in
 from agents.prompts import VARIANT_KINDS, VARIANT_REQUEST, VARIANT_SYSTEM
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from agents.generation import Ask, Sampling
+from agents.lm.generation import Ask, Sampling
 from agents.prompts import RATIONALIZE_HINT
 from agents.solver import Attempt, Solver
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from agents.backend import GenerationBackend, ask_together
-from agents.generation import Ask, Generation, Request, Sampling
+from agents.lm.backend import GenerationBackend, ask_together
+from agents.lm.generation import Ask, Generation, Request, Sampling
 from agents.guard import rule_problem
 from agents.prompts import REFLECT_PREVIOUS, REFLECT_SYSTEM, REFLECT_USER
 

@@ -8,8 +8,8 @@ from typing import Sequence
 import torch
 
 from agents.answers import extract_answer
-from agents.backend import GenerationBackend, ask_together
-from agents.generation import GREEDY, Ask, Generation, Request, Sampling
+from agents.lm.backend import GenerationBackend, ask_together
+from agents.lm.generation import GREEDY, Ask, Generation, Request, Sampling
 from agents.prompts import SOLVER_RULES_HEADER, SOLVER_SYSTEM, SOLVER_USER
 
 

@@ -31,7 +31,7 @@ from adapters.bank import BankConfig, ExpertBank  # noqa: E402
 from adapters.export import export_peft  # noqa: E402
 from adapters.router import Router, RouterConfig, routing_weights  # noqa: E402
 from adapters.trainer import TestTimeTrainer, TrainingExample  # noqa: E402
-from agents.models import DEFAULT_MODEL, load_model  # noqa: E402
+from agents.lm.models import DEFAULT_MODEL, load_model  # noqa: E402
 
 QUESTION = (
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips "

@@ -39,11 +39,11 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    import agents.continuous_batching as cb
+    import agents.lm.continuous_batching as cb
     from adapters.bank import ExpertBank, LoRABankLinear
     from agents.data_sources import bundled_source
-    from agents.generation import Request, Sampling, chat_prompt
-    from agents.precision import load_in_precision
+    from agents.lm.generation import Request, Sampling, chat_prompt
+    from agents.lm.precision import load_in_precision
     from agents.prompts import SOLVER_SYSTEM, SOLVER_USER
 
     loaded, choice = load_in_precision(args.model, "bfloat16")

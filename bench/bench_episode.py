@@ -69,7 +69,7 @@ def run_precision(args) -> dict:
 
     torch.set_num_threads(args.threads)
     from agents.data_sources import open_source
-    from agents.precision import load_in_precision
+    from agents.lm.precision import load_in_precision
     from graph.harness import EvalConfig, arm_settings
     from graph.inspect import make_embedder
     from graph.runner import build_context, problem_data, run_episodes

@@ -16,7 +16,7 @@ Prints, for the default model:
 
 Timings on a shared 2-core machine drift by up to 2x between runs, so compare ratios
 within one run. The process runs with GOMP_SPINCOUNT=10000 unless OMP_WAIT_POLICY or
-GOMP_SPINCOUNT is set, as run_loop.py does (see agents/backend_llamacpp.py).
+GOMP_SPINCOUNT is set, as run_loop.py does (see agents/lm/llamacpp.py).
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ sys.path.insert(0, str(ROOT))
 from adapters.bank import BankConfig, ExpertBank  # noqa: E402
 from adapters.router import routing_weights  # noqa: E402
 from agents.answers import is_correct  # noqa: E402
-from agents.backend import DEFAULT_BATCH_SIZE, TorchBackend  # noqa: E402
-from agents.backend_llamacpp import LlamaCppBackend, LlamaCppConfig, xllamacpp_available  # noqa: E402
+from agents.lm.backend import DEFAULT_BATCH_SIZE, TorchBackend  # noqa: E402
+from agents.lm.llamacpp import LlamaCppBackend, LlamaCppConfig, xllamacpp_available  # noqa: E402
 from agents.data_sources import open_source  # noqa: E402
-from agents.models import DEFAULT_MODEL, load_model  # noqa: E402
+from agents.lm.models import DEFAULT_MODEL, load_model  # noqa: E402
 from agents.solver import Solver  # noqa: E402
 
 LLAMA_WEIGHTS = ("f16", "q8_0", "gguf")  # llama.cpp's faithful copy, its fastest, and the GGUF as shipped

@@ -63,7 +63,7 @@ def flops_per_token(model, context: float) -> float:
 
 
 def peak_gflops(dtype, shapes, rows: int) -> dict:
-    from agents.precision import measure_gflops
+    from agents.lm.precision import measure_gflops
 
     measured = {f"{i}x{o}": measure_gflops(dtype, rows, i, o, seconds=0.5) for i, o in shapes}
     return {"best": max(measured.values()), "by_shape": measured}
@@ -77,9 +77,9 @@ def run_precision(args) -> dict:
     from adapters.bank import BankConfig, ExpertBank
     from adapters.router import Router, RouterConfig
     from adapters.trainer import TestTimeTrainer, TrainingExample
-    from agents.backend import TorchBackend
+    from agents.lm.backend import TorchBackend
     from agents.data_sources import open_source
-    from agents.models import load_model
+    from agents.lm.models import load_model
     from agents.solver import Solver, SolverConfig
     from agents.verifier import check
 

@@ -35,11 +35,11 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    import agents.continuous_batching as cb
-    from agents.backend import TorchBackend
+    import agents.lm.continuous_batching as cb
+    from agents.lm.backend import TorchBackend
     from agents.data_sources import bundled_source
-    from agents.generation import Sampling
-    from agents.precision import load_in_precision
+    from agents.lm.generation import Sampling
+    from agents.lm.precision import load_in_precision
     from agents.solver import Solver
 
     loaded, choice = load_in_precision(args.model, args.precision)

@@ -17,7 +17,7 @@ from adapters.bank import ExpertBank
 from adapters.router import Router, context_features
 from adapters.store import BankStore
 from adapters.trainer import TestTimeTrainer
-from agents.backend import GenerationBackend
+from agents.lm.backend import GenerationBackend
 from agents.diversifier import Diversifier
 from agents.reflector import Reflector
 from agents.solver import Solver

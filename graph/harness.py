@@ -50,14 +50,14 @@ from adapters.router import Router, RouterConfig
 from adapters.store import BankStore, atomic_write_bytes
 from adapters.stress import StressConfig, StressController
 from adapters.trainer import TestTimeTrainer, TrainerConfig, TrainingExample
-from agents.backend import BACKENDS, DEFAULT_BATCH_SIZE, GenerationBackend, close_backend, make_backend
+from agents.lm.backend import BACKENDS, DEFAULT_BATCH_SIZE, GenerationBackend, close_backend, make_backend
 from agents.diversifier import Diversifier
 from agents.errors import DataError, SelfImproveError
 from agents.data_sources import DataSource, open_source
-from agents.generation import Sampling
+from agents.lm.generation import Sampling
 from agents.gsm8k import Problem, normalise_question, sample_problems
-from agents.models import DEFAULT_MODEL, LoadedModel, load_model, pick_device
-from agents.precision import PRECISIONS, PrecisionChoice, choose_precision
+from agents.lm.models import DEFAULT_MODEL, LoadedModel, load_model, pick_device
+from agents.lm.precision import PRECISIONS, PrecisionChoice, choose_precision
 from agents.reflector import Reflector
 from agents.solver import Attempt, Solver, SolverConfig
 from agents.trajectories import SOURCES
@@ -107,9 +107,9 @@ class EvalConfig:
     label_free: bool = False  # learn by agreement of sampled answers (scoring always uses labels)
     max_new_tokens: int = 384  # generation cap per answer, the same for every arm
     batch_size: int = DEFAULT_BATCH_SIZE  # sequences generated together (torch and llama.cpp slots)
-    backend: str = "auto"  # generation backend of every arm: 'auto', 'torch' or 'llama.cpp' (agents.backend)
+    backend: str = "auto"  # generation backend of every arm: 'auto', 'torch' or 'llama.cpp' (agents.lm.backend)
     embedder: str = "minilm"  # memory embedder: 'minilm' (all-MiniLM-L6-v2) or 'hash' (tests)
-    precision: str = "auto"  # frozen weights of every arm: 'auto' (agents.precision), 'float32', 'bfloat16'
+    precision: str = "auto"  # frozen weights of every arm: 'auto' (agents.lm.precision), 'float32', 'bfloat16'
     bank: BankConfig = field(default_factory=BankConfig)
     router: RouterConfig = field(default_factory=lambda: RouterConfig(mode="top-k"))
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -286,7 +286,7 @@ def export_expert(run_dir: str | Path, expert: int, out: str | Path, *, loader=N
     from adapters.export import export_peft
     from adapters.router import Router, RouterConfig
     from adapters.store import BankStore, read_manifest
-    from agents.models import load_model
+    from agents.lm.models import load_model
 
     run_dir = Path(run_dir)
     _check_run_dir(run_dir, "bank")

@@ -35,10 +35,10 @@ import torch
 from langgraph.runtime import Runtime
 
 from adapters.trainer import TrainingExample
-from agents.generation import Sampling
-from agents.backend import ask_together
+from agents.lm.generation import Sampling
+from agents.lm.backend import ask_together
 from agents.rationalizer import ask_rationalizations
-from agents.generation import Ask
+from agents.lm.generation import Ask
 from agents.solver import Attempt
 from agents.trajectories import Text, as_completion, distinct, matches, verified_share, verified_texts
 from agents.verifier import check, vote

@@ -28,13 +28,13 @@ from adapters.bank import BankConfig, ExpertBank
 from adapters.router import Router, RouterConfig
 from adapters.store import BankStore, atomic_write_bytes
 from adapters.stress import StressConfig, StressController
-from agents.backend import DEFAULT_BATCH_SIZE, GenerationBackend, make_backend
+from agents.lm.backend import DEFAULT_BATCH_SIZE, GenerationBackend, make_backend
 from agents.diversifier import Diversifier, DiversifierConfig
 from agents.errors import DataError, SelfImproveError
-from agents.generation import chat_prompt
+from agents.lm.generation import chat_prompt
 from agents.gsm8k import Problem
-from agents.models import DEFAULT_MODEL, LoadedModel
-from agents.precision import PRECISIONS
+from agents.lm.models import DEFAULT_MODEL, LoadedModel
+from agents.lm.precision import PRECISIONS
 from agents.prompts import SOLVER_SYSTEM
 from agents.reflector import Reflector, ReflectorConfig
 from agents.solver import Solver, SolverConfig, solver_turn
@@ -76,10 +76,10 @@ class RunSettings:
     solver: SolverConfig = field(default_factory=SolverConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     memory_url: str | None = None
-    backend: str = "auto"  # generation backend: 'auto', 'torch' or 'llama.cpp' (agents.backend.make_backend)
+    backend: str = "auto"  # generation backend: 'auto', 'torch' or 'llama.cpp' (agents.lm.backend.make_backend)
     batch_size: int = DEFAULT_BATCH_SIZE  # sequences generated together (torch and llama.cpp slots)
     embedder: str = "minilm"  # memory embedder: 'minilm' (all-MiniLM-L6-v2) or 'hash' (tests)
-    precision: str = "auto"  # frozen weights: 'auto' (agents.precision decides per device), 'float32', 'bfloat16'
+    precision: str = "auto"  # frozen weights: 'auto' (agents.lm.precision decides per device), 'float32', 'bfloat16'
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

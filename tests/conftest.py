@@ -18,6 +18,6 @@ import pytest  # noqa: E402
 @pytest.fixture
 def tiny():
     """A fresh tiny-random model and tokenizer (function scope: banks modify the model in place)."""
-    from agents.models import load_model
+    from agents.lm.models import load_model
 
     return load_model("tiny-random")

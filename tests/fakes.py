@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from agents.generation import GREEDY, Generation, Sampling
+from agents.lm.generation import GREEDY, Generation, Sampling
 
 
 class ScriptedBackend:

@@ -46,7 +46,7 @@ def test_step_zero_equals_base_model(tiny):
 
 
 def test_injects_every_linear_but_the_head(tiny):
-    from agents.models import load_model
+    from agents.lm.models import load_model
 
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in tiny.model.modules()) - 1  # minus lm_head
     bank, _ = _make(tiny)
@@ -174,7 +174,7 @@ def _assert_same_state(bank_a, router_a, bank_b, router_b):
 
 
 def test_save_load_round_trip_is_exact(tiny, tmp_path):
-    from agents.models import load_model
+    from agents.lm.models import load_model
 
     bank, router = _make(tiny)
     _randomize_b(bank)
@@ -268,7 +268,7 @@ def test_missing_file_and_mismatched_config_are_refused(tiny, tmp_path):
     next((tmp_path / "a").glob("router-*.safetensors")).unlink()
     with pytest.raises(AdapterFileError, match="is missing"):
         load_bank(tmp_path / "a", bank, router)
-    from agents.models import load_model
+    from agents.lm.models import load_model
 
     other = load_model("tiny-random")
     small = ExpertBank(other.model, BankConfig(n_experts=4))
@@ -284,7 +284,7 @@ def test_missing_file_and_mismatched_config_are_refused(tiny, tmp_path):
 def test_peft_export_loads_and_matches(tiny, tmp_path, how):
     from peft import PeftModel
 
-    from agents.models import load_model
+    from agents.lm.models import load_model
 
     base_dir = tmp_path / "base"
     tiny.model.save_pretrained(base_dir)

@@ -46,12 +46,12 @@ STATUS = ("data", "precision")  # what a command reports before it fails on what
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Any model load fails the test: the refusal must come before it."""
-    import agents.precision
+    import agents.lm.precision
 
     def refuse(*_a, **_k):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(agents.precision, "load_in_precision", refuse)
+    monkeypatch.setattr(agents.lm.precision, "load_in_precision", refuse)
 
 
 def _tree(folder):

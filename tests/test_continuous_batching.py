@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from adapters.bank import BankConfig, ExpertBank
-from agents.backend import TorchBackend
-from agents.continuous_batching import ContinuousBatcher, _common_prefix
-from agents.generation import Request, Sampling, generate
+from agents.lm.backend import TorchBackend
+from agents.lm.continuous_batching import ContinuousBatcher, _common_prefix
+from agents.lm.generation import Request, Sampling, generate
 
 QUESTIONS = [
     "Tom has 3 apples and buys 4 more. How many apples does he have?",
@@ -55,7 +55,7 @@ def test_greedy_matches_generate_for_any_slot_count(tiny, slots):
 @pytest.mark.parametrize("slots", [1, 3, 8])
 def test_bfloat16_greedy_matches_bfloat16_generate(slots):
     """Reduced precision: the same precision's plain generate is the reference (float32 differs, by design)."""
-    from agents.models import load_model
+    from agents.lm.models import load_model
 
     tiny = load_model("tiny-random", dtype="bfloat16")
     bank = ExpertBank(tiny.model, BankConfig(n_experts=3, rank=4))
@@ -122,8 +122,8 @@ def test_the_answer_line_stop_matches_generate(tiny, monkeypatch):
     """Both paths stop a row on the token that completes the stop pattern, and only that row."""
     import re
 
-    import agents.continuous_batching
-    import agents.generation
+    import agents.lm.continuous_batching
+    import agents.lm.generation
 
     prompts = _prompts(tiny)
     free_run = generate(tiny.model, tiny.tokenizer, None, prompts, max_new_tokens=20, stop_at_answer=False)
@@ -131,8 +131,8 @@ def test_the_answer_line_stop_matches_generate(tiny, monkeypatch):
     ids = tiny.tokenizer(free_run[2].text, add_special_tokens=False)["input_ids"]
     word = next(w for w in (tiny.tokenizer.decode([i]).strip() for i in ids[5:]) if len(w) >= 2)
     pattern = re.compile(re.escape(word))
-    monkeypatch.setattr(agents.generation, "ANSWER_COMPLETE", pattern)
-    monkeypatch.setattr(agents.continuous_batching, "ANSWER_COMPLETE", pattern)
+    monkeypatch.setattr(agents.lm.generation, "ANSWER_COMPLETE", pattern)
+    monkeypatch.setattr(agents.lm.continuous_batching, "ANSWER_COMPLETE", pattern)
     expected = generate(tiny.model, tiny.tokenizer, None, prompts, max_new_tokens=20, stop_at_answer=True)
     got = ContinuousBatcher(tiny.model, tiny.tokenizer, None, slots=3).generate(prompts, max_new_tokens=20, stop_at_answer=True)
     assert _texts(got) == _texts(expected)
@@ -202,7 +202,7 @@ def test_repeats_of_a_sampled_prompt_are_prefilled_once_and_decode_from_the_copi
 
 
 def test_the_inverse_cdf_draw_follows_the_weights():
-    from agents.continuous_batching import _draw
+    from agents.lm.continuous_batching import _draw
 
     weights = torch.tensor([[1.0, 0.0, 3.0, 6.0]]).repeat(40_000, 1)  # unnormalised
     drawn = torch.tensor(_draw(weights, torch.Generator().manual_seed(0)))
@@ -212,7 +212,7 @@ def test_the_inverse_cdf_draw_follows_the_weights():
 
 
 def test_the_two_level_draw_is_the_inverse_cdf_over_the_whole_vocabulary():
-    from agents.continuous_batching import DRAW_BLOCK, _draw
+    from agents.lm.continuous_batching import DRAW_BLOCK, _draw
 
     vocab = 5 * DRAW_BLOCK + 17  # blocks, and a part-filled last one
     generator = torch.Generator().manual_seed(4)
@@ -240,7 +240,7 @@ def test_common_prefix():
 def test_qwen_continuous_batching_gives_the_plain_generate_answers():
     """A handful of GSM8K problems on the real model, bare and under a mixture: the same answers as generate."""
     from agents.data_sources import open_source
-    from agents.models import load_model
+    from agents.lm.models import load_model
     from agents.solver import Solver, SolverConfig
 
     loaded = load_model("qwen2.5-coder-0.5b")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from agents.cpu_kernels import ExactGreedyHead, PackedLinears, PrepackedBfloat16Linears
+from agents.lm.cpu_kernels import ExactGreedyHead, PackedLinears, PrepackedBfloat16Linears
 
 
 def _head(vocab=3000, hidden=64, seed=0, bias=False):

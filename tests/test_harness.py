@@ -58,7 +58,7 @@ class Model:
         self.backends = []
 
     def loader(self):
-        from agents.models import load_model
+        from agents.lm.models import load_model
 
         self.loaded = load_model("tiny-random")
         return self.loaded

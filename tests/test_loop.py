@@ -103,7 +103,7 @@ def make_run(tmp_path):
     contexts = []
 
     def make(world, run_dir=None, settings=None, loaded=None):
-        from agents.models import load_model
+        from agents.lm.models import load_model
 
         SharedSystemClient.clear_system_cache()
         loaded = loaded or load_model("tiny-random")

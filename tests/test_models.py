@@ -14,9 +14,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from agents import models
+from agents.lm import models
 from agents.errors import ModelLoadError
-from agents.models import (
+from agents.lm.models import (
     DEFAULT_MODEL,
     SMOLLM2_MODEL,
     TINY_RANDOM_MODEL,

@@ -31,7 +31,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A loop run: pens is fixed by a trained expert (one trained rule); cakes stays wrong (two more rules)."""
-    from agents.models import load_model
+    from agents.lm.models import load_model
 
     run_dir = tmp_path_factory.mktemp("rules") / "run"
     loaded = load_model("tiny-random")
@@ -148,7 +148,7 @@ def test_rules_work_while_a_loop_holds_the_memory_open(run_dir):
 def test_export_writes_a_peft_folder_of_the_trained_expert(run_dir, tmp_path):
     from peft import PeftModel
 
-    from agents.models import load_model
+    from agents.lm.models import load_model
 
     (pens,) = [r for r in _json("rules", "list", "--run-dir", run_dir) if "per box" in r["text"]]
     out = tmp_path / "peft"

@@ -109,7 +109,7 @@ def test_kl_penalty_is_zero_at_step_zero_and_positive_after(tiny):
 
 
 def test_seeded_training_reproduces(tiny):
-    from agents.models import load_model
+    from agents.lm.models import load_model
 
     def run(loaded):
         trainer = _trainer(loaded)

@@ -21,11 +21,11 @@ from adapters.gguf_lora import (  # noqa: E402
     write_dense_gguf,
     write_llama_gguf,
 )
-from agents.backend import BackendError, TorchBackend, make_backend
-from agents.generation import Sampling  # noqa: E402
-from agents.backend_llamacpp import LlamaCppBackend, LlamaCppConfig, _segment, _TokenStream  # noqa: E402
-from agents.generation import AnswerLineComplete  # noqa: E402
-from agents.models import load_model  # noqa: E402
+from agents.lm.backend import BackendError, TorchBackend, make_backend
+from agents.lm.generation import Sampling  # noqa: E402
+from agents.lm.llamacpp import LlamaCppBackend, LlamaCppConfig, _segment, _TokenStream  # noqa: E402
+from agents.lm.generation import AnswerLineComplete  # noqa: E402
+from agents.lm.models import load_model  # noqa: E402
 
 QUESTIONS = [
     "How many clips did Natalia sell?",
@@ -244,7 +244,7 @@ class _FakeBackend:
     """What _TokenStream reads from its backend, with the tiny tokenizer."""
 
     def __init__(self, tokenizer):
-        from agents.backend_llamacpp import _byte_tables
+        from agents.lm.llamacpp import _byte_tables
 
         self.tokenizer = tokenizer
         self._token_bytes, self._bytes_token = _byte_tables(tokenizer)

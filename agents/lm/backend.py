@@ -3,8 +3,8 @@
 A backend turns chat messages into prompts and prompts into completions under an expert
 mixture. ``TorchBackend`` is the reference: it runs the transformers model with the bank
 in the same process and works for every model spec and for training; by default it decodes
-with continuous batching (``agents.continuous_batching``). ``LlamaCppBackend``
-(``agents.backend_llamacpp``) serves the model's GGUF with llama.cpp and applies the same
+with continuous batching (``agents.lm.continuous_batching``). ``LlamaCppBackend``
+(``agents.lm.llamacpp``) serves the model's GGUF with llama.cpp and applies the same
 mixture as LoRA adapters. ``make_backend`` picks one by name; "auto" is torch: scoring 32
 GSM8K problems here, continuous batching in float32 ran 1.9x as fast as llama.cpp on its
 f16 copy at 32 slots, with the plain transformers answers token for token (llama.cpp f16:
@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 import torch
 
 from adapters.bank import ExpertBank
-from agents.continuous_batching import ContinuousBatcher
+from agents.lm.continuous_batching import ContinuousBatcher
 from agents.errors import SelfImproveError
-from agents.generation import GREEDY, Ask, Generation, Request, Sampling, chat_prompt, generate
+from agents.lm.generation import GREEDY, Ask, Generation, Request, Sampling, chat_prompt, generate
 
 if TYPE_CHECKING:
-    from agents.backend_llamacpp import LlamaCppConfig
-    from agents.models import LoadedModel
+    from agents.lm.llamacpp import LlamaCppConfig
+    from agents.lm.models import LoadedModel
 
 BACKENDS = ("auto", "torch", "llama.cpp")  # "auto" is torch (see above)
 # Sequences generated together: torch's continuous-batching slots, llama.cpp's server slots.
@@ -64,7 +64,7 @@ class GenerationBackend(Protocol):
 class TorchBackend:
     """The reference backend: the transformers model with the expert bank in this process.
 
-    ``engine`` "continuous" (the default) decodes through ``agents.continuous_batching``:
+    ``engine`` "continuous" (the default) decodes through ``agents.lm.continuous_batching``:
     ``batch_size`` slots refilled as answers finish, float32 throughout, the same greedy
     tokens as transformers ``generate`` on every problem measured (bench/bench_generation.py).
     "generate" is plain transformers ``generate`` in batches of ``batch_size``: the reference
@@ -190,7 +190,7 @@ def make_backend(
         raise BackendError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
     if name in ("torch", "auto"):
         return TorchBackend(loaded.model, loaded.tokenizer, bank, batch_size=batch_size)
-    from agents.backend_llamacpp import LlamaCppBackend, LlamaCppConfig, xllamacpp_available
+    from agents.lm.llamacpp import LlamaCppBackend, LlamaCppConfig, xllamacpp_available
 
     if not xllamacpp_available():
         raise BackendError("cannot use the llama.cpp backend: xllamacpp is not installed (pip install xllamacpp)")

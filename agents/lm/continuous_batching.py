@@ -23,8 +23,8 @@ from typing import Sequence
 import torch
 
 from adapters.bank import ExpertBank
-from agents.cpu_kernels import ExactGreedyHead, PackedLinears, PrepackedBfloat16Linears
-from agents.generation import ANSWER_COMPLETE, Generation, Request, Sampling, mixture_applied
+from agents.lm.cpu_kernels import ExactGreedyHead, PackedLinears, PrepackedBfloat16Linears
+from agents.lm.generation import ANSWER_COMPLETE, Generation, Request, Sampling, mixture_applied
 
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth a separate forward pass
 ANSWER_WINDOW = 48  # generated tokens decoded per answer-line check, as the generate path does

@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from agents.models import cache_root
+from agents.lm.models import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def _cpu_name() -> str:
 
 def load_in_precision(spec: str, precision: str = "auto"):
     """``load_model(spec)`` in the precision ``precision`` resolves to on this device; (LoadedModel, PrecisionChoice)."""
-    from agents.models import load_model, pick_device
+    from agents.lm.models import load_model, pick_device
 
     choice = choose_precision(precision, pick_device(None).type)
     return load_model(spec, dtype=choice.used), choice

@@ -47,8 +47,8 @@ import torch
 
 from adapters.bank import ExpertBank
 from adapters.gguf_lora import GgufBase, export_expert_loras, write_dense_gguf
-from agents.backend import BackendError
-from agents.generation import ANSWER_COMPLETE, GREEDY, Generation, Sampling, chat_prompt
+from agents.lm.backend import BackendError
+from agents.lm.generation import ANSWER_COMPLETE, GREEDY, Generation, Sampling, chat_prompt
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +324,7 @@ class LlamaCppBackend:
         stat = self.gguf_path.stat()
         identity = f"{self.gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
         key = hashlib.sha256(identity.encode()).hexdigest()[:16]
-        # The same cache root as agents.models: SELFIMPROVE_CACHE, else ~/.cache/selfimprove.
+        # The same cache root as agents.lm.models: SELFIMPROVE_CACHE, else ~/.cache/selfimprove.
         root = Path(os.environ.get("SELFIMPROVE_CACHE") or Path.home() / ".cache" / "selfimprove").expanduser()
         path = root / "gguf-dense" / f"{self.gguf_path.stem}-{key}-{self.config.weights}.gguf"
         if not path.is_file():
