@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from adapters.bank import ExpertBank
-from adapters.store import atomic_write_bytes
+from agents.files import atomic_write_bytes
 from agents.errors import AdapterError
 
 PEFT_PREFIX = "base_model.model."

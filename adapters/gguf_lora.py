@@ -23,8 +23,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ import torch
 
 from adapters.bank import ExpertBank
 from agents.errors import AdapterError, AdapterFileError, ModelLoadError
+from agents.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -156,20 +155,13 @@ def _atomic_gguf(dest: Path, arch: str):
     """A GGUFWriter on a temp file beside ``dest``, renamed over it once written: ``dest`` is whole or absent."""
     import gguf
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(dest) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         yield writer
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_lora_gguf(tensors: dict[str, np.ndarray], path: Path, base: GgufBase, alpha: float) -> Path:

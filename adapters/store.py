@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from adapters.router import Router
 from adapters.snapshot import BankSnapshot, bank_tensors
 from adapters.stress import StressController
 from agents.errors import AdapterFileError
+from agents.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -45,30 +45,6 @@ READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 CHECKSUM_KEY = "content_sha256"
 _SNAPSHOT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write data to path so that readers see the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _versions() -> dict:
@@ -272,4 +248,4 @@ class BankStore:
         return manifest
 
 
-__all__ = ["BankSnapshot", "BankStore", "atomic_write_bytes", "load_bank", "manifest_checksum", "read_manifest", "save_bank"]
+__all__ = ["BankSnapshot", "BankStore", "load_bank", "manifest_checksum", "read_manifest", "save_bank"]

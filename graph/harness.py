@@ -47,7 +47,8 @@ import torch
 
 from adapters.bank import BankConfig, ExpertBank
 from adapters.router import Router, RouterConfig
-from adapters.store import BankStore, atomic_write_bytes
+from adapters.store import BankStore
+from agents.files import atomic_write_bytes
 from adapters.stress import StressConfig, StressController
 from adapters.trainer import TestTimeTrainer, TrainerConfig, TrainingExample
 from agents.lm.backend import BACKENDS, DEFAULT_BATCH_SIZE, GenerationBackend, close_backend, make_backend

@@ -261,7 +261,7 @@ def html_bytes(store: MemoryStore, title: str) -> bytes:
 
 def write_graph(store: MemoryStore, out: str | Path, fmt: str | None = None, title: str = "memory") -> Path:
     """Write the memory graph as GraphML or a self-contained HTML page; fmt from the suffix when None."""
-    from adapters.store import atomic_write_bytes
+    from agents.files import atomic_write_bytes
 
     out = Path(out)
     fmt = fmt or {".graphml": "graphml", ".html": "html", ".htm": "html"}.get(out.suffix.lower())

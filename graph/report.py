@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from adapters.store import atomic_write_bytes
+from agents.files import atomic_write_bytes
 
 ARM_COLOURS = {"frozen": "#7f7f7f", "vote": "#8c564b", "rules": "#1f77b4", "adapters": "#ff7f0e", "full": "#2ca02c", "single-lora": "#9467bd"}
 

@@ -26,7 +26,8 @@ from langgraph.checkpoint.sqlite import SqliteSaver
 
 from adapters.bank import BankConfig, ExpertBank
 from adapters.router import Router, RouterConfig
-from adapters.store import BankStore, atomic_write_bytes
+from adapters.store import BankStore
+from agents.files import atomic_write_bytes
 from adapters.stress import StressConfig, StressController
 from agents.lm.backend import DEFAULT_BATCH_SIZE, GenerationBackend, make_backend
 from agents.diversifier import Diversifier, DiversifierConfig

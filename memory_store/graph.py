@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 
 import networkx as nx
 
+from agents.files import atomic_write_text
 from memory_store.errors import MemoryStoreError
 from memory_store.records import Episode, Rule
 
@@ -190,27 +189,10 @@ class MemoryGraph:
     # -- files ----------------------------------------------------------------------------
 
     def save(self, path: Path) -> None:
-        """Write node-link JSON atomically: temp file in the same folder, fsync, os.replace."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write node-link JSON atomically (agents.files.atomic_write_text)."""
         data = nx.node_link_data(self.nx_graph, edges="edges")
         data["graph"] = {"format": GRAPH_FORMAT}
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(data, handle, separators=(",", ":"))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp_name, 0o644)  # mkstemp makes it 0600; readers may be other users
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
+        atomic_write_text(Path(path), json.dumps(data, separators=(",", ":")))
 
     @classmethod
     def load(cls, path: Path) -> MemoryGraph:

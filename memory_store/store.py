@@ -43,6 +43,7 @@ from chromadb.api.types import Documents, EmbeddingFunction
 from chromadb.config import Settings
 from chromadb.errors import ChromaError, NotFoundError
 
+from agents.files import fsync_dir
 from memory_store.config import MemoryConfig
 from memory_store.embedding import MiniLMEmbedding, embedder_dim
 from memory_store.errors import BadFilterError, MemoryStoreError, ReadOnlyError, UnknownIdError
@@ -309,11 +310,7 @@ class MemoryStore:
             os.fsync(fd)
         finally:
             os.close(fd)
-        dir_fd = os.open(self._files_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(self._files_dir)
         self._dirty = True
 
     def flush(self) -> None:

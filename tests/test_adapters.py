@@ -201,7 +201,7 @@ def test_save_is_content_addressed_and_leaves_no_temp_files(tiny, tmp_path):
     save_bank(tmp_path, bank, router)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert len([n for n in names if n.startswith("bank-")]) == 1  # the stale one was removed
-    assert not [n for n in names if n.endswith(".tmp")]
+    assert not [n for n in names if ".tmp" in n]
 
 
 def test_snapshot_and_rollback_round_trip(tiny, tmp_path):

@@ -122,7 +122,6 @@ def test_the_answer_line_stop_matches_generate(tiny, monkeypatch):
     """Both paths stop a row on the token that completes the stop pattern, and only that row."""
     import re
 
-    import agents.lm.continuous_batching
     import agents.lm.generation
 
     prompts = _prompts(tiny)
@@ -131,8 +130,7 @@ def test_the_answer_line_stop_matches_generate(tiny, monkeypatch):
     ids = tiny.tokenizer(free_run[2].text, add_special_tokens=False)["input_ids"]
     word = next(w for w in (tiny.tokenizer.decode([i]).strip() for i in ids[5:]) if len(w) >= 2)
     pattern = re.compile(re.escape(word))
-    monkeypatch.setattr(agents.lm.generation, "ANSWER_COMPLETE", pattern)
-    monkeypatch.setattr(agents.lm.continuous_batching, "ANSWER_COMPLETE", pattern)
+    monkeypatch.setattr(agents.lm.generation, "ANSWER_COMPLETE", pattern)  # the one stop check every backend uses
     expected = generate(tiny.model, tiny.tokenizer, None, prompts, max_new_tokens=20, stop_at_answer=True)
     got = ContinuousBatcher(tiny.model, tiny.tokenizer, None, slots=3).generate(prompts, max_new_tokens=20, stop_at_answer=True)
     assert _texts(got) == _texts(expected)

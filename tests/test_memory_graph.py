@@ -1,6 +1,7 @@
 """MemoryGraph: edges built from records, atomic saves, refusal of broken files."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -94,10 +95,12 @@ def test_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
     old.save(path)
     before = path.read_bytes()
 
-    def crash(*args, **kwargs):
+    def crash(self, data):  # half the file reaches the disk, then the disk is full
+        with open(self, "wb") as handle:
+            handle.write(data[: len(data) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(json, "dump", crash)
+    monkeypatch.setattr(Path, "write_bytes", crash)
     with pytest.raises(OSError, match="disk full"):
         MemoryGraph().save(path)
     assert path.read_bytes() == before

@@ -24,10 +24,9 @@ import torch
 
 from adapters.bank import ExpertBank
 from agents.lm.cpu_kernels import ExactGreedyHead, PackedLinears, PrepackedBfloat16Linears
-from agents.lm.generation import ANSWER_COMPLETE, Generation, Request, Sampling, mixture_applied
+from agents.lm.generation import Generation, Request, Sampling, answer_complete, finished, mixture_applied
 
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth a separate forward pass
-ANSWER_WINDOW = 48  # generated tokens decoded per answer-line check, as the generate path does
 
 
 class SlotCache:
@@ -210,10 +209,7 @@ class ContinuousBatcher:
         seconds = time.perf_counter() - started
         results: list[list[Generation]] = [[] for _ in requests]
         for p in range(len(prompts)):
-            tokens = list(done[p])
-            while tokens and tokens[-1] in self.strip_ids:
-                tokens.pop()
-            results[owner[p]].append(Generation(self.tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), seconds))
+            results[owner[p]].append(finished(self.tokenizer, done[p], self.strip_ids, seconds))
         return results
 
     def _settle(self, cache: SlotCache, first: int, entries, done: dict, limits: list[int], stops: list[bool]):
@@ -223,16 +219,13 @@ class ContinuousBatcher:
             if token not in self.stop_ids:
                 row.tokens.append(token)
             if (token in self.stop_ids or len(row.tokens) >= limits[row.prompt]
-                    or (stops[row.prompt] and self._answer_complete(row.tokens))):
+                    or (stops[row.prompt] and answer_complete(self.tokenizer, row.tokens))):
                 done[row.prompt] = row.tokens
                 continue
             if slot != first + len(kept):
                 cache.move(slot, first + len(kept), row.length)
             kept.append((row, token))
         return kept
-
-    def _answer_complete(self, tokens: list[int]) -> bool:
-        return bool(ANSWER_COMPLETE.search(self.tokenizer.decode(tokens[-ANSWER_WINDOW:], skip_special_tokens=True)))
 
     def _forward(self, cache: SlotCache, input_ids, positions, mask, weights) -> torch.Tensor:
         """The last position's hidden state (rows, hidden) when the head is ours, else its logits (rows, vocab)."""

@@ -6,7 +6,7 @@ import contextlib
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, Sequence, TypeVar
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
@@ -22,6 +22,21 @@ ANSWER_COMPLETE = re.compile(
     r"(?:answer\s+is|####)[^\n]*?\d[^\n]*?(?:\n|\.\s|\\\)|\$\s)|\\boxed\{[^{}]*\d[^{}]*\}",
     re.IGNORECASE,
 )
+ANSWER_WINDOW = 48  # generated tokens decoded per answer-line check: enough to hold one answer line
+
+
+def answer_complete(tokenizer, generated: Sequence[int]) -> bool:
+    """Whether the tail of the generated token ids holds a complete answer line (the stop every backend uses)."""
+    tail = list(generated[-ANSWER_WINDOW:])
+    return bool(ANSWER_COMPLETE.search(tokenizer.decode(tail, skip_special_tokens=True)))
+
+
+def finished(tokenizer, generated: Sequence[int], strip: set[int], seconds: float) -> Generation:
+    """A finished sequence as a Generation: trailing stop and padding ids in ``strip`` dropped, the rest decoded."""
+    ids = list(generated)
+    while ids and ids[-1] in strip:
+        ids.pop()
+    return Generation(tokenizer.decode(ids, skip_special_tokens=True), len(ids), seconds)
 
 
 @dataclass
@@ -80,15 +95,13 @@ class Ask(Generic[T]):
 class AnswerLineComplete(StoppingCriteria):
     """Per-sequence stop once the generated text holds a complete answer line."""
 
-    def __init__(self, tokenizer, prompt_width: int, window: int = 48):
+    def __init__(self, tokenizer, prompt_width: int):
         self.tokenizer = tokenizer
         self.prompt_width = prompt_width
-        self.window = window  # only the tail is decoded each step, to keep the check cheap
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        tails = input_ids[:, max(self.prompt_width, input_ids.shape[1] - self.window) :]  # (batch, <=window)
-        texts = self.tokenizer.batch_decode(tails, skip_special_tokens=True)
-        return torch.tensor([bool(ANSWER_COMPLETE.search(t)) for t in texts], device=input_ids.device)
+        generated = input_ids[:, self.prompt_width :].tolist()  # (batch, new tokens)
+        return torch.tensor([answer_complete(self.tokenizer, row) for row in generated], device=input_ids.device)
 
 
 def mixture_applied(bank: ExpertBank | None, weights: torch.Tensor | None):
@@ -138,11 +151,5 @@ def generate(
     with mixture_applied(bank, None if weights is None else weights.to(device)):
         out = model.generate(**kwargs)
     seconds = time.perf_counter() - start
-    results = []
-    stop_ids = {tokenizer.pad_token_id, tokenizer.eos_token_id}
-    for row in out[:, width:]:
-        ids = row.tolist()
-        while ids and ids[-1] in stop_ids:
-            ids.pop()
-        results.append(Generation(tokenizer.decode(ids, skip_special_tokens=True), len(ids), seconds))
-    return results
+    strip = {tokenizer.pad_token_id, tokenizer.eos_token_id}
+    return [finished(tokenizer, row, strip, seconds) for row in out[:, width:].tolist()]

