@@ -5,11 +5,10 @@ mixture. ``TorchBackend`` is the reference: it runs the transformers model with 
 in the same process and works for every model spec and for training; by default it decodes
 with continuous batching (``agents.lm.continuous_batching``). ``LlamaCppBackend``
 (``agents.lm.llamacpp``) serves the model's GGUF with llama.cpp and applies the same
-mixture as LoRA adapters. ``make_backend`` picks one by name; "auto" is torch: scoring 32
-GSM8K problems here, continuous batching in float32 ran 1.9x as fast as llama.cpp on its
-f16 copy at 32 slots, with the plain transformers answers token for token (llama.cpp f16:
-31 of 32), and llama.cpp's 8-bit kernels change about half the final answers
-(bench/bench_generation.py).
+mixture as LoRA adapters. ``make_backend`` picks one by name; "auto" is torch, which
+bench/bench_generation.py measured faster than llama.cpp and token-identical to plain
+transformers generate, while llama.cpp's 8-bit kernels change final answers (figures in the
+README).
 """
 
 from __future__ import annotations
@@ -29,9 +28,9 @@ if TYPE_CHECKING:
 
 BACKENDS = ("auto", "torch", "llama.cpp")  # "auto" is torch (see above)
 # Sequences generated together: torch's continuous-batching slots, llama.cpp's server slots.
-# Wider decode steps keep the CPU's float32 matrix kernels busy: 48 or 64 slots scored 50
-# GSM8K problems 1.2x faster than 32 here. The key/value cache grows with them (Qwen 0.5B:
-# 24 KB per token, so 64 slots of 1,100 tokens, a long reflect prompt and its answer, 1.7 GB).
+# Wider decode steps keep the CPU's matrix kernels busy (bench/bench_generation.py compares
+# slot counts). The key/value cache grows with them: Qwen 0.5B keeps 24 KB per token in
+# float32, so 64 slots of 1,100 tokens (a long reflect prompt and its answer) hold 1.7 GB.
 DEFAULT_BATCH_SIZE = 64
 
 

@@ -20,10 +20,11 @@ from torch import nn
 class ExactGreedyHead:
     """Greedy tokens from float32 hidden states without the full float32 vocabulary product.
 
-    The output projection is a third of a decode step at 32 rows (152k x 896 for Qwen 0.5B).
-    A bfloat16 copy of it, which this CPU multiplies 4x faster, ranks the vocabulary; the
-    top ``candidates`` are re-scored exactly in float32. The float32 winner is the true argmax
-    unless some other token could reach it within the bfloat16 rounding bound: bfloat16 keeps
+    The output projection is a large share of a float32 decode step (152k x 896 for Qwen 0.5B).
+    A bfloat16 copy of it, which CPUs with AMX or AVX512-BF16 multiply several times faster,
+    ranks the vocabulary; the top ``candidates`` are re-scored exactly in float32. The float32
+    winner is the true argmax unless some other token could reach it within the bfloat16
+    rounding bound: bfloat16 keeps
     8 significant bits, so each product h_i * w_i is off by at most 2u|h_i w_i| (u = 2^-8) and
     their sum by 2u ||h|| ||w|| (Cauchy-Schwarz), plus u of the rounded result. Rows where the
     bound cannot rule that out (rare) take the full float32 product, so the result is
@@ -97,10 +98,10 @@ def _fast_bfloat16() -> bool:
 class PackedLinears:
     """MKL-packed float32 weights of a model's frozen nn.Linear layers, for calls of exactly ``rows`` rows.
 
-    MKL's packed GEMM ran the decode-shaped products (32 x 896 by 896 x 4864) 1.3-1.6x faster
-    than the plain call here, but only for the row count the weights were packed for; other
-    shapes (prefill, a part-filled batch) take the plain path. A pack is made on first use and
-    remade if its weight changes in place; it takes about 1.75x the weight's memory.
+    MKL's packed GEMM runs decode-shaped products (32 x 896 by 896 x 4864) faster than the
+    plain call (bench/bench_generation.py), but only for the row count the weights were packed
+    for; other shapes (prefill, a part-filled batch) take the plain path. A pack is made on
+    first use and remade if its weight changes in place; it takes about 1.75x the weight's memory.
     """
 
     def __init__(self, model: nn.Module, rows: int, exclude: tuple[nn.Module, ...] = ()):
@@ -156,8 +157,8 @@ class PrepackedBfloat16Linears:
     """oneDNN-reordered copies of a bfloat16 model's frozen nn.Linear weights, used by calls without autograd.
 
     A plain bfloat16 ``F.linear`` on CPU hands oneDNN the weight in its plain layout on every
-    call; given the weight already in oneDNN's own layout, the decode-shaped products ran
-    faster here (bench/bench_episode.py), and a decode step reads every weight of the model.
+    call; given the weight already in oneDNN's own layout, decode-shaped products run faster
+    (bench/bench_decode.py), and a decode step reads every weight of the model.
     Same precision as the plain call (bfloat16 products, float32 sums), any row count; at some
     row counts oneDNN picks another blocking for the two layouts, and sums in another order. A copy is made on first use, remade if its
     weight changes in place, and takes the weight's own memory again.

@@ -30,6 +30,7 @@ the character and the frame's token count.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -65,11 +66,10 @@ _WEIGHTS = ("f16", "f32", "q8_0", "gguf")
 class LlamaCppConfig:
     # Which weights llama.cpp multiplies, all made from the GGUF once and cached. "f16" (the
     # default) / "f32": every tensor dequantized, the numbers torch runs, with float
-    # activations: the same final answer as torch on 16 of 16 GSM8K problems (bare model), 1.2x
-    # its tokens/s at 8 sequences. "q8_0": the dequantized weights re-quantized in blocks of 32;
-    # "gguf": the file as shipped (Q4_K_M for the default model). Their kernels round
-    # activations to 8 bits: 1.5x torch's tokens/s, but the same final answer on only 9 and 7
-    # of those 16 (bench/bench_generation.py). A GGUF without quantized tensors is served as is.
+    # activations. "q8_0": the dequantized weights re-quantized in blocks of 32; "gguf": the
+    # file as shipped (Q4_K_M for the default model). Their kernels round activations to 8
+    # bits: faster, but they change final answers (bench/bench_generation.py; the README has
+    # the figures). A GGUF without quantized tensors is served as is.
     weights: str = "f16"
     threads: int | None = None  # llama.cpp threads; None: torch.get_num_threads(), the count the run set
     parallel: int = 8  # sequences decoded together (server slots); more requests wait for a slot
@@ -258,7 +258,7 @@ class LlamaCppBackend:
         import xllamacpp
 
         bounded_wait = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" or "GOMP_SPINCOUNT" in os.environ
-        if not bounded_wait and not _warned_wait_policy:
+        if not bounded_wait:
             _warn_wait_policy()
 
         cfg = self.config
@@ -379,17 +379,12 @@ class LlamaCppBackend:
         return stream.ids
 
 
-_warned_wait_policy = False
-
-
+@functools.lru_cache(maxsize=1)  # once per process
 def _warn_wait_policy() -> None:
     # llama.cpp's threads meet at an OpenMP barrier after every op. xllamacpp uses the
     # libgomp that torch loaded (same soname), which read its wait settings when torch was
     # imported; its default spin-wait collapses when other processes share the cores
-    # (measured, 2 threads, Qwen 0.5B, two busy processes on the 2 cores: 2.3 tok/s with
-    # full spin, 6.7 PASSIVE, 8.5 with GOMP_SPINCOUNT=10000; alone: 21.9, 14.1 and 21.9).
-    global _warned_wait_policy
-    _warned_wait_policy = True
+    # (bench/bench_generation.py measures it; figures in the README).
     log.warning(
         "OpenMP threads spin-wait long (libgomp's default): on a machine shared with other jobs llama.cpp "
         "can run several times slower; set GOMP_SPINCOUNT=10000 before torch is imported (run_loop.py does)"
