@@ -9,7 +9,6 @@ Memory features are a vector the caller supplies (zeros when there is no history
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal
 
 import torch
 from torch import nn
@@ -17,7 +16,6 @@ from torch import nn
 from adapters.bank import ExpertBank
 from agents.errors import AdapterError
 
-RoutingMode = Literal["dense", "top-k", "forced"]
 ROUTING_MODES = ("dense", "top-k", "forced")
 
 

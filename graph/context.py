@@ -7,7 +7,7 @@ one process and are rebuilt (and the bank reloaded from disk) when a run resumes
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import numpy as np
@@ -83,7 +83,6 @@ class RunContext:
     trainer: TestTimeTrainer
     bank_store: BankStore
     memory: MemoryStore | None = None
-    extra: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------ routing
 

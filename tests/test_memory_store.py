@@ -323,10 +323,12 @@ def test_graph_file_is_replaced_atomically(config, monkeypatch):
         store.flush()
         before = (config.memory_dir / GRAPH_FILE).read_bytes()
 
-        def crash(*args, **kwargs):
+        def crash(self, data):  # part of the new file is written, then the process dies
+            with open(self, "wb") as handle:
+                handle.write(data[: len(data) // 2])
             raise OSError("killed mid-write")
 
-        monkeypatch.setattr("memory_store.graph.json.dump", crash)
+        monkeypatch.setattr(Path, "write_bytes", crash)
         store.add_rule("Check the answer by substitution.", problem_id="p2")
         with pytest.raises(OSError, match="mid-write"):
             store.flush()
