@@ -208,7 +208,7 @@ def _run_loop(settings, source, chosen, run_dir: Path, resume: bool, threads: in
     from agents.lm.precision import load_in_precision
     from graph.runner import (StopFlag, build_fresh_context, check_questions_fit, describe_episode, problem_data,
                               run_episodes, set_threads, write_run_settings)
-    from graph.inspect import make_embedder
+    from graph.inspection import make_embedder
 
     set_threads(threads)
     label_free = settings.loop.label_free
@@ -515,7 +515,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON to stdout."
 
 def _read_memory(run_dir: Path, embedder: str, read):
     """Open the run's memory read-only, apply read(store), close it; errors become one line."""
-    from graph.inspect import open_memory
+    from graph.inspection import open_memory
 
     try:
         store = open_memory(run_dir, embedder)
@@ -551,7 +551,7 @@ def rules_list(
 
     Example: python run_loop.py rules list --run-dir runs/loop --status trained
     """
-    from graph.inspect import list_rules
+    from graph.inspection import list_rules
 
     rows = _read_memory(run_dir, embedder, lambda store: list_rules(store, expert=expert, status=status, limit=limit))
     if as_json:
@@ -571,7 +571,7 @@ def rules_show(
 
     Example: python run_loop.py rules show r-0123456789abcdef --run-dir runs/loop
     """
-    from graph.inspect import show_rule
+    from graph.inspection import show_rule
 
     chain = _read_memory(run_dir, embedder, lambda store: show_rule(store, rule_id))
     if as_json:
@@ -604,7 +604,7 @@ def rules_search(
 
     Example: python run_loop.py rules search "units before adding" --run-dir runs/loop
     """
-    from graph.inspect import search_rules
+    from graph.inspection import search_rules
 
     rows = _read_memory(run_dir, embedder, lambda store: search_rules(store, text, k))
     if as_json:
@@ -623,7 +623,7 @@ def rules_stats(
 
     Example: python run_loop.py rules stats --run-dir runs/loop --json
     """
-    from graph.inspect import rule_stats
+    from graph.inspection import rule_stats
 
     stats = _read_memory(run_dir, embedder, rule_stats)
     if as_json:
@@ -652,7 +652,7 @@ def rules_graph(
 
     Example: python run_loop.py rules graph --run-dir runs/loop --out graph.html
     """
-    from graph.inspect import write_graph
+    from graph.inspection import write_graph
 
     def write(store):
         path = write_graph(store, out, fmt, title=str(run_dir))
@@ -677,7 +677,7 @@ def export(
 
     Example: python run_loop.py export --run-dir runs/loop --expert 3 --out runs/loop/peft-expert3
     """
-    from graph.inspect import export_expert
+    from graph.inspection import export_expert
 
     for name, value in (("--run-dir", run_dir), ("--expert", expert), ("--out", out)):
         if value is None:

@@ -71,7 +71,7 @@ def run_precision(args) -> dict:
     from agents.data_sources import open_source
     from agents.lm.precision import load_in_precision
     from graph.harness import EvalConfig, arm_settings
-    from graph.inspect import make_embedder
+    from graph.inspection import make_embedder
     from graph.runner import build_context, problem_data, run_episodes
 
     loaded, choice = load_in_precision(args.model, args.precision)

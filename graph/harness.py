@@ -64,7 +64,7 @@ from agents.solver import Attempt, Solver, SolverConfig
 from agents.trajectories import SOURCES
 from agents.verifier import VerifierConfig, check, vote
 from graph.context import LoopConfig, RunContext
-from graph.inspect import EMBEDDERS, make_embedder
+from graph.inspection import EMBEDDERS, make_embedder
 from graph.nodes import update_survived
 from graph.saved_settings import leaf_differences, read_saved, settings_with_options
 from graph.runner import (RunDirError, RunSettings, StopFlag, build_context, check_questions_fit, describe_episode,

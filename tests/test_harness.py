@@ -28,7 +28,7 @@ from graph.harness import (
     evaluate,
     prepare_problems,
 )
-from graph.inspect import export_expert
+from graph.inspection import export_expert
 from graph.runner import RunDirError, StopFlag
 from run_loop import app
 from tests.fakes import ScriptedBackend
