@@ -206,9 +206,17 @@ def _run_loop(settings, source, chosen, run_dir: Path, resume: bool, threads: in
     """The loop over the chosen problems with live progress; the summary on stdout."""
     from agents.lm.backend import close_backend
     from agents.lm.precision import load_in_precision
-    from graph.runner import (StopFlag, build_fresh_context, check_questions_fit, describe_episode, problem_data,
-                              run_episodes, set_threads, write_run_settings)
     from graph.inspection import make_embedder
+    from graph.runner import (
+        StopFlag,
+        build_fresh_context,
+        check_questions_fit,
+        describe_episode,
+        problem_data,
+        run_episodes,
+        set_threads,
+        write_run_settings,
+    )
 
     set_threads(threads)
     label_free = settings.loop.label_free

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from adapters.bank import ExpertBank
-from agents.files import atomic_write_bytes
 from agents.errors import AdapterError
+from agents.files import atomic_write_bytes
 
 PEFT_PREFIX = "base_model.model."
 

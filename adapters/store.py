@@ -201,27 +201,30 @@ def load_bank(
 
 
 class BankStore:
-    """A run's bank folder: the current bank in ``current/`` and named snapshots in ``snapshots/``."""
+    """A run's bank folder, bound to the live parts it saves and restores: the bank, the router
+    and (when there is one) the stress controller. The current state is in ``current/``, named
+    snapshots in ``snapshots/``."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, bank: ExpertBank, router: Router, stress: StressController | None = None):
         self.root = Path(root)
         self.current = self.root / "current"
         self.snapshot_root = self.root / "snapshots"
+        self.bank, self.router, self.stress = bank, router, stress
 
-    def save(self, bank: ExpertBank, router: Router, stress: StressController | None = None, extra: dict | None = None) -> dict:
-        return save_bank(self.current, bank, router, stress, extra)
+    def save(self, extra: dict | None = None) -> dict:
+        return save_bank(self.current, self.bank, self.router, self.stress, extra)
 
-    def load(self, bank: ExpertBank, router: Router, stress: StressController | None = None) -> dict:
-        return load_bank(self.current, bank, router, stress)
+    def load(self) -> dict:
+        return load_bank(self.current, self.bank, self.router, self.stress)
 
     def exists(self) -> bool:
         return (self.current / MANIFEST).is_file()
 
-    def snapshot(self, name: str, bank: ExpertBank, router: Router, stress: StressController | None = None) -> Path:
+    def snapshot(self, name: str) -> Path:
         if not _SNAPSHOT_NAME.match(name):
             raise AdapterFileError(f"bad snapshot name {name!r}: use letters, digits, '.', '_' or '-'")
         path = self.snapshot_root / name
-        save_bank(path, bank, router, stress, extra={"snapshot": name})
+        save_bank(path, self.bank, self.router, self.stress, extra={"snapshot": name})
         return path
 
     def snapshots(self) -> list[str]:
@@ -239,12 +242,12 @@ class BankStore:
         os.replace(path, doomed)
         shutil.rmtree(doomed)
 
-    def rollback(self, name: str, bank: ExpertBank, router: Router, stress: StressController | None = None) -> dict:
-        """Restore a named snapshot into the live bank and make it the current one on disk."""
+    def rollback(self, name: str) -> dict:
+        """Restore a named snapshot into the live parts and make it the current one on disk."""
         if name not in self.snapshots():
             raise AdapterFileError(f"no snapshot named {name!r} under {self.snapshot_root}; have {self.snapshots()}")
-        manifest = load_bank(self.snapshot_root / name, bank, router, stress)
-        self.save(bank, router, stress, extra={"rolled_back_to": name})
+        manifest = load_bank(self.snapshot_root / name, self.bank, self.router, self.stress)
+        self.save(extra={"rolled_back_to": name})
         return manifest
 
 

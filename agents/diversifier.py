@@ -13,9 +13,9 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from agents.guard import numbers_in
 from agents.lm.backend import GenerationBackend, ask_together
 from agents.lm.generation import Ask, Generation, Request, Sampling
-from agents.guard import numbers_in
 from agents.prompts import VARIANT_KINDS, VARIANT_REQUEST, VARIANT_SYSTEM
 
 _PROBLEM = re.compile(r"Problem:\s*(.+)", re.DOTALL | re.IGNORECASE)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from agents.guard import rule_problem
 from agents.lm.backend import GenerationBackend, ask_together
 from agents.lm.generation import Ask, Generation, Request, Sampling
-from agents.guard import rule_problem
 from agents.prompts import REFLECT_PREVIOUS, REFLECT_SYSTEM, REFLECT_USER
 
 _RULE = re.compile(r"RULE:\s*(.+)", re.IGNORECASE | re.DOTALL)

@@ -41,9 +41,9 @@ sys.path.insert(0, str(ROOT))
 from adapters.bank import BankConfig, ExpertBank  # noqa: E402
 from adapters.router import routing_weights  # noqa: E402
 from agents.answers import is_correct  # noqa: E402
+from agents.data_sources import open_source  # noqa: E402
 from agents.lm.backend import DEFAULT_BATCH_SIZE, TorchBackend  # noqa: E402
 from agents.lm.llamacpp import LlamaCppBackend, LlamaCppConfig, xllamacpp_available  # noqa: E402
-from agents.data_sources import open_source  # noqa: E402
 from agents.lm.models import DEFAULT_MODEL, load_model  # noqa: E402
 from agents.solver import Solver  # noqa: E402
 

@@ -77,8 +77,8 @@ def run_precision(args) -> dict:
     from adapters.bank import BankConfig, ExpertBank
     from adapters.router import Router, RouterConfig
     from adapters.trainer import TestTimeTrainer, TrainingExample
-    from agents.lm.backend import TorchBackend
     from agents.data_sources import open_source
+    from agents.lm.backend import TorchBackend
     from agents.lm.models import load_model
     from agents.solver import Solver, SolverConfig
     from agents.verifier import check

@@ -36,8 +36,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     import agents.lm.continuous_batching as cb
-    from agents.lm.backend import TorchBackend
     from agents.data_sources import bundled_source
+    from agents.lm.backend import TorchBackend
     from agents.lm.generation import Sampling
     from agents.lm.precision import load_in_precision
     from agents.solver import Solver

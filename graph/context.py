@@ -17,8 +17,8 @@ from adapters.bank import ExpertBank
 from adapters.router import Router, context_features
 from adapters.store import BankStore
 from adapters.trainer import TestTimeTrainer
-from agents.lm.backend import GenerationBackend
 from agents.diversifier import Diversifier
+from agents.lm.backend import GenerationBackend
 from agents.reflector import Reflector
 from agents.solver import Solver
 from agents.verifier import VerifierConfig

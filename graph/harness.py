@@ -46,17 +46,17 @@ from typing import Callable, Literal, Sequence
 import torch
 
 from adapters.bank import BankConfig, ExpertBank
-from adapters.router import Router, RouterConfig
-from adapters.store import BankStore
-from agents.files import atomic_write_bytes
-from adapters.stress import StressConfig, StressController
-from adapters.trainer import TestTimeTrainer, TrainerConfig, TrainingExample
-from agents.lm.backend import BACKENDS, DEFAULT_BATCH_SIZE, GenerationBackend, close_backend, make_backend
+from adapters.router import RouterConfig
+from adapters.stack import build_adapters
+from adapters.stress import StressConfig
+from adapters.trainer import TrainerConfig, TrainingExample
+from agents.data_sources import DataSource, open_source
 from agents.diversifier import Diversifier
 from agents.errors import DataError, SelfImproveError
-from agents.data_sources import DataSource, open_source
-from agents.lm.generation import Sampling
+from agents.files import atomic_write_bytes
 from agents.gsm8k import Problem, normalise_question, sample_problems
+from agents.lm.backend import BACKENDS, DEFAULT_BATCH_SIZE, GenerationBackend, close_backend, make_backend
+from agents.lm.generation import Sampling
 from agents.lm.models import DEFAULT_MODEL, LoadedModel, load_model, pick_device
 from agents.lm.precision import PRECISIONS, PrecisionChoice, choose_precision
 from agents.reflector import Reflector
@@ -66,9 +66,18 @@ from agents.verifier import VerifierConfig, check, vote
 from graph.context import LoopConfig, RunContext
 from graph.inspection import EMBEDDERS, make_embedder
 from graph.nodes import update_survived
+from graph.runner import (
+    RunDirError,
+    RunSettings,
+    StopFlag,
+    build_context,
+    check_questions_fit,
+    describe_episode,
+    prepare_run_dir,
+    problem_data,
+    run_episodes,
+)
 from graph.saved_settings import leaf_differences, read_saved, settings_with_options
-from graph.runner import (RunDirError, RunSettings, StopFlag, build_context, check_questions_fit, describe_episode,
-                          prepare_run_dir, problem_data, run_episodes)
 from graph.stats import PairedComparison, compare, wilson_interval
 
 log = logging.getLogger(__name__)
@@ -600,9 +609,9 @@ class _Run:
         loaded = self.loader()
         bank_config = replace(cfg.bank, n_experts=1, shared_expert=0, seed=cfg.seed)
         router_config = replace(cfg.router, mode="forced", memory_dim=0, seed=cfg.seed)
-        bank = ExpertBank(loaded.model, bank_config)
-        router = Router(loaded.model.config.hidden_size, 1, router_config).to(loaded.device)
-        trainer = TestTimeTrainer(loaded.model, loaded.tokenizer, bank, router, cfg.trainer, StressController(cfg.stress))
+        adapters = build_adapters(loaded.model, loaded.tokenizer, bank_config, router_config, stress=cfg.stress,
+                                  trainer=cfg.trainer, bank_dir=arm_dir / "bank")
+        bank, trainer = adapters.bank, adapters.trainer
         backend = self._backend_for(loaded, bank)
         solver = Solver(backend, self.solver_config)
         one = bank.one_hot(0)  # (1, 1): the single expert for every sequence
@@ -641,7 +650,7 @@ class _Run:
         finally:
             close_backend(backend)
         # Saved as a run directory of its own, so `export --run-dir .../single-lora --expert 0` works.
-        BankStore(arm_dir / "bank").save(bank, router, trainer.stress, extra={"model": cfg.model, "arm": "single-lora"})
+        adapters.store.save(extra={"model": cfg.model, "arm": "single-lora"})
         settings = replace(arm_settings(cfg, "adapters", len(sets.learn)), bank=bank_config, router=router_config)
         atomic_write_bytes(arm_dir / "run.json", json.dumps(settings.to_dict(), indent=2).encode())
         learning = {"bursts": len(results), "texts": sum(r["texts"] for r in results),

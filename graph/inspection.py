@@ -282,10 +282,11 @@ def export_expert(run_dir: str | Path, expert: int, out: str | Path, *, loader=N
     bank manifest, which records the memory size it was built with), then ``bank/current`` is
     loaded, checked against those shapes, and the expert exported.
     """
-    from adapters.bank import BankConfig, ExpertBank
+    from adapters.bank import BankConfig
     from adapters.export import export_peft
-    from adapters.router import Router, RouterConfig
-    from adapters.store import BankStore, read_manifest
+    from adapters.router import RouterConfig
+    from adapters.stack import build_adapters
+    from adapters.store import read_manifest
     from agents.lm.models import load_model
 
     run_dir = Path(run_dir)
@@ -293,15 +294,15 @@ def export_expert(run_dir: str | Path, expert: int, out: str | Path, *, loader=N
     settings = read_run_settings(run_dir)
     if not settings.get("model"):
         raise RunDirNotFound(f"{run_dir} has no run.json naming its model")
-    store = BankStore(run_dir / "bank")
-    manifest = read_manifest(store.current)
+    manifest = read_manifest(Path(run_dir) / "bank" / "current")
     bank_config = BankConfig(**settings.get("bank", manifest["bank_config"]))
     if not 0 <= expert < bank_config.n_experts:
         raise ValueError(f"--expert must be in [0, {bank_config.n_experts}) for this run, got {expert}")
     loaded = (loader or load_model)(settings["model"])
-    bank = ExpertBank(loaded.model, bank_config)
-    router = Router(loaded.model.config.hidden_size, bank.n_experts, RouterConfig(**manifest["router_config"]))
-    store.load(bank, router)
+    adapters = build_adapters(loaded.model, loaded.tokenizer, bank_config, RouterConfig(**manifest["router_config"]),
+                              bank_dir=run_dir / "bank")
+    bank = adapters.bank
+    adapters.store.load()
     norm = float(bank.expert_norms()[expert])
     path = export_peft(bank, out, expert=expert, base_model_name_or_path=loaded.source)
     return {"out": str(path), "expert": expert, "model": settings["model"], "base_model": loaded.source,

@@ -35,10 +35,9 @@ import torch
 from langgraph.runtime import Runtime
 
 from adapters.trainer import TrainingExample
-from agents.lm.generation import Sampling
 from agents.lm.backend import ask_together
+from agents.lm.generation import Ask, Sampling
 from agents.rationalizer import ask_rationalizations
-from agents.lm.generation import Ask
 from agents.solver import Attempt
 from agents.trajectories import Text, as_completion, distinct, matches, verified_share, verified_texts
 from agents.verifier import check, vote
@@ -75,7 +74,7 @@ def align_bank(ctx: RunContext, state: LoopState) -> None:
     else:
         name = _snapshot_name(episode, 0)
     if name in ctx.bank_store.snapshots():
-        ctx.bank_store.rollback(name, ctx.bank, ctx.router, ctx.trainer.stress)
+        ctx.bank_store.rollback(name)
 
 
 def prune_snapshots(ctx: RunContext, episode: int) -> None:
@@ -291,9 +290,9 @@ def update(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     store = ctx.bank_store
     if name in store.snapshots():
         # A rerun after a kill: start again from exactly the bank this update started from.
-        store.rollback(name, ctx.bank, ctx.router, ctx.trainer.stress)
+        store.rollback(name)
     else:
-        store.snapshot(name, ctx.bank, ctx.router, ctx.trainer.stress)
+        store.snapshot(name)
     carry = dict(state.get("carry") or {})
     usage = list(carry.get("expert_updates") or [0] * ctx.bank.n_experts)
     replay = carry.get("replay") or {}
@@ -303,8 +302,8 @@ def update(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     replayed = replay.get(str(expert), [])[-ctx.config.replay:] if ctx.config.replay else []
     examples = _examples(ctx, texts + replayed)
     result = ctx.trainer.update(examples, target_expert=expert, memory=None if memory is None else memory[0])
-    store.save(ctx.bank, ctx.router, ctx.trainer.stress, extra={"update_id": _update_id(state, cycle)})
-    store.snapshot(_done_name(episode, cycle), ctx.bank, ctx.router, ctx.trainer.stress)  # for a resume after it
+    store.save(extra={"update_id": _update_id(state, cycle)})
+    store.snapshot(_done_name(episode, cycle))  # for a resume after it
     usage[result.expert] += 1
     carry["expert_updates"] = usage
     info = {k: v for k, v in asdict(result).items() if k != "steps"}
@@ -335,7 +334,7 @@ def reevaluate(state: LoopState, runtime: Runtime[RunContext]) -> dict:
         result.update(correct=len(canary) - len(broke), broke=broke, accuracy=accuracy)
         if 1.0 - accuracy > ctx.config.canary_margin:
             last = state["updates"][-1]
-            ctx.bank_store.rollback(last["snapshot"], ctx.bank, ctx.router, ctx.trainer.stress)
+            ctx.bank_store.rollback(last["snapshot"])
             result["rolled_back"] = True
             result["update_id"] = last["update_id"]
             log.info("canary check failed (%d of %d broke): update %s rolled back", len(broke), len(canary), last["update_id"])
@@ -355,7 +354,7 @@ def rollback(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     # An update that made a problem answered right at first wrong is undone whatever the setting.
     undo = not ctx.config.keep_unfixed_updates or state["first"]["correct"]
     if undo and start in ctx.bank_store.snapshots():
-        ctx.bank_store.rollback(start, ctx.bank, ctx.router, ctx.trainer.stress)
+        ctx.bank_store.rollback(start)
         restored = start
     return {"outcome": "unfixed", "rolled_back_to": restored}
 

@@ -24,26 +24,26 @@ from typing import Callable, Iterable, Iterator
 import torch
 from langgraph.checkpoint.sqlite import SqliteSaver
 
-from adapters.bank import BankConfig, ExpertBank
-from adapters.router import Router, RouterConfig
-from adapters.store import BankStore
-from agents.files import atomic_write_bytes
-from adapters.stress import StressConfig, StressController
-from agents.lm.backend import DEFAULT_BATCH_SIZE, GenerationBackend, make_backend
+from adapters.bank import BankConfig
+from adapters.router import RouterConfig
+from adapters.stack import build_adapters
+from adapters.stress import StressConfig
+from adapters.trainer import TrainerConfig
 from agents.diversifier import Diversifier, DiversifierConfig
 from agents.errors import DataError, SelfImproveError
-from agents.lm.generation import chat_prompt
+from agents.files import atomic_write_bytes
 from agents.gsm8k import Problem
+from agents.lm.backend import DEFAULT_BATCH_SIZE, GenerationBackend, make_backend
+from agents.lm.generation import chat_prompt
 from agents.lm.models import DEFAULT_MODEL, LoadedModel
 from agents.lm.precision import PRECISIONS
 from agents.prompts import SOLVER_SYSTEM
 from agents.reflector import Reflector, ReflectorConfig
 from agents.solver import Solver, SolverConfig, solver_turn
 from agents.verifier import VerifierConfig
-from adapters.trainer import TestTimeTrainer, TrainerConfig
 from graph.builder import build_graph, recursion_limit
-from graph.nodes import align_bank, prune_snapshots
 from graph.context import LoopConfig, RunContext
+from graph.nodes import align_bank, prune_snapshots
 from graph.saved_settings import leaf_differences, read_saved, settings_with_options
 from graph.state import LoopState, ProblemData
 from memory_store.config import MemoryConfig
@@ -231,16 +231,14 @@ def _build_with_memory(loaded: LoadedModel, settings: RunSettings, run_dir: Path
                        backend: GenerationBackend | None) -> RunContext:
     model, tok = loaded.model, loaded.tokenizer
     router_config = RouterConfig(**{**asdict(settings.router), "memory_dim": memory_dim})
-    bank = ExpertBank(model, settings.bank)
-    router = Router(model.config.hidden_size, bank.n_experts, router_config).to(loaded.device)
-    stress = StressController(settings.stress)
-    trainer = TestTimeTrainer(model, tok, bank, router, settings.trainer, stress)
-    store = BankStore(run_dir / "bank")
+    adapters = build_adapters(model, tok, settings.bank, router_config, stress=settings.stress,
+                              trainer=settings.trainer, bank_dir=run_dir / "bank")
+    bank, router, trainer, store = adapters.bank, adapters.router, adapters.trainer, adapters.store
     if store.exists():
-        store.load(bank, router, stress)
+        store.load()
         log.info("reloaded the bank from %s", store.current)
     else:
-        store.save(bank, router, stress, extra={"model": settings.model})
+        store.save(extra={"model": settings.model})
     backend = backend or make_backend(settings.backend, loaded, bank, batch_size=settings.batch_size,
                                       max_new_tokens=settings.solver.max_new_tokens)
     return RunContext(

@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-from adapters.bank import BankConfig, ExpertBank
+from adapters.bank import BankConfig, ExpertBank, LoRABankLinear
 from adapters.export import export_peft
 from adapters.router import Router, RouterConfig, context_features, routing_weights
 from adapters.snapshot import BankSnapshot
+from adapters.stack import build_adapters
 from adapters.store import BankStore, load_bank, save_bank
 from agents.errors import AdapterError, AdapterFileError
 
@@ -206,22 +207,22 @@ def test_save_is_content_addressed_and_leaves_no_temp_files(tiny, tmp_path):
 
 def test_snapshot_and_rollback_round_trip(tiny, tmp_path):
     bank, router = _make(tiny)
-    store = BankStore(tmp_path)
+    store = BankStore(tmp_path, bank, router)
     _randomize_b(bank, seed=1)
     before = BankSnapshot.capture(bank, router)
-    store.snapshot("s1", bank, router)
+    store.snapshot("s1")
     _randomize_b(bank, seed=2)
-    store.snapshot("s2", bank, router)
+    store.snapshot("s2")
     assert store.snapshots() == ["s1", "s2"]
-    store.rollback("s1", bank, router)
+    store.rollback("s1")
     for key, tensor in before.bank.items():
         live = dict(bank.layers)[key.rsplit(".", 1)[0]]
         assert torch.equal(getattr(live, key.rsplit(".", 1)[1]), tensor)
     assert store.exists()  # the rolled-back state is the current one on disk
     with pytest.raises(AdapterFileError, match="no snapshot named 'nope'"):
-        store.rollback("nope", bank, router)
+        store.rollback("nope")
     with pytest.raises(AdapterFileError, match="bad snapshot name"):
-        store.snapshot("../escape", bank, router)
+        store.snapshot("../escape")
 
 
 def test_in_memory_snapshot_restores_exactly(tiny):
@@ -338,3 +339,17 @@ def test_inference_factor_cache_sees_every_change_of_the_experts(tiny):
             again = tiny.model(input_ids=ids, attention_mask=mask).logits  # reuses the gathered factors
     assert not torch.equal(first, second)
     assert torch.equal(second, again)
+
+
+def test_build_adapters_makes_one_stack_whose_store_is_bound_to_its_parts(tiny, tmp_path):
+    stack = build_adapters(tiny.model, tiny.tokenizer, BankConfig(n_experts=4, rank=2), RouterConfig(memory_dim=4),
+                           bank_dir=tmp_path / "bank")
+    assert stack.trainer.bank is stack.bank and stack.trainer.router is stack.router
+    assert stack.trainer.stress is stack.stress and stack.store.stress is stack.stress
+    assert isinstance(tiny.model.get_submodule(stack.bank.layer_names[0]), LoRABankLinear)
+    _randomize_b(stack.bank, seed=3)
+    stack.store.save()
+    saved = {name: layer.lora_B.clone() for name, layer in stack.bank.layers.items()}
+    _randomize_b(stack.bank, seed=4)
+    stack.store.load()  # restores the bound bank in place
+    assert all(torch.equal(layer.lora_B, saved[name]) for name, layer in stack.bank.layers.items())

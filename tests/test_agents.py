@@ -5,8 +5,8 @@ import pytest
 from agents.diversifier import Diversifier, DiversifierConfig, quantity_problem
 from agents.guard import leaks_answer, rule_problem
 from agents.reflector import Reflector, parse_rule
-from agents.trajectories import as_completion, usable, verified_share, verified_texts
 from agents.solver import Attempt, Solver
+from agents.trajectories import as_completion, usable, verified_share, verified_texts
 from agents.verifier import VerifierConfig, check, vote
 from tests.fakes import ScriptedBackend
 

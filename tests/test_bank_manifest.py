@@ -102,18 +102,18 @@ def test_lowering_the_version_does_not_skip_the_checksum(tiny, tmp_path):
 
 def test_snapshot_and_rollback_round_trip_with_checksums(tiny, tmp_path):
     bank, router = _make(tiny)
-    store = BankStore(tmp_path)
     stress = _calm_stress()
-    store.snapshot("calm", bank, router, stress)
+    store = BankStore(tmp_path, bank, router, stress)
+    store.snapshot("calm")
     saved_b = {name: layer.lora_B.clone() for name, layer in bank.layers.items()}
     with torch.no_grad():
         for layer in bank.layers.values():
             layer.lora_B.add_(1.0)
     stress.observe(50.0)
-    store.rollback("calm", bank, router, stress)
+    store.rollback("calm")
     assert all(torch.equal(layer.lora_B, saved_b[name]) for name, layer in bank.layers.items())
     assert stress.steps == 1 and stress.decide().mode is StressMode.SINGLE
     assert read_manifest(store.current)["extra"] == {"rolled_back_to": "calm"}  # the rewritten current verifies
     _edit(store.snapshot_root / "calm" / MANIFEST, lambda m: m["stress"].update(ema=5.0))
     with pytest.raises(AdapterFileError, match="calm.*was edited or is corrupt"):
-        store.rollback("calm", bank, router, stress)
+        store.rollback("calm")

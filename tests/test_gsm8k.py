@@ -5,7 +5,8 @@ import json
 import pytest
 
 from agents.errors import DataError
-from agents.gsm8k import problem_id, read_problems as load_problems
+from agents.gsm8k import problem_id
+from agents.gsm8k import read_problems as load_problems
 
 
 def _write(path, records):

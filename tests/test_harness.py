@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from adapters.bank import BankConfig, LoRABankLinear
 from adapters.trainer import TestTimeTrainer, TrainerConfig
-from agents.errors import DataError
 from agents.data_sources import open_source
+from agents.errors import DataError
 from agents.gsm8k import Problem, problem_id, sample_problems
 from agents.prompts import REFLECT_SYSTEM, SOLVER_SYSTEM, VARIANT_SYSTEM
 from agents.verifier import VerifierConfig

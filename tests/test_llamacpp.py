@@ -16,15 +16,17 @@ from gguf import GGUFReader  # noqa: E402
 from adapters.bank import BankConfig, ExpertBank  # noqa: E402
 from adapters.gguf_lora import (  # noqa: E402
     GgufBase,
-    export_expert_loras,
     expert_tensors,
+    export_expert_loras,
     write_dense_gguf,
     write_llama_gguf,
 )
 from agents.lm.backend import BackendError, TorchBackend, make_backend
-from agents.lm.generation import Sampling  # noqa: E402
+from agents.lm.generation import (
+    AnswerLineComplete,  # noqa: E402
+    Sampling,  # noqa: E402
+)
 from agents.lm.llamacpp import LlamaCppBackend, LlamaCppConfig, _segment, _TokenStream  # noqa: E402
-from agents.lm.generation import AnswerLineComplete  # noqa: E402
 from agents.lm.models import load_model  # noqa: E402
 
 QUESTIONS = [

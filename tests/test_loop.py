@@ -9,12 +9,12 @@ from chromadb.api.client import SharedSystemClient
 from adapters.bank import BankConfig
 from adapters.snapshot import BankSnapshot
 from adapters.trainer import TrainerConfig
+from agents.prompts import VARIANT_SYSTEM
 from agents.solver import SolverConfig
 from agents.verifier import VerifierConfig
 from graph.context import LoopConfig
 from graph.runner import RunSettings, StopFlag, build_context, run_episodes
 from memory_store.embedding import HashEmbedding
-from agents.prompts import VARIANT_SYSTEM
 from tests.fakes import ScriptedBackend
 
 APPLES = {"id": "p-apples", "question": "Tom has 3 apples and buys 5 more. How many apples?", "label": "8",

@@ -14,8 +14,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from agents.lm import models
 from agents.errors import ModelLoadError
+from agents.lm import models
 from agents.lm.models import (
     DEFAULT_MODEL,
     SMOLLM2_MODEL,

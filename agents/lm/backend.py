@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 import torch
 
 from adapters.bank import ExpertBank
-from agents.lm.continuous_batching import ContinuousBatcher
 from agents.errors import SelfImproveError
+from agents.lm.continuous_batching import ContinuousBatcher
 from agents.lm.generation import GREEDY, Ask, Generation, Request, Sampling, chat_prompt, generate
 
 if TYPE_CHECKING:

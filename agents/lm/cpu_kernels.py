@@ -17,6 +17,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+
 class ExactGreedyHead:
     """Greedy tokens from float32 hidden states without the full float32 vocabulary product.
 
