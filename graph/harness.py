@@ -66,6 +66,7 @@ from agents.verifier import VerifierConfig, check, vote
 from graph.context import LoopConfig, RunContext
 from graph.inspection import EMBEDDERS, make_embedder
 from graph.nodes import update_survived
+from graph.routing import route
 from graph.runner import (
     RunDirError,
     RunSettings,
@@ -589,15 +590,11 @@ class _Run:
 
     @staticmethod
     def _route(ctx: RunContext, solver: Solver, arm: str, questions: list[str]):
-        """The arm's prompt rules and mixture weights, as the loop's solve node computes them."""
-        memory, prior, rule_texts, _ = ctx.memory_vectors(questions)
-        use_rules, use_adapters = arm in ("rules", "full"), arm in ("adapters", "full")
-        rules = [r[: solver.config.max_rules] if use_rules else [] for r in rule_texts]
-        if not use_adapters:
-            return rules, None  # the bare model: no expert is applied
-        prompts = [solver.prompt(q, r) for q, r in zip(questions, rules)]
-        _, weights = ctx.routing(prompts, memory, prior)  # (batch, n_experts)
-        return rules, weights
+        """The arm's prompt rules and mixture weights (batch, n_experts), as the loop's solve node routes."""
+        use_adapters = arm in ("adapters", "full")
+        routes = route(ctx, questions, with_rules=arm in ("rules", "full"), with_adapters=use_adapters, solver=solver)
+        weights = torch.cat([r.weights for r in routes]) if use_adapters else None  # None: the bare model
+        return [r.rules for r in routes], weights
 
     # -- single LoRA
 

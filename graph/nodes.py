@@ -42,6 +42,7 @@ from agents.solver import Attempt
 from agents.trajectories import Text, as_completion, distinct, matches, verified_share, verified_texts
 from agents.verifier import check, vote
 from graph.context import RunContext
+from graph.routing import Route, route
 from graph.state import LoopState, ProblemData
 from memory_store.records import Episode
 
@@ -92,12 +93,10 @@ def _seed(ctx: RunContext, state: LoopState, salt: int = 0) -> int:
     return ctx.config.seed + 1000 * state["episode"] + 10 * state.get("cycle", 0) + salt
 
 
-def _route(ctx: RunContext, question: str, state: LoopState):
-    memory, prior, rules, rule_ids = ctx.memory_vectors([question], exclude_problem=state["problem"]["id"])
-    use = rules[0][: ctx.solver.config.max_rules] if ctx.config.rules_in_prompt else []
-    used_ids = rule_ids[0][: len(use)]
-    probs, weights = ctx.routing([ctx.solver.prompt(question, use)], memory, prior)
-    return use, used_ids, probs[0], weights, memory
+def _route(ctx: RunContext, question: str, state: LoopState) -> Route:
+    """The question routed on its own, blind to the episode's own problem in memory."""
+    (routed,) = route(ctx, [question], exclude_problem=state["problem"]["id"], with_rules=ctx.config.rules_in_prompt)
+    return routed
 
 
 def _sampling(ctx: RunContext, state: LoopState) -> Sampling:
@@ -128,7 +127,8 @@ def _mixture(state: LoopState) -> torch.Tensor:
 
 def solve(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     ctx, problem = runtime.context, state["problem"]
-    rules, rule_ids, _, weights, _ = _route(ctx, problem["question"], state)
+    routed = _route(ctx, problem["question"], state)
+    rules, rule_ids, weights = routed.rules, routed.rule_ids, routed.weights
     asks = [ctx.solver.ask([problem["question"]], [rules], weights=weights)]
     if state["learning"] or ctx.config.label_free:
         asks.append(_ask_samples(ctx, [problem["question"]], rules, weights, _sampling(ctx, state)))
@@ -296,12 +296,12 @@ def update(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     carry = dict(state.get("carry") or {})
     usage = list(carry.get("expert_updates") or [0] * ctx.bank.n_experts)
     replay = carry.get("replay") or {}
-    _, _, probs, _, memory = _route(ctx, problem["question"], state)
-    expert, reason = ctx.pick_expert(problem["id"], probs, usage)
+    routed = _route(ctx, problem["question"], state)
+    expert, reason = ctx.pick_expert(problem["id"], routed.probs, usage)
     texts = state["texts"]
     replayed = replay.get(str(expert), [])[-ctx.config.replay:] if ctx.config.replay else []
     examples = _examples(ctx, texts + replayed)
-    result = ctx.trainer.update(examples, target_expert=expert, memory=None if memory is None else memory[0])
+    result = ctx.trainer.update(examples, target_expert=expert, memory=None if routed.memory is None else routed.memory[0])
     store.save(extra={"update_id": _update_id(state, cycle)})
     store.snapshot(_done_name(episode, cycle))  # for a resume after it
     usage[result.expert] += 1
@@ -324,8 +324,8 @@ def reevaluate(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     canary = [c for c in (state.get("carry") or {}).get("canary", []) if c["id"] != problem["id"]]
     questions = [problem["question"]] + [c["question"] for c in canary]
     routed = [_route(ctx, q, state) for q in questions]
-    weights = torch.cat([r[3] for r in routed])  # (1 + n_canary, n_experts)
-    attempt, *attempts = ctx.solver.solve(questions, [r[0] for r in routed], weights=weights)
+    weights = torch.cat([r.weights for r in routed])  # (1 + n_canary, n_experts)
+    attempt, *attempts = ctx.solver.solve(questions, [r.rules for r in routed], weights=weights)
     verdict = {"attempt": asdict(attempt), **asdict(check(attempt, state["target"]))}
     result = {"checked": len(canary), "correct": len(canary), "broke": [], "rolled_back": False}
     if canary:
