@@ -120,7 +120,7 @@ class LoRABankLinear(nn.Module):
         # The active experts' factors gathered for inference, kept while the same experts stay
         # active and unchanged: a decode call routes every step anew, and gathering them each
         # time cost a fifth of a step. Keyed by the parameters' in-place versions, so an update,
-        # a rollback or a load is always seen.
+        # a rollback or a load is always seen (and their storage, for a replaced tensor).
         self._gathered: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +149,8 @@ class LoRABankLinear(nn.Module):
         """The active experts' A and B, flattened over (expert, rank)."""
         if mixture.active is None:
             return self.lora_A.reshape(-1, self.in_features), self.lora_B.reshape(-1, self.out_features)  # views
-        key = (mixture.active_key, self.lora_A._version, self.lora_B._version)
+        key = (mixture.active_key, self.lora_A._version, self.lora_B._version,
+               self.lora_A.data_ptr(), self.lora_B.data_ptr())  # a replaced or moved tensor is seen too
         if not torch.is_grad_enabled() and self._gathered is not None and self._gathered[0] == key:
             return self._gathered[1]
         # index_select copies only the k active experts; it beat advanced indexing here.

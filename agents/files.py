@@ -49,7 +49,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        _fsync_file(Path(tmp))
+        _fsync(Path(tmp))
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     finally:
@@ -69,14 +69,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def fsync_dir(directory: Path) -> None:
     """Make the latest rename or creation in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(directory)
 
 
-def _fsync_file(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """fsync a file's data, or a folder's entries."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -224,6 +224,24 @@ def test_the_two_level_draw_is_the_inverse_cdf_over_the_whole_vocabulary():
     assert not bool((weights.gather(1, drawn.unsqueeze(1)) == 0).any())  # a zero weight is never drawn
 
 
+def test_a_number_on_a_block_edge_never_draws_a_zero_weight(monkeypatch):
+    """Rounding between the block totals and a block's own running sum must not reach a zero-weight token."""
+    from agents.lm.continuous_batching import DRAW_BLOCK, _draw
+
+    blocks = 8
+    weights = torch.rand(1024, blocks * DRAW_BLOCK, generator=torch.Generator().manual_seed(2)) ** 8 * 1000
+    for edge in range(1, blocks):  # zeros on both sides of every block edge, and at the end
+        weights[:, edge * DRAW_BLOCK - 8 : edge * DRAW_BLOCK + 8] = 0
+    weights[:, -8:] = 0
+    ends = weights.double().view(len(weights), blocks, DRAW_BLOCK).sum(-1).cumsum(-1)  # (rows, blocks)
+    for edge in range(blocks - 1):
+        for ulps in (-2, -1, 0, 1, 2):  # u on the edge, and a few roundings either side of it
+            u = (ends[:, edge : edge + 1] / ends[:, -1:] * (1 + ulps * 2**-52)).clamp(0, 1 - 2**-53)
+            monkeypatch.setattr(torch, "rand", lambda *args, u=u, **kwargs: u)
+            drawn = torch.tensor(_draw(weights, None))
+            assert not bool((weights.gather(1, drawn.unsqueeze(1)) == 0).any()), (edge, ulps)
+
+
 def test_a_request_with_mismatched_weights_is_refused():
     with pytest.raises(ValueError, match="weights for 2 rows and 3 prompts"):
         Request(("a", "b", "c"), torch.zeros(2, 4))

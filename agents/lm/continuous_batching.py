@@ -356,9 +356,13 @@ def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> list[int]
     u = torch.rand(rows, 1, generator=generator, dtype=torch.float64, device=weights.device)
     target = u * cdf[:, -1:]  # (rows, 1)
     block = torch.searchsorted(cdf, target, right=True).clamp(max=cdf.shape[1] - 1)  # (rows, 1)
-    before = cdf.gather(1, block) - totals.gather(1, block)  # the mass of the blocks before it
+    # The mass before the block, read from the same running sum the search used, so the offset is
+    # never below 0; capped just under the block's own running total, which rounds differently,
+    # so the walk inside never runs past the block's last token of non-zero weight.
+    before = torch.nn.functional.pad(cdf, (1, 0))[:, :-1].gather(1, block)  # (rows, 1)
     inner = blocks.gather(1, block.unsqueeze(-1).expand(-1, -1, DRAW_BLOCK)).squeeze(1).double().cumsum(dim=-1)
-    within = torch.searchsorted(inner, target - before, right=True).clamp(max=DRAW_BLOCK - 1)  # (rows, 1)
+    offset = torch.minimum(target - before, torch.nextafter(inner[:, -1:], torch.zeros_like(inner[:, -1:])))
+    within = torch.searchsorted(inner, offset, right=True).clamp(max=DRAW_BLOCK - 1)  # (rows, 1)
     return (block * DRAW_BLOCK + within).clamp(max=vocab - 1).squeeze(1).tolist()
 
 

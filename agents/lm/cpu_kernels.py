@@ -96,23 +96,62 @@ def _fast_bfloat16() -> bool:
     return any(check is not None and check() for check in checks)
 
 
-class PackedLinears:
+class _RelaidLinears:
+    """Frozen nn.Linear layers whose forward, inside ``swapped()``, reads a re-laid-out copy of the weight.
+
+    A copy is made on first use and remade when its weight changes in place (the weight's
+    version counter), so training a tied embedding or loading new weights is always seen.
+    """
+
+    def __init__(self, layers: list[nn.Linear]):
+        self.layers = layers
+        self._copies: dict[int, tuple[int, torch.Tensor]] = {}  # id(layer) -> (weight version, copy)
+
+    def _relaid(self, layer: nn.Linear) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _forward(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def swapped(self) -> Iterator[None]:
+        saved = [layer.__dict__.get("forward") for layer in self.layers]
+        for layer in self.layers:
+            layer.forward = functools.partial(self._forward, layer)
+        try:
+            yield
+        finally:
+            for layer, previous in zip(self.layers, saved):
+                if previous is None:
+                    del layer.forward
+                else:
+                    layer.forward = previous
+
+    def _copy(self, layer: nn.Linear) -> torch.Tensor:
+        version = layer.weight._version
+        cached = self._copies.get(id(layer))
+        if cached is None or cached[0] != version:
+            cached = (version, self._relaid(layer))
+            self._copies[id(layer)] = cached
+        return cached[1]
+
+
+class PackedLinears(_RelaidLinears):
     """MKL-packed float32 weights of a model's frozen nn.Linear layers, for calls of exactly ``rows`` rows.
 
     MKL's packed GEMM runs decode-shaped products (32 x 896 by 896 x 4864) faster than the
     plain call (bench/bench_generation.py), but only for the row count the weights were packed
-    for; other shapes (prefill, a part-filled batch) take the plain path. A pack is made on
-    first use and remade if its weight changes in place; it takes about 1.75x the weight's memory.
+    for; other shapes (prefill, a part-filled batch) take the plain path. A pack takes about
+    1.75x the weight's memory.
     """
 
     def __init__(self, model: nn.Module, rows: int, exclude: tuple[nn.Module, ...] = ()):
-        self.rows = rows
-        self.layers = [
+        super().__init__([
             m for m in model.modules()
             if type(m) is nn.Linear and all(m is not e for e in exclude)
             and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"
-        ]
-        self._packs: dict[int, tuple[int, torch.Tensor]] = {}  # id(layer) -> (weight version, pack)
+        ])
+        self.rows = rows
 
     @classmethod
     def for_model(cls, model: nn.Module, rows: int, exclude: tuple[nn.Module, ...] = ()) -> PackedLinears | None:
@@ -128,46 +167,28 @@ class PackedLinears:
         if rows != self.rows or torch.is_grad_enabled():
             yield
             return
-        saved = [layer.__dict__.get("forward") for layer in self.layers]
-        for layer in self.layers:
-            layer.forward = functools.partial(self._forward, layer)
-        try:
+        with self.swapped():
             yield
-        finally:
-            for layer, previous in zip(self.layers, saved):
-                if previous is None:
-                    del layer.forward
-                else:
-                    layer.forward = previous
+
+    def _relaid(self, layer: nn.Linear) -> torch.Tensor:
+        return torch.ops.mkl._mkl_reorder_linear_weight(layer.weight.detach(), self.rows)
 
     def _forward(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if x.numel() // x.shape[-1] != self.rows:
             return nn.functional.linear(x, layer.weight, layer.bias)
-        return torch.ops.mkl._mkl_linear(x, self._pack(layer), layer.weight, layer.bias, self.rows)
-
-    def _pack(self, layer: nn.Linear) -> torch.Tensor:
-        version = layer.weight._version
-        cached = self._packs.get(id(layer))
-        if cached is None or cached[0] != version:
-            cached = (version, torch.ops.mkl._mkl_reorder_linear_weight(layer.weight.detach(), self.rows))
-            self._packs[id(layer)] = cached
-        return cached[1]
+        return torch.ops.mkl._mkl_linear(x, self._copy(layer), layer.weight, layer.bias, self.rows)
 
 
-class PrepackedBfloat16Linears:
+class PrepackedBfloat16Linears(_RelaidLinears):
     """oneDNN-reordered copies of a bfloat16 model's frozen nn.Linear weights, used by calls without autograd.
 
     A plain bfloat16 ``F.linear`` on CPU hands oneDNN the weight in its plain layout on every
     call; given the weight already in oneDNN's own layout, decode-shaped products run faster
-    (bench/bench_decode.py), and a decode step reads every weight of the model.
-    Same precision as the plain call (bfloat16 products, float32 sums), any row count; at some
-    row counts oneDNN picks another blocking for the two layouts, and sums in another order. A copy is made on first use, remade if its
-    weight changes in place, and takes the weight's own memory again.
+    (bench/bench_decode.py), and a decode step reads every weight of the model. Same
+    precision as the plain call (bfloat16 products, float32 sums), any row count; at some row
+    counts oneDNN picks another blocking for the two layouts, and sums in another order. A
+    copy takes the weight's own memory again.
     """
-
-    def __init__(self, layers: list[nn.Linear]):
-        self.layers = layers
-        self._packs: dict[int, tuple[int, torch.Tensor]] = {}  # id(layer) -> (weight version, reordered weight)
 
     @classmethod
     def for_model(cls, model: nn.Module) -> PrepackedBfloat16Linears | None:
@@ -184,32 +205,18 @@ class PrepackedBfloat16Linears:
         if torch.is_grad_enabled():
             yield
             return
-        saved = [layer.__dict__.get("forward") for layer in self.layers]
-        for layer in self.layers:
-            layer.forward = functools.partial(self._forward, layer)
-        try:
+        with self.swapped():
             yield
-        finally:
-            for layer, previous in zip(self.layers, saved):
-                if previous is None:
-                    del layer.forward
-                else:
-                    layer.forward = previous
+
+    def _relaid(self, layer: nn.Linear) -> torch.Tensor:
+        return torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), None)
 
     def _forward(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.bfloat16:
             return nn.functional.linear(x, layer.weight, layer.bias)
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch.ops.mkldnn._linear_pointwise(flat, self._pack(layer), layer.bias, "none", [], "")
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    def _pack(self, layer: nn.Linear) -> torch.Tensor:
-        version = layer.weight._version
-        cached = self._packs.get(id(layer))
-        if cached is None or cached[0] != version:
-            cached = (version, torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), None))
-            self._packs[id(layer)] = cached
-        return cached[1]
+        flat = x.reshape(-1, x.shape[-1])  # (rows, in)
+        out = torch.ops.mkldnn._linear_pointwise(flat, self._copy(layer), layer.bias, "none", [], "")
+        return out.view(*x.shape[:-1], out.shape[-1])  # (..., out)
 
 
 @functools.lru_cache(maxsize=1)
