@@ -114,7 +114,9 @@ def _ctrl_c_stops(stop, console: Console):
 
     def on_interrupt(*_) -> None:
         stop.set()
-        signal.signal(signal.SIGINT, previous)
+        # Not the previous handler: a process started in the background inherits SIGINT ignored,
+        # and the second Ctrl-C would then do nothing.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         console.print("stopping after the running node finishes (Ctrl-C again to abort now)", markup=False)
 
     previous = signal.signal(signal.SIGINT, on_interrupt)

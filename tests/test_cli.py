@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from chromadb.api.client import SharedSystemClient
 from typer.testing import CliRunner
 
@@ -100,3 +101,26 @@ def test_demo_runs_the_loop_then_scores_held_out_problems(tmp_path):
     assert report["data_sources"]["eval"]["spec"] == "test" and report["data_sources"]["learn"]["spec"] == "train"
     events = [json.loads(line) for line in (run_dir / "arms" / "full" / "events.jsonl").read_text().splitlines()]
     assert events[0]["node"] == "solve" and events[-1]["node"] == "commit"
+
+
+def test_a_second_ctrl_c_aborts_even_when_sigint_started_ignored():
+    """A run started in the background inherits SIGINT ignored; the second Ctrl-C must still abort."""
+    import os
+    import signal
+    import threading
+
+    from rich.console import Console
+
+    from run_loop import _ctrl_c_stops
+
+    stop = threading.Event()
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        previous = _ctrl_c_stops(stop, Console(file=open(os.devnull, "w")))
+        assert previous is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)  # the first: stop after the running node
+        assert stop.wait(5)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # the second: abort now
+    finally:
+        signal.signal(signal.SIGINT, before)
