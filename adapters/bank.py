@@ -119,7 +119,7 @@ class LoRABankLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(config.n_experts, config.rank, self.out_features, device=device))
         # The active experts' factors gathered for inference, kept while the same experts stay
         # active and unchanged: a decode call routes every step anew, and gathering them each
-        # time cost a fifth of a step. Keyed by the parameters' in-place versions, so an update,
+        # time was a large share of a step (bench/bench_decode.py). Keyed by the parameters' in-place versions, so an update,
         # a rollback or a load is always seen (and their storage, for a replaced tensor).
         self._gathered: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
