@@ -249,7 +249,7 @@ def _run_loop(settings, source, chosen, run_dir: Path, resume: bool, threads: in
 
             for final in run_episodes(ctx, problems, run_dir=run_dir, on_event=on_event, stop=stop):
                 done["episodes"] += 1
-                done["right_first_try"] += int(final["first"]["correct"])
+                done["right_first_try"] += int(final["first_try"]["correct"])
                 done["right_at_end"] += int(final["outcome"] in ("correct", "fixed"))
                 progress.update(task, completed=done["episodes"])
                 progress.console.print(f"episode {done['episodes']}/{len(problems)}: {describe_episode(final)}",

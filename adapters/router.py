@@ -24,7 +24,8 @@ class RouterConfig:
     hidden_dim: int = 128  # width of the router MLP
     memory_dim: int = 0  # size of the caller's memory feature vector (0: none)
     temperature: float = 1.0  # softmax temperature over router logits
-    mode: str = "dense"  # "dense" softmax, "top-k" renormalised, or "forced" single expert
+    # "top-k" (the loop's mixture: the best top_k experts, renormalised), "dense" softmax, or "forced" single expert
+    mode: str = "top-k"
     top_k: int = 2  # experts kept in top-k mode
     prior_strength: float = 1.0  # exponent of the caller's prior in the Bayesian blend
     seed: int = 0  # seeds the MLP init

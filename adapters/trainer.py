@@ -91,7 +91,7 @@ class UpdateResult:
     loss_after: float  # on the examples, after the burst (after rollback, if any)
     guard_before: float  # on the guard texts (the examples when no guard is given)
     guard_after: float  # on the guard texts after the burst, before any rollback
-    rolled_back: bool
+    stress_rolled_back: bool  # the stress controller's mirror mode undid this burst (guard loss rose)
     steps: list[dict]
 
 
@@ -304,11 +304,11 @@ class TestTimeTrainer:
         history = [self.step(examples, expert, optimizer, memory) for _ in range(steps)]
         loss_after = self.loss(examples, expert, memory)
         guard_after = self.loss(guard, expert, memory) if guard else loss_after
-        rolled_back = False
+        stress_rolled_back = False
         if snapshot is not None and guard_after > guard_before + self.stress.config.rollback_tolerance:
             # Captured after observe(), so the stress reading of this update stands.
             snapshot.restore(self.bank, self.router, self.stress)
-            rolled_back = True
+            stress_rolled_back = True
             loss_after = self.loss(examples, expert, memory)
             log.info("mirror rollback: guard loss %.4f -> %.4f", guard_before, guard_after)
         return UpdateResult(
@@ -320,6 +320,6 @@ class TestTimeTrainer:
             loss_after=loss_after,
             guard_before=guard_before,
             guard_after=guard_after,
-            rolled_back=rolled_back,
+            stress_rolled_back=stress_rolled_back,
             steps=history,
         )

@@ -38,8 +38,16 @@ class Solver:
         self.backend = backend
         self.config = config or SolverConfig()
 
+    def rules_in_prompt(self, rules: Sequence[str]) -> list[str]:
+        """The rules a prompt carries, best first: the prompt's rule budget is applied here alone."""
+        return list(rules)[: self.config.max_rules]
+
+    def with_rule(self, remembered: Sequence[str], rule: str) -> list[str]:
+        """Remembered rules with ``rule`` (the one under test) added last, within the rule budget (at least ``rule``)."""
+        return [*list(remembered)[: max(1, self.config.max_rules) - 1], rule]
+
     def prompt(self, question: str, rules: Sequence[str] = ()) -> str:
-        return self.backend.chat_prompt(SOLVER_SYSTEM, solver_turn(question, list(rules)[: self.config.max_rules]))
+        return self.backend.chat_prompt(SOLVER_SYSTEM, solver_turn(question, self.rules_in_prompt(rules)))
 
     def solve(
         self,

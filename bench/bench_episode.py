@@ -112,7 +112,7 @@ def run_precision(args) -> dict:
                 node_seconds[e["episode"]][e["node"]] += e["seconds"]
             read = len(lines)
             episodes.append({"episode": state["episode"], "problem": state["problem"]["id"],
-                             "first_correct": bool(state["first"]["correct"]), "outcome": state["outcome"],
+                             "first_correct": bool(state["first_try"]["correct"]), "outcome": state["outcome"],
                              "seconds": now - mark, "updates": len(state.get("updates") or [])})
             mark = now
             failed = [e for e in episodes if not e["first_correct"]]

@@ -22,7 +22,7 @@ from langgraph.runtime import Runtime
 
 from graph import nodes
 from graph.context import RunContext
-from graph.state import LoopState
+from graph.state import EpisodeInput, LoopState
 
 NODES_PER_CYCLE = 4  # reflect, diversify, update, reevaluate
 
@@ -58,9 +58,9 @@ def after_reevaluate(state: LoopState, runtime: Runtime[RunContext]) -> Literal[
     checks = state.get("canary_checks") or []
     if not checks:
         raise ValueError("after_reevaluate: the state has no canary check")
-    if state["verdict"]["correct"] and not checks[-1]["rolled_back"]:
+    if state["verdict"]["correct"] and not checks[-1]["canary_rolled_back"]:
         return "commit"
-    if state["first"]["correct"]:
+    if state["first_try"]["correct"]:
         return "rollback"  # it learned from a problem it answered right, and that made things worse
     if state.get("cycle", 0) < runtime.context.config.cycles:
         return "reflect"
@@ -68,7 +68,7 @@ def after_reevaluate(state: LoopState, runtime: Runtime[RunContext]) -> Literal[
 
 
 def build_graph() -> StateGraph:
-    builder = StateGraph(LoopState, context_schema=RunContext)
+    builder = StateGraph(LoopState, context_schema=RunContext, input_schema=EpisodeInput)
     for name in ("solve", "verify", "reflect", "diversify", "update", "reevaluate", "rollback", "commit"):
         builder.add_node(name, getattr(nodes, name))
     builder.add_edge(START, "solve")

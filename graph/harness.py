@@ -122,7 +122,7 @@ class EvalConfig:
     embedder: str = "minilm"  # memory embedder: 'minilm' (all-MiniLM-L6-v2) or 'hash' (tests)
     precision: str = "auto"  # frozen weights of every arm: 'auto' (agents.lm.precision), 'float32', 'bfloat16'
     bank: BankConfig = field(default_factory=BankConfig)
-    router: RouterConfig = field(default_factory=lambda: RouterConfig(mode="top-k"))
+    router: RouterConfig = field(default_factory=RouterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     stress: StressConfig = field(default_factory=StressConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
@@ -562,7 +562,7 @@ class _Run:
             if cfg.protocol == "stream":
                 # Online: the score is each episode's first attempt, made before learning on it.
                 by_id = {p.id: p for p in sets.learn}
-                scores = [_score(by_id[s["problem"]["id"]], Attempt(**s["first"]["attempt"])) for s in states]
+                scores = [_score(by_id[s["problem"]["id"]], Attempt(**s["first_try"]["attempt"])) for s in states]
                 scored_by = ctx.backend.description
             else:
                 close_backend(ctx.backend)  # learning is over: free it before the scoring backend loads
@@ -624,7 +624,7 @@ class _Run:
                 result = trainer.update(burst, target_expert=0)
                 train_seconds += time.perf_counter() - start
                 results.append({"mode": result.mode, "phi": result.phi, "loss_before": result.loss_before,
-                                "loss_after": result.loss_after, "rolled_back": result.rolled_back, "texts": len(burst)})
+                                "loss_after": result.loss_after, "stress_rolled_back": result.stress_rolled_back, "texts": len(burst)})
                 trained += 1
                 self.progress("single-lora", "train", trained, total_bursts)
 
@@ -651,7 +651,7 @@ class _Run:
         settings = replace(arm_settings(cfg, "adapters", len(sets.learn)), bank=bank_config, router=router_config)
         atomic_write_bytes(arm_dir / "run.json", json.dumps(settings.to_dict(), indent=2).encode())
         learning = {"bursts": len(results), "texts": sum(r["texts"] for r in results),
-                    "rolled_back": sum(r["rolled_back"] for r in results),
+                    "stress_rolled_back": sum(r["stress_rolled_back"] for r in results),
                     "source": "every update burst of the adapters arm, in order, including bursts the loop later undid"}
         return ArmResult("single-lora", scores, {"learn": train_seconds, "score": score_seconds}, learning,
                          backend=backend.description)
@@ -756,7 +756,7 @@ def learning_summary(states: list[dict]) -> dict:
     kept = sum(update_survived(s, u) for s in states for u in s.get("updates") or [])
     return {
         "episodes": len(states),
-        "right_first_try": sum(bool(s["first"]["correct"]) for s in states),
+        "right_first_try": sum(bool(s["first_try"]["correct"]) for s in states),
         **{k: outcomes.count(k) for k in ("correct", "fixed", "unfixed", "failed", "not_learned", "skipped")},
         "learned_from": sum(bool(s.get("updates")) for s in states),  # problems whose texts reached an update
         "rules": sum(len(s.get("rules") or []) for s in states),
@@ -767,9 +767,9 @@ def learning_summary(states: list[dict]) -> dict:
         "updates": len(updates),
         "updates_kept": kept,
         "updates_rolled_back": len(updates) - kept,
-        "mirror_rollbacks": sum(bool(u.get("rolled_back")) for u in updates),
-        "canary_rollbacks": sum(bool(c.get("rolled_back")) for c in checks),
-        "episode_rollbacks": sum(s.get("rolled_back_to") is not None for s in states),
+        "mirror_rollbacks": sum(bool(u.get("stress_rolled_back")) for u in updates),
+        "canary_rollbacks": sum(bool(c.get("canary_rolled_back")) for c in checks),
+        "episode_rollbacks": sum(s.get("episode_rolled_back_to") is not None for s in states),
         "texts": len(trained),
         "texts_by_source": {source: sum(t.get("source") == source for t in trained) for source in SOURCES},
         "texts_replayed": sum(t.get("source") == "replay" for u in updates for t in u.get("texts") or []),
@@ -785,10 +785,10 @@ def learning_curve(states: list[dict], learn: Sequence[Problem]) -> list[dict]:
         if updates:
             phi = updates[-1]["phi"]  # the controller's reading at the episode's last update
         label = labels.get(state["problem"]["id"])
-        first = Attempt(**state["first"]["attempt"])
+        first = Attempt(**state["first_try"]["attempt"])
         curve.append({
             "episode": index, "id": state["problem"]["id"],
-            "first_correct": bool(check(first, label).correct) if label is not None else bool(state["first"]["correct"]),
+            "first_correct": bool(check(first, label).correct) if label is not None else bool(state["first_try"]["correct"]),
             "outcome": state["outcome"], "updates": len(updates), "phi": phi,
             "experts": [u["expert"] for u in updates],
         })

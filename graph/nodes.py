@@ -66,11 +66,11 @@ def align_bank(ctx: RunContext, state: LoopState) -> None:
     or that update's start if the canary gate or the rollback node undid it.
     """
     episode, updates = state["episode"], state.get("updates") or []
-    if state.get("rolled_back_to"):
-        name = state["rolled_back_to"]
+    if state.get("episode_rolled_back_to"):
+        name = state["episode_rolled_back_to"]
     elif updates:
         last = updates[-1]
-        undone = any(c.get("update_id") == last["update_id"] and c["rolled_back"] for c in state.get("canary_checks") or [])
+        undone = any(c.get("update_id") == last["update_id"] and c["canary_rolled_back"] for c in state.get("canary_checks") or [])
         name = last["snapshot"] if undone else _done_name(episode, last["cycle"])
     else:
         name = _snapshot_name(episode, 0)
@@ -117,8 +117,7 @@ def _cap(ctx: RunContext) -> int:
 
 def _with_rule(ctx: RunContext, state: LoopState, rule: str) -> list[str]:
     """The first solve's remembered rules with ``rule`` added, within the prompt's rule budget."""
-    keep = max(1, ctx.solver.config.max_rules)
-    return [*(state.get("memory_rules") or [])[: keep - 1], rule]
+    return ctx.solver.with_rule(state.get("memory_rules") or [], rule)
 
 
 def _mixture(state: LoopState) -> torch.Tensor:
@@ -167,8 +166,8 @@ def verify(state: LoopState, runtime: Runtime[RunContext]) -> dict:
         own = verified_texts(problem["question"], [attempt, *samples], target, _cap(ctx), "own_sample")
         update["texts"] = [t.to_dict() for t in own]
         update["own_verified"] = [t.completion for t in own]
-    if "first" not in state:
-        update["first"] = verdict
+    if "first_try" not in state:
+        update["first_try"] = verdict
     return update
 
 
@@ -201,7 +200,7 @@ def reflect(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     first: list[Ask] = []
     if verified is not None:
         tried = [c["text"] for c in state.get("candidates") or [] if c["text"]]
-        first.append(ctx.reflector.ask(question, state["first"]["attempt"]["text"], verified, label=label, tried=tried,
+        first.append(ctx.reflector.ask(question, state["first_try"]["attempt"]["text"], verified, label=label, tried=tried,
                                        seed=_seed(ctx, state, 1)))
     if verified is not None and ctx.config.adapters:
         first.append(ctx.diversifier.ask(question, seed=_seed(ctx, state, 3)))
@@ -327,7 +326,7 @@ def reevaluate(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     weights = torch.cat([r.weights for r in routed])  # (1 + n_canary, n_experts)
     attempt, *attempts = ctx.solver.solve(questions, [r.rules for r in routed], weights=weights)
     verdict = {"attempt": asdict(attempt), **asdict(check(attempt, state["target"]))}
-    result = {"checked": len(canary), "correct": len(canary), "broke": [], "rolled_back": False}
+    result = {"checked": len(canary), "correct": len(canary), "broke": [], "canary_rolled_back": False}
     if canary:
         broke = [c["id"] for c, a in zip(canary, attempts) if not matches(a, c["label"])]
         accuracy = 1 - len(broke) / len(canary)
@@ -335,7 +334,7 @@ def reevaluate(state: LoopState, runtime: Runtime[RunContext]) -> dict:
         if 1.0 - accuracy > ctx.config.canary_margin:
             last = state["updates"][-1]
             ctx.bank_store.rollback(last["snapshot"])
-            result["rolled_back"] = True
+            result["canary_rolled_back"] = True
             result["update_id"] = last["update_id"]
             log.info("canary check failed (%d of %d broke): update %s rolled back", len(broke), len(canary), last["update_id"])
     return {"attempt": asdict(attempt), "verdict": verdict, "canary_checks": [result]}
@@ -352,17 +351,17 @@ def rollback(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     start = _snapshot_name(state["episode"], 0)
     restored = None
     # An update that made a problem answered right at first wrong is undone whatever the setting.
-    undo = not ctx.config.keep_unfixed_updates or state["first"]["correct"]
+    undo = not ctx.config.keep_unfixed_updates or state["first_try"]["correct"]
     if undo and start in ctx.bank_store.snapshots():
         ctx.bank_store.rollback(start)
         restored = start
-    return {"outcome": "unfixed", "rolled_back_to": restored}
+    return {"outcome": "unfixed", "episode_rolled_back_to": restored}
 
 
 def outcome_of(state: LoopState) -> str:
     if state.get("unverifiable"):
         return "skipped"
-    if state["first"]["correct"]:
+    if state["first_try"]["correct"]:
         return "correct"
     if not state["learning"]:
         return "not_learned"
@@ -380,10 +379,10 @@ def commit(state: LoopState, runtime: Runtime[RunContext]) -> dict:
         _remember(ctx, state, problem, outcome, updates)
     carry = dict(state.get("carry") or {})
     carry["episodes"] = carry.get("episodes", 0) + 1
-    carry["solved_first"] = carry.get("solved_first", 0) + int(state["first"]["correct"])
+    carry["solved_first"] = carry.get("solved_first", 0) + int(state["first_try"]["correct"])
     carry["solved_final"] = carry.get("solved_final", 0) + int(outcome in ("correct", "fixed"))
     canary = list(carry.get("canary") or [])
-    if state["first"]["correct"] and ctx.config.canary_size > 0:
+    if state["first_try"]["correct"] and ctx.config.canary_size > 0:
         # Label-free runs guard with the confident majority answer as the canary's label.
         canary = (canary + [{"id": problem["id"], "question": problem["question"], "label": state["target"]}])[-ctx.config.canary_size:]
     carry["canary"] = canary
@@ -399,9 +398,9 @@ def commit(state: LoopState, runtime: Runtime[RunContext]) -> dict:
 
 def update_survived(state: LoopState, update: dict) -> bool:
     """Whether an update's change is still in the bank: not undone by stress, the canary or the episode."""
-    undone_by_canary = any(c.get("update_id") == update["update_id"] and c["rolled_back"]
+    undone_by_canary = any(c.get("update_id") == update["update_id"] and c["canary_rolled_back"]
                            for c in state.get("canary_checks") or [])
-    return not update.get("rolled_back") and not undone_by_canary and state.get("rolled_back_to") is None
+    return not update.get("stress_rolled_back") and not undone_by_canary and state.get("episode_rolled_back_to") is None
 
 
 def _written_by_this_commit(stored, rule: dict, episode_id: str) -> bool:
@@ -416,7 +415,7 @@ def _remember(ctx: RunContext, state: LoopState, problem: ProblemData, outcome: 
         problem_text=problem["question"],
         split=problem.get("split") or "stream",
         cycle=len(updates),
-        verdict_before=bool(state["first"]["correct"]),
+        verdict_before=bool(state["first_try"]["correct"]),
         verdict_after=bool(state["verdict"]["correct"]) if updates and outcome != "unfixed" else (False if updates else None),
         expert_weights=[max(0.0, w) for w in state.get("weights", [])],
         rule_ids=[],

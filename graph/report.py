@@ -138,7 +138,7 @@ def render_markdown(report) -> str:
     if "single-lora" in report.arms:
         l = report.arms["single-lora"].learning
         lines += ["", f"single-lora: {l['bursts']} update bursts on {l['texts']} texts ({l['source']}); "
-                      f"{l['rolled_back']} rolled back by the stress controller."]
+                      f"{l['stress_rolled_back']} rolled back by the stress controller."]
     if report.files:
         plots = [(k, v) for k, v in report.files.items() if k.endswith("_plot")]
         if plots:

@@ -35,7 +35,7 @@ def route(ctx: RunContext, questions: list[str], *, exclude_problem: str | None 
     """
     solver = solver or ctx.solver
     memory, prior, rule_texts, rule_ids = ctx.memory_vectors(questions, exclude_problem=exclude_problem)
-    rules = [texts[: solver.config.max_rules] if with_rules else [] for texts in rule_texts]
+    rules = [solver.rules_in_prompt(texts) if with_rules else [] for texts in rule_texts]
     ids = [found[: len(used)] for found, used in zip(rule_ids, rules)]
     if not with_adapters:
         return [Route(r, i, None, None, None) for r, i in zip(rules, ids)]

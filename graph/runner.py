@@ -9,6 +9,7 @@ so it is checkpointed too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -45,7 +46,7 @@ from graph.builder import build_graph, recursion_limit
 from graph.context import LoopConfig, RunContext
 from graph.nodes import align_bank, prune_snapshots
 from graph.saved_settings import leaf_differences, read_saved, settings_with_options
-from graph.state import LoopState, ProblemData
+from graph.state import EpisodeCarryOver, EpisodeInput, LoopState, ProblemData
 from memory_store.config import MemoryConfig
 from memory_store.locks import WriterLock
 from memory_store.store import MemoryStore
@@ -71,11 +72,13 @@ class RunSettings:
     episodes: int = 10  # problems to run, from the start of the data
     loop: LoopConfig = field(default_factory=LoopConfig)
     bank: BankConfig = field(default_factory=BankConfig)
-    router: RouterConfig = field(default_factory=lambda: RouterConfig(mode="top-k"))
+    router: RouterConfig = field(default_factory=RouterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     stress: StressConfig = field(default_factory=StressConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    reflector: ReflectorConfig = field(default_factory=ReflectorConfig)
+    diversifier: DiversifierConfig = field(default_factory=DiversifierConfig)
     memory_url: str | None = None
     backend: str = "auto"  # generation backend: 'auto', 'torch' or 'llama.cpp' (agents.lm.backend.make_backend)
     batch_size: int = DEFAULT_BATCH_SIZE  # sequences generated together (torch and llama.cpp slots)
@@ -98,7 +101,14 @@ def run_id_for(run_dir: Path) -> str:
 # give the same answers within their measured tolerance; none changes what was learned).
 RESUMABLE_CHANGES = ("episodes", "backend", "batch_size")
 # Settings added after runs were first saved, with the values those runs ran with.
-LEGACY_SETTINGS = {"embedder": "minilm", "precision": "float32"}
+LEGACY_SETTINGS = {
+    "embedder": "minilm", "precision": "float32",
+    "reflector": {"max_attempts": 3, "max_chars": 300, "max_sentences": 2, "max_new_tokens": 96, "temperature": 0.7},
+    "diversifier": {"kinds": ["paraphrase", "rename"], "per_kind": 1, "max_new_tokens": 200, "temperature": 0.7},
+}
+# The layout of the loop state in a run's checkpoints: 2 named the first try `first_try` and the
+# three rollbacks apart (stress_rolled_back, canary_rolled_back, episode_rolled_back_to).
+STATE_FORMAT = 2
 # The command-line option of each setting, for messages about them.
 RUN_FLAGS = {
     "model": "--model", "data": "--data", "episodes": "--episodes", "loop.cycles": "--cycles",
@@ -154,6 +164,9 @@ def check_run_dir(run_dir: Path, settings: RunSettings, resume: bool) -> None:
         return
     if not resume:
         raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+    if saved.get("state_format", 1) != STATE_FORMAT and _has_checkpoints(run_dir):
+        raise RunDirError(f"{run_dir} holds a run made by an older version, whose checkpoints this version cannot "
+                          "resume; start it again in another --run-dir (`rules` and `export` still read it)")
     differs = leaf_differences({k: saved.get(k) for k in wanted if k not in RESUMABLE_CHANGES},
                                {k: v for k, v in wanted.items() if k not in RESUMABLE_CHANGES})
     if differs:
@@ -161,12 +174,24 @@ def check_run_dir(run_dir: Path, settings: RunSettings, resume: bool) -> None:
         raise RunDirError(f"{run_dir} holds a run with different settings ({shown}); use another --run-dir")
 
 
+def _has_checkpoints(run_dir: Path) -> bool:
+    path = Path(run_dir) / CHECKPOINTS
+    if not path.is_file():
+        return False
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        try:
+            return db.execute("SELECT 1 FROM checkpoints LIMIT 1").fetchone() is not None
+        except sqlite3.OperationalError:  # no table yet: nothing was checkpointed
+            return False
+
+
 def write_run_settings(run_dir: Path, settings: RunSettings, notes: dict | None = None) -> None:
     """run.json, written once the run's parts exist: a run that failed to start leaves none behind.
 
     ``notes`` (where the data came from, say) are saved beside the settings, not compared.
     """
-    atomic_write_bytes(Path(run_dir) / RUN_FILE, json.dumps({**settings.to_dict(), **(notes or {})}, indent=2).encode())
+    saved = {**settings.to_dict(), "state_format": STATE_FORMAT, **(notes or {})}
+    atomic_write_bytes(Path(run_dir) / RUN_FILE, json.dumps(saved, indent=2).encode())
 
 
 def prepare_run_dir(run_dir: Path, settings: RunSettings, resume: bool, notes: dict | None = None) -> None:
@@ -216,7 +241,9 @@ def build_context(
     memory = None
     memory_dim = 0
     if with_memory:
-        mem_config = MemoryConfig(run_dir=run_dir, url=settings.memory_url, n_experts=settings.bank.n_experts)
+        # The memory returns as many rules as the solver's prompt takes (SolverConfig.max_rules).
+        mem_config = MemoryConfig(run_dir=run_dir, url=settings.memory_url, n_experts=settings.bank.n_experts,
+                                  n_rules=settings.solver.max_rules)
         memory = MemoryStore.open(mem_config, embedder=embedder)
         memory_dim = mem_config.feature_dim
     try:
@@ -245,8 +272,8 @@ def _build_with_memory(loaded: LoadedModel, settings: RunSettings, run_dir: Path
         config=settings.loop,
         backend=backend,
         solver=Solver(backend, settings.solver),
-        reflector=Reflector(backend, ReflectorConfig()),
-        diversifier=Diversifier(backend, DiversifierConfig()),
+        reflector=Reflector(backend, settings.reflector),
+        diversifier=Diversifier(backend, settings.diversifier),
         verifier=settings.verifier,
         model=model,
         tokenizer=tok,
@@ -325,7 +352,7 @@ def run_episodes(
     app = build_graph().compile(checkpointer=checkpointer)
     run_id = run_id_for(run_dir)
     limit = recursion_limit(ctx.config.cycles)
-    carry: dict = {"canary": [], "expert_updates": [0] * ctx.bank.n_experts}
+    carry = EpisodeCarryOver(canary=[], expert_updates=[0] * ctx.bank.n_experts)
     events = (run_dir / EVENTS).open("a", encoding="utf-8")
     try:
         for index, problem in enumerate(problems):
@@ -343,10 +370,10 @@ def run_episodes(
                                   f"but the data now gives {problem['id']}: the data file changed")
             # A killed earlier try of this episode may have changed the bank before any checkpoint.
             align_bank(ctx, snapshot.values or {"episode": index})
-            start = None if snapshot.values else {
-                "run_id": run_id, "episode": index, "problem": problem, "learning": learning, "carry": carry,
-                "rules": [], "updates": [], "canary_checks": [],
-            }
+            start: EpisodeInput | None = None if snapshot.values else EpisodeInput(
+                run_id=run_id, episode=index, problem=problem, learning=learning, carry=carry,
+                rules=[], updates=[], canary_checks=[],
+            )
             mark = time.perf_counter()
             for chunk in app.stream(start, thread, context=ctx, stream_mode="updates"):
                 # wall seconds since the previous node ended: the node and its checkpoint write
@@ -374,7 +401,7 @@ def run_episodes(
 def describe_episode(state: LoopState) -> str:
     """One line on a finished episode: the first try, what was learned, the outcome."""
     updates = state.get("updates") or []
-    return (f"{'right' if state['first']['correct'] else 'wrong'} at the first try; "
+    return (f"{'right' if state['first_try']['correct'] else 'wrong'} at the first try; "
             f"{len(state.get('rules') or [])} rule(s), {len(updates)} update(s); outcome {state['outcome']}")
 
 
@@ -401,10 +428,10 @@ def _summary(update: dict) -> dict:
         u = update["updates"][-1]
         out.update(expert=u["expert"], mode=u["mode"], phi=round(u["phi"], 4), lr=u["lr"],
                    loss_before=round(u["loss_before"], 4), loss_after=round(u["loss_after"], 4),
-                   rolled_back=u["rolled_back"])
+                   stress_rolled_back=u["stress_rolled_back"])
     if update.get("canary_checks"):
         c = update["canary_checks"][-1]
-        out.update(canary_checked=c["checked"], canary_broke=c["broke"], canary_rolled_back=c["rolled_back"])
+        out.update(canary_checked=c["checked"], canary_broke=c["broke"], canary_rolled_back=c["canary_rolled_back"])
     if "outcome" in update:
         out["outcome"] = update["outcome"]
     if update.get("error"):

@@ -14,7 +14,28 @@ class ProblemData(TypedDict, total=False):
     solution: str | None  # only for problems the loop may learn from; never for evaluation problems
 
 
-class Carry(TypedDict, total=False):
+class AttemptData(TypedDict):
+    """``agents.solver.Attempt`` as state: one answer of the model."""
+
+    text: str  # the model's whole answer
+    answer: str | None  # the extracted final number; None if none was found
+    strategy: str  # how it was extracted: boxed | answer_is | hash | last_number | none
+    tokens: int  # tokens generated
+
+
+class VerdictData(TypedDict):
+    """``agents.verifier.Verdict`` as state, with the attempt it judged."""
+
+    attempt: AttemptData
+    correct: bool  # with a label: matches it; label-free: matches the confident majority
+    answer: str | None  # the answer judged
+    strategy: str  # its extraction strategy
+    confidence: float  # 1.0 against a label; the samples' agreement share when label-free
+    label_free: bool
+    votes: dict[str, int]
+
+
+class EpisodeCarryOver(TypedDict, total=False):
     """What one episode hands to the next: kept in the checkpoint, so a resumed run has it too."""
 
     canary: list[ProblemData]  # problems solved at the first try, re-solved after every update
@@ -25,21 +46,34 @@ class Carry(TypedDict, total=False):
     episodes: int  # episodes finished so far
 
 
+class EpisodeInput(TypedDict):
+    """What starts an episode (graph/runner.py): the rest of ``LoopState`` is written by the nodes."""
+
+    run_id: str
+    episode: int
+    problem: ProblemData
+    learning: bool  # the loop may reflect on and train from this problem
+    carry: EpisodeCarryOver
+    rules: list[dict]  # empty: the lists the nodes append to start empty
+    updates: list[dict]
+    canary_checks: list[dict]
+
+
 class LoopState(TypedDict, total=False):
     run_id: str
     episode: int
     problem: ProblemData
     learning: bool  # the loop may reflect on and train from this problem
     cycle: int  # reflect/update rounds done so far
-    attempt: dict  # the latest greedy solve: text, answer, strategy, tokens
-    samples: list[dict]  # the first solve's sampled answers (rule-free prompt), the base of every share
+    attempt: AttemptData  # the latest greedy solve
+    samples: list[AttemptData]  # the first solve's sampled answers (rule-free prompt), the base of every share
     memory_rules: list[str]  # remembered rules put into the solve prompt
     target: str | None  # what an answer must equal: the label, or label-free the majority's pseudo-label
     verified_share: float  # share of the sampled answers that reach the target
     own_verified: list[str]  # the distinct verified solutions among the first solve's answers
     unverifiable: bool  # label-free and too little agreement: the problem is skipped
-    first: dict  # the verdict before any learning on this problem
-    verdict: dict  # the latest verdict
+    first_try: VerdictData  # the verdict before any learning on this problem
+    verdict: VerdictData  # the latest verdict
     weights: list[float]  # the expert mixture the latest solve used
     memory_rule_ids: list[str]  # remembered rules put into the solve prompt
     rule: dict | None  # the current validated rule: text, cycle, share_with, share_without
@@ -49,8 +83,8 @@ class LoopState(TypedDict, total=False):
     variants: list[dict]  # the latest diversify's variants: kept or refused, with the reason
     updates: Annotated[list[dict], operator.add]  # every update of this episode
     canary_checks: Annotated[list[dict], operator.add]  # every regression check of this episode
-    rolled_back_to: str | None  # the snapshot the episode's updates were undone to, if any
+    episode_rolled_back_to: str | None  # the snapshot the rollback node undid the episode's updates to, if any
     outcome: str  # correct | fixed | unfixed | not_learned | failed | skipped
     committed: bool  # set by commit alone: the episode is finished (graph/runner.py resumes any other)
     error: str | None
-    carry: Carry
+    carry: EpisodeCarryOver

@@ -19,7 +19,7 @@ class MemoryConfig:
     embed_dim: int = 384  # embedding size; must match the embedder (all-MiniLM-L6-v2: 384)
     n_experts: int = 16  # experts in the adapter bank; must match BankConfig.n_experts
     k: int = 8  # nearest episodes and nearest rules used for memory features
-    n_rules: int = 3  # top rules returned as text for the solve prompt
+    n_rules: int = 3  # top rules returned as text for the solve prompt (the loop passes SolverConfig.max_rules)
     dedup_threshold: float = 0.92  # cosine similarity at or above which a new rule merges into the old
     similar_threshold: float = 0.8  # cosine similarity at or above which two problems get similar_to
     prior_smoothing: float = 1.0  # additive (Laplace) pseudo-count per expert in the prior

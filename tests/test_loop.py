@@ -143,7 +143,7 @@ def test_wrong_answer_gets_a_validated_rule_verified_texts_and_is_fixed(make_run
     ctx, backend = make_run(World())
     base = BankSnapshot.capture(ctx.bank, ctx.router)
     (final,) = _run(ctx, [PENS], tmp_path / "run")
-    assert final["first"]["correct"] is False and final["verified_share"] == 0.0
+    assert final["first_try"]["correct"] is False and final["verified_share"] == 0.0
     assert final["outcome"] == "fixed" and final["verdict"]["correct"]
     rule = final["rule"]
     assert rule["status"] == "validated" and rule["chosen"] and rule["share_with"] == 1.0 and rule["share_without"] == 0.0
@@ -229,7 +229,7 @@ def test_right_but_rarely_learns_from_its_own_verified_samples(make_run, tmp_pat
     world.rarely_right = {"p-cakes"}
     ctx, backend = make_run(world)
     (final,) = _run(ctx, [CAKES], tmp_path / "run")
-    assert final["first"]["correct"] and final["verified_share"] < ctx.config.low_share
+    assert final["first_try"]["correct"] and final["verified_share"] < ctx.config.low_share
     assert final["outcome"] == "correct" and not backend.prompts_containing("Start with 'RULE:'")
     (update,) = final["updates"]
     assert {t["source"] for t in update["texts"]} == {"own_sample"} and len(update["texts"]) == 1  # distinct
@@ -241,7 +241,7 @@ def test_learning_that_breaks_a_problem_answered_right_is_undone(make_run, tmp_p
     world.broken_after = {"p-cakes"}  # once trained, the greedy answer turns wrong
     ctx, _ = make_run(world)
     (final,) = _run(ctx, [CAKES], tmp_path / "run")
-    assert final["updates"] and final["rolled_back_to"] == "ep00000-c0" and not trained(ctx)
+    assert final["updates"] and final["episode_rolled_back_to"] == "ep00000-c0" and not trained(ctx)
     assert final["carry"]["replay"] == {}
 
 
@@ -268,7 +268,7 @@ def test_unfixed_problem_keeps_its_verified_updates_by_default(make_run, tmp_pat
     ctx, _ = make_run(world)
     (final,) = _run(ctx, [CAKES], tmp_path / "run")
     assert final["outcome"] == "unfixed" and len(final["updates"]) == 2
-    assert final["rolled_back_to"] is None and trained(ctx)
+    assert final["episode_rolled_back_to"] is None and trained(ctx)
     assert {r.status for r in ctx.memory.list_rules()} == {"trained"}
 
 
@@ -283,7 +283,7 @@ def test_unfixed_problem_uses_all_cycles_then_rolls_back(make_run, tmp_path):
     assert "These rules were tried and did not help" in second_reflection and HELPFUL in second_reflection
     after = BankSnapshot.capture(ctx.bank, ctx.router)
     assert all(torch.equal(v, before.bank[k]) for k, v in after.bank.items())  # the episode was undone
-    assert final["rolled_back_to"] == "ep00000-c0"
+    assert final["episode_rolled_back_to"] == "ep00000-c0"
     assert {r.status for r in ctx.memory.list_rules()} <= {"rolled_back", "refuted"}
 
 
@@ -294,7 +294,7 @@ def test_regression_gate_rolls_back_an_update_that_breaks_a_canary(make_run, tmp
     first, second = _run(ctx, [APPLES, PENS], tmp_path / "run")
     assert first["outcome"] == "correct"
     checks = second["canary_checks"]
-    assert checks and all(c["rolled_back"] and c["broke"] == ["p-apples"] for c in checks)
+    assert checks and all(c["canary_rolled_back"] and c["broke"] == ["p-apples"] for c in checks)
     assert second["outcome"] == "unfixed"
     assert not trained(ctx)  # every harmful update was undone
     assert ctx.memory.graph.broke_by(checks[0]["update_id"]), "the memory graph records the broken canary"
@@ -316,8 +316,8 @@ def test_holdout_problems_never_reach_reflect_diversify_or_update(make_run, tmp_
 def test_label_free_mode_votes_on_sampled_answers(make_run, tmp_path):
     ctx, backend = make_run(World(), settings=_settings(label_free=True))
     (final,) = _run(ctx, [dict(APPLES, label=None, solution=None)], tmp_path / "run")
-    assert final["first"]["label_free"] and final["first"]["correct"] and final["target"] == "8"
-    assert final["first"]["confidence"] == 1.0
+    assert final["first_try"]["label_free"] and final["first_try"]["correct"] and final["target"] == "8"
+    assert final["first_try"]["confidence"] == 1.0
     sampled = [c for c in backend.calls if c["sampling"].temperature > 0]
     assert len(sampled) == 3
     assert final["carry"]["canary"][0]["label"] == "8"  # the confident majority guards later updates
@@ -423,6 +423,59 @@ def test_resume_accepts_a_run_saved_before_backend_settings_existed(tmp_path):
     changed = RunSettings(model="tiny-random", data="train", episodes=2, loop=LoopConfig(cycles=5))
     with pytest.raises(RunDirError, match=r"different settings \(loop.cycles: saved 2, now 5\)"):
         prepare_run_dir(tmp_path, changed, resume=True)
+
+
+def test_the_reflector_and_diversifier_configs_are_saved_and_checked_on_resume(tmp_path):
+    import json
+
+    from agents.diversifier import DiversifierConfig
+    from agents.reflector import ReflectorConfig
+    from graph.runner import RUN_FILE, RunDirError, prepare_run_dir
+
+    settings = RunSettings(model="tiny-random", data="train", episodes=2, reflector=ReflectorConfig(max_attempts=5),
+                           diversifier=DiversifierConfig(kinds=("rename",)))
+    prepare_run_dir(tmp_path, settings, resume=False)
+    saved = json.loads((tmp_path / RUN_FILE).read_text())
+    assert saved["reflector"]["max_attempts"] == 5 and saved["diversifier"]["kinds"] == ["rename"]
+    with pytest.raises(RunDirError, match=r"reflector.max_attempts: saved 5, now 3"):
+        prepare_run_dir(tmp_path, RunSettings(model="tiny-random", data="train", episodes=2,
+                                              diversifier=DiversifierConfig(kinds=("rename",))), resume=True)
+
+
+def test_the_agents_of_a_run_use_its_reflector_and_diversifier_configs(make_run):
+    from dataclasses import replace
+
+    from agents.diversifier import DiversifierConfig
+    from agents.reflector import ReflectorConfig
+
+    settings = replace(_settings(), reflector=ReflectorConfig(max_attempts=1), diversifier=DiversifierConfig(per_kind=2))
+    ctx, _ = make_run(World(), settings=settings)
+    assert ctx.reflector.config.max_attempts == 1 and ctx.diversifier.config.per_kind == 2
+
+
+def test_the_router_mode_is_the_same_by_default_everywhere():
+    from adapters.router import RouterConfig
+    from graph.harness import EvalConfig
+
+    assert RouterConfig().mode == RunSettings().router.mode == EvalConfig().router.mode == "top-k"
+
+
+def test_a_run_checkpointed_in_an_older_state_layout_is_refused_on_resume(make_run, tmp_path):
+    import json
+
+    from graph.runner import RUN_FILE, RunDirError, check_run_dir, prepare_run_dir
+
+    run_dir = tmp_path / "run"
+    prepare_run_dir(run_dir, _settings(), resume=False)
+    check_run_dir(run_dir, _settings(), resume=True)  # this version's layout resumes
+    saved = json.loads((run_dir / RUN_FILE).read_text())
+    del saved["state_format"]  # as an older version wrote it
+    (run_dir / RUN_FILE).write_text(json.dumps(saved))
+    check_run_dir(run_dir, _settings(), resume=True)  # nothing checkpointed yet: nothing to misread
+    ctx, _ = make_run(World(), run_dir=run_dir)
+    _run(ctx, [APPLES], run_dir)
+    with pytest.raises(RunDirError, match="made by an older version"):
+        check_run_dir(run_dir, _settings(), resume=True)
 
 
 @pytest.mark.parametrize("kill_at", [1, 2, 3, 5, 8, 12])

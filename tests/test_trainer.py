@@ -156,7 +156,7 @@ def test_update_trains_shared_expert_in_single_mode(tiny):
     trainer.stress = StressController(StressConfig(loss_scale=1000.0))  # every loss looks easy
     result = trainer.update(EXAMPLES, target_expert=3, steps=2)
     assert result.mode == "single" and result.expert == trainer.bank.config.shared_expert
-    assert len(result.steps) == 2 and not result.rolled_back
+    assert len(result.steps) == 2 and not result.stress_rolled_back
 
 
 def test_mirror_mode_rolls_back_an_update_that_hurts_the_guard(tiny):
@@ -173,7 +173,7 @@ def test_mirror_mode_rolls_back_an_update_that_hurts_the_guard(tiny):
     result = trainer.update(EXAMPLES, target_expert=2, guard=guard, steps=3)
     assert result.mode == "mirror"
     assert result.guard_after > result.guard_before, result
-    assert result.rolled_back
+    assert result.stress_rolled_back
     now = BankSnapshot.capture(trainer.bank, trainer.router)
     assert all(torch.equal(before.bank[k], v) for k, v in now.bank.items())
     assert all(torch.equal(before.router[k], v) for k, v in now.router.items())
@@ -183,5 +183,5 @@ def test_mirror_mode_keeps_an_update_that_helps(tiny):
     trainer = _trainer(tiny)
     trainer.stress = StressController(StressConfig(loss_scale=1e-3, lr_mirror=1e-2))
     result = trainer.update(EXAMPLES, target_expert=2, steps=3)  # guard = the examples themselves
-    assert result.mode == "mirror" and not result.rolled_back
+    assert result.mode == "mirror" and not result.stress_rolled_back
     assert result.loss_after < result.loss_before
