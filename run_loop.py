@@ -208,7 +208,6 @@ def _run_loop(settings, source, chosen, run_dir: Path, resume: bool, threads: in
     """The loop over the chosen problems with live progress; the summary on stdout."""
     from agents.lm.backend import close_backend
     from agents.lm.precision import load_in_precision
-    from graph.inspection import make_embedder
     from graph.runner import (
         StopFlag,
         build_fresh_context,
@@ -219,6 +218,7 @@ def _run_loop(settings, source, chosen, run_dir: Path, resume: bool, threads: in
         set_threads,
         write_run_settings,
     )
+    from memory_store.embedding import make_embedder
 
     set_threads(threads)
     label_free = settings.loop.label_free
@@ -281,7 +281,7 @@ def _run_loop(settings, source, chosen, run_dir: Path, resume: bool, threads: in
 
 def _evaluate_with_progress(config, run_dir: Path, resume: bool, threads: int, err: Console):
     """Resolve the problems (printing each data source), run the evaluation with live progress; the report."""
-    from graph.harness import prepare_problems
+    from graph.evaluation.problems import prepare_problems
     from graph.runner import claim_run_dir
 
     try:
@@ -297,7 +297,8 @@ def _evaluate_with_progress(config, run_dir: Path, resume: bool, threads: int, e
 
 def _evaluate_locked(config, run_dir: Path, resume: bool, threads: int, err: Console, problems):
     """The evaluation, its folder locked, with live progress; the report."""
-    from graph.harness import EvalInterrupted, evaluate
+    from graph.evaluation.config import EvalInterrupted
+    from graph.evaluation.harness import evaluate
     from graph.runner import StopFlag, set_threads
 
     set_threads(threads)
@@ -375,7 +376,7 @@ def eval_command(
     Example: python run_loop.py eval --learn-problems 20 --eval-problems 50 --run-dir runs/eval1
     """
     _quiet_openmp()
-    from graph.harness import ARMS, eval_config
+    from graph.evaluation.config import ARMS, eval_config
 
     err = Console(stderr=True, soft_wrap=True)
     if threads < 0:
@@ -459,7 +460,7 @@ def demo(
     Example: python run_loop.py demo --learn-problems 3 --eval-problems 10
     """
     _quiet_openmp()
-    from graph.harness import eval_config
+    from graph.evaluation.config import eval_config
 
     err = Console(stderr=True, soft_wrap=True)
     if resume and run_dir is None:

@@ -70,9 +70,9 @@ def run_precision(args) -> dict:
     torch.set_num_threads(args.threads)
     from agents.data_sources import open_source
     from agents.lm.precision import load_in_precision
-    from graph.harness import EvalConfig, arm_settings
-    from graph.inspection import make_embedder
+    from graph.evaluation.config import EvalConfig, arm_settings
     from graph.runner import build_context, problem_data, run_episodes
+    from memory_store.embedding import make_embedder
 
     loaded, choice = load_in_precision(args.model, args.precision)
     source = open_source(args.data)

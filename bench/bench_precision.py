@@ -135,7 +135,7 @@ def main() -> None:
     if args.only:
         print(json.dumps(run_precision(args)))
         return
-    from graph.stats import compare, wilson_interval
+    from graph.evaluation.stats import compare, wilson_interval
 
     results = {}
     for precision in PRECISIONS:

@@ -18,7 +18,7 @@ from adapters.router import Router, context_features
 from adapters.store import BankStore
 from adapters.trainer import TestTimeTrainer
 from agents.diversifier import Diversifier
-from agents.lm.backend import GenerationBackend
+from agents.lm.backend import GenerationBackend, close_backend
 from agents.reflector import Reflector
 from agents.solver import Solver
 from agents.verifier import VerifierConfig
@@ -83,6 +83,20 @@ class RunContext:
     trainer: TestTimeTrainer
     bank_store: BankStore
     memory: MemoryStore | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Free the backend and close the memory (flushing it); closing twice is harmless."""
+        close_backend(self.backend)
+        if self.memory is not None:
+            self.memory.close()
+
+    def __enter__(self) -> RunContext:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------ routing
 

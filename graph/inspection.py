@@ -19,27 +19,16 @@ import networkx as nx
 
 from agents.errors import MemoryStoreError, SelfImproveError
 from memory_store.config import MemoryConfig
+from memory_store.embedding import EMBEDDERS, make_embedder
 from memory_store.store import MemoryStore
 
 log = logging.getLogger(__name__)
 
-EMBEDDERS = ("minilm", "hash")
 GRAPH_FORMATS = ("html", "graphml")
 
 
 class RunDirNotFound(SelfImproveError):
     """The directory is not a run directory (or holds no memory yet)."""
-
-
-def make_embedder(name: str):
-    """The memory embedder by name: 'minilm' (all-MiniLM-L6-v2) or 'hash' (deterministic, for tests)."""
-    from memory_store.embedding import HashEmbedding, MiniLMEmbedding
-
-    if name == "hash":
-        return HashEmbedding(dim=384)
-    if name == "minilm":
-        return MiniLMEmbedding()
-    raise ValueError(f"embedder must be one of {', '.join(EMBEDDERS)}; got {name!r}")
 
 
 def read_run_settings(run_dir: Path) -> dict:

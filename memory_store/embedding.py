@@ -161,3 +161,15 @@ def embedder_dim(embedder: EmbeddingFunction[Documents]) -> int:
     if isinstance(dim, int):
         return dim
     return len(embedder(["dimension probe"])[0])
+
+
+EMBEDDERS = ("minilm", "hash")
+
+
+def make_embedder(name: str) -> EmbeddingFunction[Documents]:
+    """The memory embedder by name: 'minilm' (all-MiniLM-L6-v2) or 'hash' (deterministic, for tests)."""
+    if name == "hash":
+        return HashEmbedding(dim=384)
+    if name == "minilm":
+        return MiniLMEmbedding()
+    raise ValueError(f"embedder must be one of {', '.join(EMBEDDERS)}; got {name!r}")

@@ -21,13 +21,9 @@ from agents.errors import DataError
 from agents.gsm8k import Problem, problem_id, sample_problems
 from agents.prompts import REFLECT_SYSTEM, SOLVER_SYSTEM, VARIANT_SYSTEM
 from agents.verifier import VerifierConfig
-from graph.harness import (
-    EvalConfig,
-    EvalInterrupted,
-    _prepare_eval_dir,
-    evaluate,
-    prepare_problems,
-)
+from graph.evaluation.config import EvalConfig, EvalInterrupted
+from graph.evaluation.harness import evaluate, prepare_eval_dir
+from graph.evaluation.problems import prepare_problems
 from graph.inspection import export_expert
 from graph.runner import RunDirError, StopFlag
 from run_loop import app
@@ -280,9 +276,9 @@ def test_resuming_an_evaluation_saved_before_the_backend_setting_means_torch(hol
     config = EvalConfig(**{**_config(tmp_path).__dict__, "learn_data": saved["config"]["learn_data"],
                            "eval_data": saved["config"]["eval_data"]})
     with pytest.raises(RunDirError, match="backend"):
-        _prepare_eval_dir(old_dir, config, prepare_problems(config), resume=True)
+        prepare_eval_dir(old_dir, config, prepare_problems(config), resume=True)
     torch_config = EvalConfig(**{**config.__dict__, "backend": "torch"})
-    _prepare_eval_dir(old_dir, torch_config, prepare_problems(torch_config), resume=True)
+    prepare_eval_dir(old_dir, torch_config, prepare_problems(torch_config), resume=True)
 
 
 def test_every_backend_an_evaluation_builds_is_closed_and_none_is_used_after(holdout):

@@ -455,7 +455,7 @@ def test_the_agents_of_a_run_use_its_reflector_and_diversifier_configs(make_run)
 
 def test_the_router_mode_is_the_same_by_default_everywhere():
     from adapters.router import RouterConfig
-    from graph.harness import EvalConfig
+    from graph.evaluation.config import EvalConfig
 
     assert RouterConfig().mode == RunSettings().router.mode == EvalConfig().router.mode == "top-k"
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from graph.stats import compare, flips, mcnemar_exact, wilson_interval
+from graph.evaluation.stats import compare, flips, mcnemar_exact, wilson_interval
 
 # Newcombe (1998), "Two-sided confidence intervals for the single proportion", Stat Med 17:857,
 # Table II, method 3 (Wilson score, no continuity correction), 95%.

@@ -1,4 +1,4 @@
-"""Generation backends: what the solver, reflector, diversifier and harness call to generate text.
+"""Generation backends: what the solver, reflector, diversifier and evaluation call to generate text.
 
 A backend turns chat messages into prompts and prompts into completions under an expert
 mixture. ``TorchBackend`` is the reference: it runs the transformers model with the bank
@@ -13,7 +13,8 @@ README).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
+import contextlib
+from typing import TYPE_CHECKING, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -144,6 +145,16 @@ class TorchBackend:
             return self.batcher.generate_requests(requests)
         return _one_call_each(self, requests)
 
+    def close(self) -> None:
+        """Drop the batcher and its key/value cache (made again if the backend is used after)."""
+        self._batcher = None
+
+    def __enter__(self) -> TorchBackend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 def generate_together(backend: GenerationBackend, requests: Sequence[Request]) -> list[list[Generation]]:
     """The completions of each request; one call when the backend can serve them together, else one call each."""
@@ -163,10 +174,19 @@ def _one_call_each(backend: GenerationBackend, requests: Sequence[Request]) -> l
 
 
 def close_backend(backend: GenerationBackend) -> None:
-    """Free what a backend holds outside Python's reach (llama.cpp's model and KV cache); torch holds nothing."""
+    """Free what a backend holds (llama.cpp's model, a key/value cache); a backend without ``close`` holds nothing."""
     close = getattr(backend, "close", None)
     if close is not None:
         close()
+
+
+@contextlib.contextmanager
+def opened(backend: GenerationBackend) -> Iterator[GenerationBackend]:
+    """``with opened(backend):`` closes any backend when the block ends (the built-in ones are context managers too)."""
+    try:
+        yield backend
+    finally:
+        close_backend(backend)
 
 
 def make_backend(
@@ -179,6 +199,8 @@ def make_backend(
     llamacpp: LlamaCppConfig | None = None,
 ) -> GenerationBackend:
     """The backend called `name` ("torch", "llama.cpp" or "auto", which is torch) for a loaded model and its bank.
+
+    Use it as ``with make_backend(...) as backend:``, which frees what it holds when the block ends.
 
     ``max_new_tokens`` is the solver's answer cap, which sizes llama.cpp's context per sequence.
     "llama.cpp" serves every call there, mixtures as LoRA scales; when it cannot serve this

@@ -1,0 +1,161 @@
+"""``evaluate``: every arm of an evaluation under its protocol, resumable, then the report.
+
+Each learning arm learns in its own folder ``run_dir/arms/<arm>`` (its own bank, memory and
+checkpoints, a valid run directory for ``rules`` and ``export``); a killed evaluation resumes
+from those checkpoints and from the arms' kept scores. Evaluation problems never enter
+``run_episodes`` in ``holdout``: they are only scored, so they cannot reach reflect, diversify
+or update.
+
+Python use::
+
+    from graph.evaluation.config import EvalConfig
+    from graph.evaluation.harness import evaluate
+    report = evaluate(EvalConfig(model="qwen2.5-coder-0.5b", learn_problems=20, eval_problems=50), "runs/eval")
+    report.summary()["arms"]["full"]["accuracy"]
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+from adapters.bank import ExpertBank
+from adapters.trainer import TrainingExample
+from agents.errors import DataError
+from agents.files import atomic_write_bytes
+from agents.lm.backend import GenerationBackend
+from agents.lm.models import LoadedModel, pick_device
+from agents.lm.precision import choose_precision
+from graph.evaluation.arms import ArmRunner
+from graph.evaluation.config import EVAL_FILE, LEGACY_CONFIG, LOOP_ARMS, PROTOCOL_NOTES, EvalConfig
+from graph.evaluation.learning import leak_check
+from graph.evaluation.problems import ProblemSets, check_disjoint, prepare_problems
+from graph.evaluation.report import write_report
+from graph.evaluation.results import ArmResult, EvalProgress, EvalReport, finished_arm, result_path, save_arm
+from graph.evaluation.stats import compare
+from graph.runner import RunDirError, StopFlag
+from graph.saved_settings import leaf_differences, read_saved
+from memory_store.embedding import make_embedder
+
+log = logging.getLogger(__name__)
+
+
+def prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resume: bool) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / EVAL_FILE
+    wanted = {"config": {k: v for k, v in config.to_dict().items() if k != "plots"}, **sets.to_dict()}
+    if path.exists():
+        if not resume:
+            raise RunDirError(f"{run_dir} already holds an evaluation; pass --resume to continue it or choose another --run-dir")
+        saved = read_saved(path)
+        saved["config"] = {**LEGACY_CONFIG, **saved.get("config", {})}
+        saved.pop("data_sources", None)  # a note of where the problems came from, not a setting
+        if saved != wanted:
+            differs = leaf_differences(saved.get("config", {}), wanted["config"])
+            shown = "; ".join(f"{key}: saved {a!r}, now {b!r}" for key, a, b in differs) or "problem ids"
+            raise RunDirError(f"{run_dir} holds an evaluation with different settings or problems ({shown}); "
+                              "use another --run-dir")
+    atomic_write_bytes(path, json.dumps({**wanted, "data_sources": sets.sources}, indent=2).encode())
+
+
+def evaluate(
+    config: EvalConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    loader: Callable[[], LoadedModel] | None = None,
+    backend: Callable[[LoadedModel, ExpertBank | None], GenerationBackend] | None = None,
+    embedder=None,
+    on_progress: Callable[[EvalProgress], None] | None = None,
+    stop: StopFlag | None = None,
+    problems: ProblemSets | None = None,
+) -> EvalReport:
+    """Run every arm of ``config`` under its protocol; write report.json, report.md and plots to run_dir.
+
+    ``loader`` gives a fresh model per arm (default: ``load_model(config.model)``; a bank is
+    injected in place, so arms never share a model object). ``backend(loaded, bank)`` builds the
+    generation backends of an arm once its bank exists (bank None for the frozen arm; default:
+    ``make_backend(config.backend, ...)``, the same kind for scoring and learning in every arm:
+    arms are compared answer by answer, so they must share numerics). ``embedder`` overrides
+    ``config.embedder``. ``stop`` (a StopFlag) ends the run after the running node; call again
+    with ``resume=True`` to continue. ``problems`` replaces the draw from the config's data
+    (``prepare_problems(config)``); holdout sets are checked disjoint either way.
+    """
+    run_dir = Path(run_dir)
+    begin = time.perf_counter()
+    sets = problems if problems is not None else prepare_problems(config)
+    if config.protocol == "holdout":
+        check_disjoint(sets.learn, sets.scored)
+    elif [p.id for p in sets.learn] != [p.id for p in sets.scored]:
+        raise DataError(f"protocol {config.protocol} learns on the scored problems themselves: learn must equal scored")
+    prepare_eval_dir(run_dir, config, sets, resume)
+    precision = choose_precision(config.precision, pick_device(None).type)
+    run = ArmRunner(config, run_dir, sets, precision, embedder if embedder is not None else make_embedder(config.embedder),
+                    loader=loader, backend=backend, on_progress=on_progress, stop=stop)
+
+    arms: dict[str, ArmResult] = {}
+    extra: dict = {"precision": precision.to_dict()}
+
+    def once(arm: str, compute):
+        """An arm computed, or read back when an earlier process of this evaluation finished it."""
+        done = finished_arm(run_dir, arm) if resume else None
+        if done is not None:
+            log.info("%s arm: finished earlier, read from %s", arm, result_path(run_dir, arm))
+            return done
+        result, states = compute()
+        save_arm(run_dir, result, states)
+        gc.collect()  # each arm loads its own model: free the last one before the next loads
+        return result, states
+
+    frozen_pool, _ = once("frozen", lambda: (run.frozen(sets.scored), None))
+    scored = sets.scored
+    if config.protocol == "recovery":
+        failed = [p for p, s in zip(sets.scored, frozen_pool.scores) if not s.correct]
+        extra["recovery_pool"] = {"n": len(sets.scored), "frozen_correct": frozen_pool.correct,
+                                  "rescored_failed": len(failed)}
+        scored = failed
+        log.info("recovery: the frozen model failed %d of %d problems; those are re-scored", len(failed), len(sets.scored))
+        keep = {p.id for p in failed}
+        frozen_pool.scores = [s for s in frozen_pool.scores if s.id in keep]
+    arms["frozen"] = frozen_pool
+    if "vote" in config.arms:
+        arms["vote"], _ = once("vote", lambda: (run.vote(scored), None))
+
+    states_by_arm: dict[str, list[dict]] = {}
+    for arm in (a for a in config.arms if a in LOOP_ARMS):
+        arms[arm], states_by_arm[arm] = once(arm, lambda arm=arm: run.loop_arm(arm, scored, resume))
+    if "single-lora" in config.arms:
+        missing = [u for s in states_by_arm["adapters"] for u in s.get("updates") or [] if "texts" not in u]
+        if missing:
+            raise RunDirError("the adapters arm's updates carry no training texts (made by an older version); "
+                              "run the evaluation in a new --run-dir")
+        # The adapters arm's own texts, burst by burst; its replayed texts are not trained twice.
+        bursts = [[[TrainingExample(t["prompt"], t["completion"]) for t in u["texts"] if t.get("source") != "replay"]
+                   for u in s.get("updates") or []] for s in states_by_arm["adapters"]]
+        arms["single-lora"], _ = once("single-lora", lambda: (run.single_lora(bursts, scored), None))
+
+    comparisons = {name: compare([s.correct for s in arms["frozen"].scores], [s.correct for s in r.scores])
+                   for name, r in arms.items() if name != "frozen"}
+    if "vote" in arms:  # the compute-matched baseline: does learning beat majority voting at equal samples?
+        extra["vs_vote"] = {name: compare([s.correct for s in arms["vote"].scores], [s.correct for s in r.scores]).to_dict()
+                            for name, r in arms.items() if name not in ("frozen", "vote")}
+    report = EvalReport(
+        protocol=config.protocol,
+        protocol_note=PROTOCOL_NOTES[config.protocol],
+        config=config.to_dict(),
+        items=[{"id": p.id, "question": p.question, "label": p.label} for p in scored],
+        learn_ids=[p.id for p in sets.learn],
+        arms=arms,
+        comparisons=comparisons,
+        leak_check=leak_check(scored, states_by_arm) if config.protocol == "holdout" else {"not_applicable": config.protocol},
+        run_dir=str(run_dir),
+        seconds=time.perf_counter() - begin,
+        extra=extra,
+        data_sources=sets.sources,
+    )
+    write_report(report, run_dir, plots=config.plots)
+    return report

@@ -1,0 +1,83 @@
+"""What the learning arms did, read from their finished episode states: counts, a curve, a leak check."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Sequence
+
+from agents.gsm8k import Problem, normalise_question
+from agents.solver import Attempt
+from agents.trajectories import SOURCES
+from agents.verifier import check
+from graph.nodes import update_survived
+
+
+def learning_summary(states: list[dict]) -> dict:
+    """What one arm's learning did, counted over its episodes."""
+    outcomes = [s["outcome"] for s in states]
+    updates = [u for s in states for u in s.get("updates") or []]
+    checks = [c for s in states for c in s.get("canary_checks") or []]
+    candidates = [c for s in states for c in s.get("candidates") or []]
+    trained = [t for u in updates for t in u.get("texts") or [] if t.get("source") != "replay"]
+    kept = sum(update_survived(s, u) for s in states for u in s.get("updates") or [])
+    return {
+        "episodes": len(states),
+        "right_first_try": sum(bool(s["first_try"]["correct"]) for s in states),
+        **{k: outcomes.count(k) for k in ("correct", "fixed", "unfixed", "failed", "not_learned", "skipped")},
+        "learned_from": sum(bool(s.get("updates")) for s in states),  # problems whose texts reached an update
+        "rules": sum(len(s.get("rules") or []) for s in states),
+        "rules_proposed": len(candidates),
+        "rules_refused": sum(c["status"] == "refused" for c in candidates),
+        "rules_validated": sum(c["status"] == "validated" for c in candidates),
+        "rules_refuted": sum(c["status"] == "refuted" for c in candidates),
+        "updates": len(updates),
+        "updates_kept": kept,
+        "updates_rolled_back": len(updates) - kept,
+        "mirror_rollbacks": sum(bool(u.get("stress_rolled_back")) for u in updates),
+        "canary_rollbacks": sum(bool(c.get("canary_rolled_back")) for c in checks),
+        "episode_rollbacks": sum(s.get("episode_rolled_back_to") is not None for s in states),
+        "texts": len(trained),
+        "texts_by_source": {source: sum(t.get("source") == source for t in trained) for source in SOURCES},
+        "texts_replayed": sum(t.get("source") == "replay" for u in updates for t in u.get("texts") or []),
+    }
+
+
+def learning_curve(states: list[dict], learn: Sequence[Problem]) -> list[dict]:
+    """Per learning episode: right at the first try (against the label), outcome, and the stress phi(t)."""
+    labels = {p.id: p.label for p in learn}
+    curve, phi = [], None
+    for index, state in enumerate(states):
+        updates = state.get("updates") or []
+        if updates:
+            phi = updates[-1]["phi"]  # the controller's reading at the episode's last update
+        label = labels.get(state["problem"]["id"])
+        first = Attempt(**state["first_try"]["attempt"])
+        curve.append({
+            "episode": index, "id": state["problem"]["id"],
+            "first_correct": bool(check(first, label).correct) if label is not None else bool(state["first_try"]["correct"]),
+            "outcome": state["outcome"], "updates": len(updates), "phi": phi,
+            "experts": [u["expert"] for u in updates],
+        })
+    return curve
+
+
+def leak_check(scored: Sequence[Problem], states_by_arm: dict[str, list[dict]]) -> dict:
+    """Rules and training texts (every loop arm) that contain an evaluation question, up to spacing and case."""
+    questions = [normalise_question(p.question) for p in scored]
+    states = [s for arm_states in states_by_arm.values() for s in arm_states]
+    rules = [normalise_question(r["text"]) for s in states for r in s.get("rules") or []]
+    texts = [normalise_question(t["prompt"] + "\n" + t["completion"])
+             for s in states for u in s.get("updates") or [] for t in u.get("texts") or []]
+    hits = sum(any(q in t for q in questions) for t in rules + texts)
+    return {"rules": len(rules), "training_texts": len(texts), "containing_an_evaluation_question": hits}
+
+
+def episode_timing(seconds: list[float]) -> dict:
+    """Median and 90th percentile of episode wall times (nearest rank), over the episodes timed."""
+    if not seconds:
+        return {"episodes_timed": 0, "episode_seconds_median": None, "episode_seconds_p90": None}
+    ordered = sorted(seconds)
+    rank = lambda q: ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]  # noqa: E731
+    return {"episodes_timed": len(ordered), "episode_seconds_median": statistics.median(ordered),
+            "episode_seconds_p90": rank(0.9)}
