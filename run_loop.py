@@ -109,23 +109,44 @@ def _status(console: Console, message: str) -> None:
     console.print(message, markup=False, highlight=False)
 
 
-def _ctrl_c_stops(stop, console: Console):
-    """Install a SIGINT handler that sets stop once (a second Ctrl-C aborts); returns the previous handler."""
+class _Live:
+    """Live progress on stderr and Ctrl-C handling for a long command: the first Ctrl-C sets ``stop``
+    (the library ends after the running node), the second aborts. The bar appears at the first
+    ``update``: lines before it (data sources, or an error in them) print alone."""
 
-    def on_interrupt(*_) -> None:
-        stop.set()
+    def __init__(self, console: Console, description: str):
+        from graph.runner import StopFlag
+
+        self.console, self.stop = console, StopFlag()
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                  TimeElapsedColumn(), console=console)
+        self._task = self._progress.add_task(description, total=1)
+        self._started = False
+
+    def update(self, description: str | None = None, done: int | None = None, total: int | None = None) -> None:
+        if not self._started:
+            self._progress.start()
+            self._started = True
+        self._progress.update(self._task, description=description, completed=done, total=total)
+
+    def line(self, text: str) -> None:
+        self._progress.console.print(text, markup=False, highlight=False)
+
+    def _on_interrupt(self, *_) -> None:
+        self.stop.set()
         # Not the previous handler: a process started in the background inherits SIGINT ignored,
         # and the second Ctrl-C would then do nothing.
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        console.print("stopping after the running node finishes (Ctrl-C again to abort now)", markup=False)
+        self.console.print("stopping after the running node finishes (Ctrl-C again to abort now)", markup=False)
 
-    previous = signal.signal(signal.SIGINT, on_interrupt)
-    return previous
+    def __enter__(self) -> _Live:
+        self._previous = signal.signal(signal.SIGINT, self._on_interrupt)
+        return self
 
-
-def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), console=console)
+    def __exit__(self, *exc) -> None:
+        if self._started:
+            self._progress.stop()
+        signal.signal(signal.SIGINT, self._previous)
 
 
 ModelOption = Annotated[Optional[str], typer.Option(
@@ -169,8 +190,8 @@ def run(
     Example: python run_loop.py run --data train --episodes 5 --run-dir runs/first
     """
     _quiet_openmp()
-    from agents.data_sources import open_source
-    from graph.runner import check_run_dir, claim_run_dir, run_settings
+    from graph.loop_run import LoopRun
+    from graph.runner import describe_episode
 
     err = Console(stderr=True, soft_wrap=True)
     if embedder is not None and embedder not in ("minilm", "hash"):
@@ -185,155 +206,56 @@ def run(
         "batch_size": batch_size, "embedder": embedder, "precision": precision, "verifier.samples": samples,
     }
     try:
-        settings = run_settings(run_dir, resume, options)
-        source = open_source(settings.data)  # data errors before anything loads or is written
-        _status(err, f"data: {source.describe()}")
-        chosen = source.take(settings.episodes, "episodes")
-        # The folder, its saved settings and its lock, before the model loads (a minute, the first time).
-        lock = claim_run_dir(run_dir)
+        loop = LoopRun.setup(run_dir, resume, options, threads=threads, on_status=lambda line: _status(err, line))
     except (SelfImproveError, ValueError) as error:
         raise _fail(error) from error
     try:
-        check_run_dir(run_dir, settings, resume)  # under the lock: nobody writes run.json meanwhile
-    except (SelfImproveError, ValueError) as error:
-        lock.release()
-        raise _fail(error) from error
-    try:
-        _run_loop(settings, source, chosen, run_dir, resume, threads, err)
-    finally:
-        lock.release()
-
-
-def _run_loop(settings, source, chosen, run_dir: Path, resume: bool, threads: int, err: Console) -> None:
-    """The loop over the chosen problems with live progress; the summary on stdout."""
-    from agents.lm.backend import close_backend
-    from agents.lm.precision import load_in_precision
-    from graph.runner import (
-        StopFlag,
-        build_fresh_context,
-        check_questions_fit,
-        describe_episode,
-        problem_data,
-        run_episodes,
-        set_threads,
-        write_run_settings,
-    )
-    from memory_store.embedding import make_embedder
-
-    set_threads(threads)
-    label_free = settings.loop.label_free
-    try:
-        loaded, precision = load_in_precision(settings.model, settings.precision)
-        _status(err, f"precision: {precision.used} ({precision.requested}: {precision.reason})")
-        check_questions_fit(chosen, loaded, settings.solver.max_new_tokens, where=source.location)
-        problems = [problem_data(p, learning=True, label_free=label_free) for p in chosen]
-        ctx = build_fresh_context(loaded, settings, run_dir, embedder=make_embedder(settings.embedder))
-        write_run_settings(run_dir, settings, notes={"data_source": source.to_dict()})
-    except (SelfImproveError, ValueError) as error:
-        raise _fail(error) from error
-    _status(err, f"backend: {ctx.backend.description}; model {settings.model} on {loaded.device} ({loaded.dtype}); "
-                 f"run dir {run_dir}")
-    stop = StopFlag()
-    previous = _ctrl_c_stops(stop, err)
-    done = {"episodes": 0, "right_first_try": 0, "right_at_end": 0}
-    try:
-        with _progress(err) as progress:
-            task = progress.add_task("starting", total=len(problems))
+        with loop, _Live(err, "starting") as live:
+            trainer, total = loop.ctx.trainer, len(loop.problems)
+            live.update("starting", 0, total)
 
             def on_event(event) -> None:
-                phi = f"{ctx.trainer.stress.phi:.2f}"
-                mode = ctx.trainer.stress.decide().mode.value
-                n = done["episodes"]
-                acc = f"{done['right_at_end']}/{n}" if n else "-"
-                progress.update(task, description=f"episode {event.episode + 1} {event.node:<10} right {acc} phi {phi} {mode}")
+                n = loop.episodes_done
+                right = f"{loop.right_at_end}/{n}" if n else "-"
+                live.update(f"episode {event.episode + 1} {event.node:<10} right {right} phi {trainer.stress.phi:.2f} "
+                            f"{trainer.stress.decide().mode.value}", n, total)
 
-            for final in run_episodes(ctx, problems, run_dir=run_dir, on_event=on_event, stop=stop):
-                done["episodes"] += 1
-                done["right_first_try"] += int(final["first_try"]["correct"])
-                done["right_at_end"] += int(final["outcome"] in ("correct", "fixed"))
-                progress.update(task, completed=done["episodes"])
-                progress.console.print(f"episode {done['episodes']}/{len(problems)}: {describe_episode(final)}",
-                                       markup=False, highlight=False)
+            for final in loop.episodes(stop=live.stop, on_event=on_event):
+                live.update(done=loop.episodes_done)
+                live.line(f"episode {loop.episodes_done}/{total}: {describe_episode(final)}")
     except SelfImproveError as error:
         raise _fail(error) from error
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        close_backend(ctx.backend)
-        if ctx.memory is not None:
-            ctx.memory.close()
-    if stop:
+    if live.stop:
         _status(err, f"stopped after a finished node; resume with: python run_loop.py run --run-dir {run_dir} --resume")
         raise typer.Exit(130)
-    typer.echo(json.dumps({
-        "episodes": done["episodes"],
-        # Scored before the loop learned from each problem: online accuracy.
-        "stream_right_first_try": done["right_first_try"],
-        # Re-scored after learning on the same problem: plasticity, not generalisation.
-        "recovery_right_at_end": done["right_at_end"],
-        "protocols": {"stream_right_first_try": "stream", "recovery_right_at_end": "recovery"},
-        "data_source": source.to_dict(),
-        "run_dir": str(run_dir),
-    }))
+    typer.echo(json.dumps(loop.summary()))
 
 
 # ---------------------------------------------------------------- evaluation
 
 
 def _evaluate_with_progress(config, run_dir: Path, resume: bool, threads: int, err: Console):
-    """Resolve the problems (printing each data source), run the evaluation with live progress; the report."""
-    from graph.evaluation.problems import prepare_problems
-    from graph.runner import claim_run_dir
-
-    try:
-        problems = prepare_problems(config, on_source=lambda source: _status(err, f"data: {source.describe()}"))
-        lock = claim_run_dir(run_dir)  # before any model loads: a second process on the folder is refused now
-    except (SelfImproveError, ValueError) as error:
-        raise _fail(error) from error
-    try:
-        return _evaluate_locked(config, run_dir, resume, threads, err, problems)
-    finally:
-        lock.release()
-
-
-def _evaluate_locked(config, run_dir: Path, resume: bool, threads: int, err: Console, problems):
-    """The evaluation, its folder locked, with live progress; the report."""
+    """The evaluation with live progress; its report."""
     from graph.evaluation.config import EvalInterrupted
-    from graph.evaluation.harness import evaluate
-    from graph.runner import StopFlag, set_threads
-
-    set_threads(threads)
-    from agents.lm.models import pick_device
-    from agents.lm.precision import choose_precision
+    from graph.evaluation.harness import run_evaluation
 
     try:
-        precision = choose_precision(config.precision, pick_device(None).type)
-    except (SelfImproveError, ValueError) as error:
-        raise _fail(error) from error
-    _status(err, f"precision: {precision.used} ({precision.requested}: {precision.reason})")
-    _status(err, f"backend: {config.backend} for every arm's scoring and learning "
-                 "(each arm's exact backend is recorded in report.json and report.md)")
-    stop = StopFlag()
-    previous = _ctrl_c_stops(stop, err)
-    try:
-        with _progress(err) as progress:
-            task = progress.add_task(f"{config.protocol}: loading", total=1)
+        with _Live(err, f"{config.protocol}: loading") as live:
 
             def on_progress(p) -> None:
-                detail = f" {p.detail}" if p.detail else ""
-                progress.update(task, description=f"{config.protocol}: {p.arm} {p.phase}{detail}",
-                                completed=p.done, total=p.total)
+                what = " ".join(part for part in (p.arm, p.phase, p.detail) if part)
+                live.update(f"{config.protocol}: {what}", p.done, p.total)
                 if p.finished:
-                    progress.console.print(p.finished, markup=False, highlight=False)
+                    live.line(p.finished)
 
-            return evaluate(config, run_dir, resume=resume, on_progress=on_progress, stop=stop, problems=problems)
+            return run_evaluation(config, run_dir, resume=resume, threads=threads, on_status=live.line,
+                                  on_progress=on_progress, stop=live.stop)
     except EvalInterrupted as error:
         command = "demo" if config.arms == ("frozen", "full") else "eval"
         _status(err, f"{error}; resume with: python run_loop.py {command} --run-dir {run_dir} --resume")
         raise typer.Exit(130) from error
     except (SelfImproveError, ValueError) as error:
         raise _fail(error) from error
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @app.command("eval")
@@ -526,7 +448,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON to stdout."
 
 def _read_memory(run_dir: Path, embedder: str, read):
     """Open the run's memory read-only, apply read(store), close it; errors become one line."""
-    from graph.inspection import open_memory
+    from graph.inspection.rules import open_memory
 
     try:
         store = open_memory(run_dir, embedder)
@@ -562,7 +484,7 @@ def rules_list(
 
     Example: python run_loop.py rules list --run-dir runs/loop --status trained
     """
-    from graph.inspection import list_rules
+    from graph.inspection.rules import list_rules
 
     rows = _read_memory(run_dir, embedder, lambda store: list_rules(store, expert=expert, status=status, limit=limit))
     if as_json:
@@ -582,7 +504,7 @@ def rules_show(
 
     Example: python run_loop.py rules show r-0123456789abcdef --run-dir runs/loop
     """
-    from graph.inspection import show_rule
+    from graph.inspection.rules import show_rule
 
     chain = _read_memory(run_dir, embedder, lambda store: show_rule(store, rule_id))
     if as_json:
@@ -615,7 +537,7 @@ def rules_search(
 
     Example: python run_loop.py rules search "units before adding" --run-dir runs/loop
     """
-    from graph.inspection import search_rules
+    from graph.inspection.rules import search_rules
 
     rows = _read_memory(run_dir, embedder, lambda store: search_rules(store, text, k))
     if as_json:
@@ -634,7 +556,7 @@ def rules_stats(
 
     Example: python run_loop.py rules stats --run-dir runs/loop --json
     """
-    from graph.inspection import rule_stats
+    from graph.inspection.rules import rule_stats
 
     stats = _read_memory(run_dir, embedder, rule_stats)
     if as_json:
@@ -663,7 +585,7 @@ def rules_graph(
 
     Example: python run_loop.py rules graph --run-dir runs/loop --out graph.html
     """
-    from graph.inspection import write_graph
+    from graph.inspection.memory_graph import write_graph
 
     def write(store):
         path = write_graph(store, out, fmt, title=str(run_dir))
@@ -688,7 +610,7 @@ def export(
 
     Example: python run_loop.py export --run-dir runs/loop --expert 3 --out runs/loop/peft-expert3
     """
-    from graph.inspection import export_expert
+    from graph.inspection.expert_export import export_expert
 
     for name, value in (("--run-dir", run_dir), ("--expert", expert), ("--out", out)):
         if value is None:

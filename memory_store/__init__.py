@@ -6,10 +6,17 @@ Modules, one idea each:
     embedding   MiniLMEmbedding (all-MiniLM-L6-v2 from the offline package) and HashEmbedding
                 (deterministic, for tests), both registered Chroma embedding functions
     records     Rule, Episode, NewRule, Provenance, RuleHit, MemoryStats, MemoryFeatures
-    store       MemoryStore: open/close, add_rule(s), add_episode, counters, status, training,
+    store       MemoryStore: open, add_rule(s), add_episode, counters, status, training,
                 list/search/show rules, memory_features, stats
+    base        StoreBase, what MemoryStore stands on: close, the write discipline (thread lock,
+                io lock, dirty marker, autosave), graph load/rebuild/flush, paged reads
+    opening     the three ways a store opens (server URL, embedded writer, read-only snapshot)
+                and the check of its collections
+    dedup       whether a new rule is new or merges into a near-duplicate (dedup_threshold)
+    graph_file  memory_graph.json and graph.dirty: trusting, saving, marking
+    chroma      Chroma's cosine distance as similarity, its failures as MemoryStoreError
     graph       MemoryGraph: problems, rules, experts, episodes, updates; atomic node-link JSON
-    features    turns neighbours into the router vector and the expert prior
+    features    turns the nearest episodes and rules into the router vector and the expert prior
     filters     where-filter validation with one-line errors
     locks       one writer per embedded store (flock), consistent snapshots for readers
     server      a local `chroma run` for tests and benchmarks

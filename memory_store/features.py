@@ -1,8 +1,9 @@
 """Router memory features from a question's nearest past episodes and rules.
 
-The store finds the neighbours; this module turns them into numbers, so the same function
-serves router training and inference (``MemoryStore.memory_features`` is the only caller).
-Layout and meaning are documented on ``records.MemoryFeatures``.
+The store queries Chroma for the neighbours; this module picks them from the answers and turns
+them into numbers, so the same function serves router training and inference
+(``MemoryStore.memory_features`` is the only caller). Layout and meaning are documented on
+``records.MemoryFeatures``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from memory_store import chroma
 from memory_store.config import MemoryConfig
 from memory_store.records import ACTIVE_STATUSES, Episode, MemoryFeatures, Rule
 
@@ -84,3 +86,44 @@ def empty_features(config: MemoryConfig) -> MemoryFeatures:
         vector=np.zeros(config.feature_dim, dtype=np.float32),
         prior=np.full(config.n_experts, 1.0 / config.n_experts, dtype=np.float32),
     )
+
+
+def features_from_hits(
+    config: MemoryConfig, rule_hits: dict, episode_hits: dict, exclude_problem: str | None
+) -> MemoryFeatures:
+    """Features from Chroma's answers to one question (2k candidates each, with embeddings).
+
+    Keeps the k nearest episodes and the k nearest active rules, leaving out ``exclude_problem``'s own.
+    """
+    k = config.k
+    n = config.n_experts
+    neighbours = []
+    episode_ids = []
+    for doc, meta, dist, emb in zip(
+        episode_hits["documents"][0],
+        episode_hits["metadatas"][0],
+        episode_hits["distances"][0],
+        episode_hits["embeddings"][0],
+        strict=True,
+    ):
+        episode = Episode.from_chroma(doc, meta)
+        if episode.problem_id == exclude_problem or len(episode_ids) == k:
+            continue
+        neighbours.append(episode_neighbour(episode, emb, chroma.similarity(dist), n))
+        episode_ids.append(episode.episode_id)
+    top_rules = []
+    for doc, meta, dist, emb in zip(
+        rule_hits["documents"][0],
+        rule_hits["metadatas"][0],
+        rule_hits["distances"][0],
+        rule_hits["embeddings"][0],
+        strict=True,
+    ):
+        if meta["status"] not in ACTIVE_STATUSES or len(top_rules) == k or meta["problem_id"] == exclude_problem:
+            continue
+        rule = Rule.from_chroma(doc, meta)
+        neighbours.append(rule_neighbour(rule, emb, chroma.similarity(dist), n))
+        top_rules.append((rule, chroma.similarity(dist)))
+    if not neighbours:
+        return empty_features(config)
+    return compute_features(config, neighbours, top_rules, episode_ids)

@@ -5,15 +5,13 @@ one writer process guarded by a lock file) and server (``chromadb.HttpClient`` a
 ``MemoryConfig.url``, shared by loops on several machines). Embeddings are always computed
 here and handed to Chroma, so Chroma never runs (or downloads) an embedding model itself.
 
-Files in run_dir/memory/:
-    chroma/            the embedded Chroma store (embedded mode only)
-    memory_graph.json  node-link JSON of the MemoryGraph, replaced atomically
-    graph.dirty        present while the JSON may lag Chroma (a crash leaves it: rebuild)
-    writer.lock        flock held by the one writer; holds its pid (embedded mode only)
-    io.lock            flock taken around each write and each reader snapshot (embedded only)
-
-A read-only open of an embedded store copies it under the shared io lock into a temporary
-folder and reads the copy, so inspecting a running loop never touches the writer's files.
+This module holds the store's reading and writing API. Beside it, one idea each: ``base``
+(StoreBase: the open store's state, closing, and the write discipline every method follows:
+thread lock, io lock, dirty marker, autosave), ``opening`` (the three ways a store is opened
+and the collection check), ``dedup`` (whether a new rule merges into a near-duplicate),
+``graph_file`` (the graph JSON and its dirty marker), ``features`` (query answers to router
+features) and ``chroma`` (similarity, error messages). It stays near 450 lines: each
+public method is short, and splitting the API itself would scatter one class over modules.
 
 Counters (retrieved, helped, hurt) are read-modify-write: with several loops writing to one
 server, two increments of the same rule at the same moment can count once.
@@ -21,38 +19,28 @@ server, two increments of the same rule at the same moment can count once.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-import os
-import shutil
-import tempfile
-import threading
 import time
-import weakref
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
-import chromadb
-import httpx
 import numpy as np
 from chromadb.api.types import Documents, EmbeddingFunction
-from chromadb.config import Settings
-from chromadb.errors import ChromaError, NotFoundError
 
-from agents.files import fsync_dir
+from memory_store.base import StoreBase
+from memory_store.chroma import chroma_errors, similarity
 from memory_store.config import MemoryConfig
+from memory_store.dedup import plan_chunk
 from memory_store.embedding import MiniLMEmbedding, embedder_dim
-from memory_store.errors import BadFilterError, MemoryStoreError, ReadOnlyError, UnknownIdError
-from memory_store.features import compute_features, empty_features, episode_neighbour, rule_neighbour
+from memory_store.errors import BadFilterError, MemoryStoreError, UnknownIdError
+from memory_store.features import features_from_hits
 from memory_store.filters import and_filters, validate_where
-from memory_store.graph import MemoryGraph, node_id
-from memory_store.locks import IoLock, WriterLock
+from memory_store.graph import node_id
+from memory_store.opening import open_store
 from memory_store.records import (
-    ACTIVE_STATUSES,
     EPISODE_FILTER_KEYS,
     OUTCOMES,
     RULE_FILTER_KEYS,
@@ -64,83 +52,19 @@ from memory_store.records import (
     Provenance,
     Rule,
     RuleHit,
-    RuleSource,
     UpdateInfo,
     rule_id_for,
 )
 
 logger = logging.getLogger(__name__)
 
-CHROMA_DIR = "chroma"
-GRAPH_FILE = "memory_graph.json"
-DIRTY_FILE = "graph.dirty"
-WRITER_LOCK_FILE = "writer.lock"
-IO_LOCK_FILE = "io.lock"
-STORE_SCHEMA = 1  # bump when the metadata layout changes
-PAGE = 5000  # rows per Chroma get() page when reading whole collections
 BATCH = 1000  # rows per Chroma add/update/query call, under every client's max batch size
 
 
-def _similarity(distance: float) -> float:
-    """Chroma's cosine distance is 1 - cos; clip to [0, 1] so weights stay non-negative."""
-    return float(min(1.0, max(0.0, 1.0 - distance)))
-
-
-def _as_matrix(embeddings: Any, n: int, dim: int) -> np.ndarray:
-    matrix = np.asarray(embeddings, dtype=np.float32)
-    if matrix.ndim == 1:
-        matrix = matrix[None, :]  # (1, dim)
-    if matrix.shape != (n, dim):
-        raise MemoryStoreError(f"embeddings must have shape ({n}, {dim}), got {matrix.shape}")
-    if not np.isfinite(matrix).all():
-        raise MemoryStoreError("embeddings contain NaN or infinite values")
-    return matrix  # (n, dim)
-
-
-@contextmanager
-def _chroma_errors(what: str) -> Iterator[None]:
-    """Turn Chroma's and the HTTP client's failures into one-line MemoryStoreErrors."""
-    try:
-        yield
-    except ChromaError as exc:
-        raise MemoryStoreError(f"chroma {what} failed: {exc}") from exc
-    except httpx.TransportError as exc:
-        raise MemoryStoreError(f"chroma server unreachable during {what}: {exc}") from exc
-
-
-class MemoryStore:
+class MemoryStore(StoreBase):
     """Use ``MemoryStore.open(config, embedder=..., writable=...)``; close it (or use ``with``)."""
 
-    def __init__(
-        self,
-        config: MemoryConfig,
-        embedder: EmbeddingFunction[Documents],
-        client: Any,
-        writable: bool,
-        writer_lock: WriterLock | None,
-        io_lock: IoLock | None,
-        files_dir: Path,
-        snapshot_dir: Path | None,
-    ) -> None:
-        self.config = config
-        self.embedder = embedder
-        self.writable = writable
-        self._client = client
-        self._writer_lock = writer_lock
-        self._io_lock = io_lock
-        self._files_dir = files_dir  # where graph JSON and dirty marker are read (and written)
-        self._snapshot_dir = snapshot_dir
-        self._lock = threading.RLock()
-        self._dirty = False
-        self._last_save = time.monotonic()
-        self._closed = False
-        if snapshot_dir is not None:
-            self._cleanup = weakref.finalize(self, shutil.rmtree, snapshot_dir, True)
-        self._rules = self._collection(config.rules_collection)
-        self._episodes = self._collection(config.episodes_collection)
-        self.graph = self._load_graph()
-
-    # -- opening and closing ----------------------------------------------------------------
+    # -- opening ------------------------------------------------------------------------------
 
     @classmethod
     def open(
@@ -161,220 +85,15 @@ class MemoryStore:
             raise MemoryStoreError(
                 f"embedder {embedder.name()} gives {dim}-d vectors but config.embed_dim is {config.embed_dim}"
             )
-        settings = Settings(anonymized_telemetry=False)
-        memory_dir = config.memory_dir
-        if config.url is not None:
-            parts = urlsplit(config.url)
-            ssl = parts.scheme == "https"
-            port = parts.port or (443 if ssl else 8000)
-            try:
-                client = chromadb.HttpClient(host=parts.hostname, port=port, ssl=ssl, settings=settings)
-            except (ValueError, ChromaError, httpx.HTTPError) as exc:
-                raise MemoryStoreError(f"cannot reach the Chroma server at {config.url}: {exc}") from None
-            if writable:
-                memory_dir.mkdir(parents=True, exist_ok=True)
-            return cls(config, embedder, client, writable, None, None, memory_dir, None)
-        io_lock = IoLock(memory_dir / IO_LOCK_FILE)
-        if writable:
-            writer_lock = WriterLock(memory_dir / WRITER_LOCK_FILE)
-            writer_lock.acquire()
-            client = None
-            try:
-                client = chromadb.PersistentClient(path=str(memory_dir / CHROMA_DIR), settings=settings)
-                return cls(config, embedder, client, True, writer_lock, io_lock, memory_dir, None)
-            except BaseException:
-                if client is not None:
-                    client.close()
-                writer_lock.release()
-                raise
-        if not (memory_dir / CHROMA_DIR).is_dir():
-            raise MemoryStoreError(f"no memory store in {memory_dir} (nothing has been written there yet)")
-        snapshot = Path(tempfile.mkdtemp(prefix="memory-snapshot-"))
-        client = None
-        try:
-            with io_lock.shared(config.lock_timeout_s):
-                shutil.copytree(memory_dir / CHROMA_DIR, snapshot / CHROMA_DIR)
-                for name in (GRAPH_FILE, DIRTY_FILE):
-                    if (memory_dir / name).exists():
-                        shutil.copy2(memory_dir / name, snapshot / name)
-            client = chromadb.PersistentClient(path=str(snapshot / CHROMA_DIR), settings=settings)
-            return cls(config, embedder, client, False, None, None, snapshot, snapshot)
-        except BaseException:
-            if client is not None:
-                client.close()
-            shutil.rmtree(snapshot, ignore_errors=True)
-            raise
-
-    def _collection(self, name: str) -> Any:
-        expected = {"embed_dim": self.config.embed_dim, "schema": STORE_SCHEMA}
-        try:
-            if self.writable:
-                collection = self._client.get_or_create_collection(
-                    name,
-                    configuration={"hnsw": {"space": "cosine"}},
-                    metadata=expected,
-                    embedding_function=self.embedder,
-                )
-            else:
-                collection = self._client.get_collection(name, embedding_function=self.embedder)
-        except NotFoundError:
-            raise MemoryStoreError(
-                f"memory store has no collection {name!r}; open it writable once to create it"
-            ) from None
-        except ValueError as exc:  # Chroma's message for a different persisted embedding function
-            if "conflict" not in str(exc):
-                raise
-            raise MemoryStoreError(f"collection {name!r} was built with another embedder: {exc}") from None
-        except (ChromaError, httpx.TransportError) as exc:
-            raise MemoryStoreError(f"cannot open collection {name!r}: {exc}") from exc
-        found = {key: (collection.metadata or {}).get(key) for key in expected}
-        if found != expected:
-            raise MemoryStoreError(f"collection {name!r} has {found}, this code expects {expected}")
-        return collection
-
-    def close(self) -> None:
-        """Save the graph (if writable), release Chroma and the writer lock. Idempotent."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            try:
-                if self.writable and (self._dirty or not (self._files_dir / GRAPH_FILE).exists()):
-                    self._save_graph()
-            finally:
-                self._client.close()
-                if self._writer_lock is not None:
-                    self._writer_lock.release()
-                if self._snapshot_dir is not None:
-                    self._cleanup()
-
-    def __enter__(self) -> MemoryStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def mode(self) -> str:
-        return "embedded" if self.config.embedded else "server"
-
-    # -- the graph file -------------------------------------------------------------------
-
-    def _load_graph(self) -> MemoryGraph:
-        path = self._files_dir / GRAPH_FILE
-        with _chroma_errors("count"):
-            have = (self._rules.count(), self._episodes.count())
-        reason = None
-        if (self._files_dir / DIRTY_FILE).exists():
-            reason = "the last writer did not close cleanly"
-        else:
-            try:
-                graph = MemoryGraph.load(path)
-            except MemoryStoreError as exc:
-                reason = str(exc)
-            else:
-                counts = graph.nx_graph.nodes(data=True)
-                n_rules = sum(1 for _, d in counts if d.get("kind") == "rule" and "status" in d)
-                n_episodes = sum(1 for _, d in counts if d.get("kind") == "episode" and "split" in d)
-                if (n_rules, n_episodes) == have:
-                    return graph
-                reason = f"it holds {n_rules} rules and {n_episodes} episodes, Chroma {have[0]} and {have[1]}"
-        if any(have):
-            logger.warning("rebuilding the memory graph from Chroma metadata: %s", reason)
-        graph = MemoryGraph.from_records(self._iter_rules(), self._iter_episodes())
-        if self.writable:
-            self.graph = graph
-            self._save_graph()
-        return graph
-
-    def rebuild_graph(self) -> MemoryGraph:
-        """Rebuild the graph from Chroma metadata (e.g. to see other loops' writes on a server)."""
-        with self._lock:
-            self.graph = MemoryGraph.from_records(self._iter_rules(), self._iter_episodes())
-            if self.writable:
-                self._save_graph()
-            return self.graph
-
-    def _save_graph(self) -> None:
-        io = self._io_lock.exclusive() if self._io_lock is not None else _no_lock()
-        with io:
-            self.graph.save(self._files_dir / GRAPH_FILE)
-            (self._files_dir / DIRTY_FILE).unlink(missing_ok=True)
-        self._dirty = False
-        self._last_save = time.monotonic()
-
-    def _mark_dirty(self) -> None:
-        """Put the marker on disk before the Chroma write: a crash after it means "rebuild"."""
-        fd = os.open(self._files_dir / DIRTY_FILE, os.O_WRONLY | os.O_CREAT, 0o644)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        fsync_dir(self._files_dir)
-        self._dirty = True
-
-    def flush(self) -> None:
-        """Save the graph now (writes also save it every graph_autosave_s and at close)."""
-        self._require_writable("flush")
-        with self._lock:
-            self._save_graph()
-
-    @contextmanager
-    def _writing(self, what: str) -> Iterator[None]:
-        """Serialise a write: thread lock, io lock, dirty marker first, autosave after."""
-        self._require_writable(what)
-        with self._lock:
-            io = self._io_lock.exclusive() if self._io_lock is not None else _no_lock()
-            with io:
-                if not self._dirty:
-                    self._mark_dirty()
-                with _chroma_errors(what):
-                    yield
-            if time.monotonic() - self._last_save >= self.config.graph_autosave_s:
-                self._save_graph()
-
-    def _require_writable(self, what: str) -> None:
-        if self._closed:
-            raise MemoryStoreError(f"cannot {what}: the memory store is closed")
-        if not self.writable:
-            raise ReadOnlyError(f"cannot {what}: the memory store was opened read-only")
-
-    def _require_open(self) -> None:
-        if self._closed:
-            raise MemoryStoreError("the memory store is closed")
-
-    # -- embedding ------------------------------------------------------------------------
-
-    def _embed(self, texts: list[str], embeddings: Any | None) -> np.ndarray:
-        if embeddings is None:
-            embeddings = self.embedder(texts)
-        return _as_matrix(embeddings, len(texts), self.config.embed_dim)  # (n, embed_dim)
+        return open_store(config, writable, functools.partial(cls, config, embedder))
 
     # -- reading rows ---------------------------------------------------------------------
-
-    def _iter_rows(self, collection: Any, where: dict[str, Any] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
-        offset = 0
-        while True:
-            with _chroma_errors("get"):
-                page = collection.get(where=where, limit=PAGE, offset=offset, include=["documents", "metadatas"])
-            yield from zip(page["documents"], page["metadatas"], strict=True)
-            if len(page["ids"]) < PAGE:
-                return
-            offset += PAGE
-
-    def _iter_rules(self, where: dict[str, Any] | None = None) -> Iterator[Rule]:
-        for document, meta in self._iter_rows(self._rules, where):
-            yield Rule.from_chroma(document, meta)
-
-    def _iter_episodes(self, where: dict[str, Any] | None = None) -> Iterator[Episode]:
-        for document, meta in self._iter_rows(self._episodes, where):
-            yield Episode.from_chroma(document, meta)
 
     def _get_rules(self, rule_ids: Sequence[str]) -> dict[str, Rule]:
         rule_ids = list(rule_ids)
         out: dict[str, Rule] = {}
         for start in range(0, len(rule_ids), BATCH):
-            with _chroma_errors("get"):
+            with chroma_errors("get"):
                 found = self._rules.get(ids=rule_ids[start : start + BATCH], include=["documents", "metadatas"])
             out.update(
                 (i, Rule.from_chroma(d, m))
@@ -393,7 +112,7 @@ class MemoryStore:
     def get_episode(self, episode_id: str) -> Episode:
         """The episode with this id; UnknownIdError if there is none."""
         self._require_open()
-        with _chroma_errors("get"):
+        with chroma_errors("get"):
             found = self._episodes.get(ids=[episode_id], include=["documents", "metadatas"])
         if not found["ids"]:
             raise UnknownIdError(f"no episode with id {episode_id!r}")
@@ -444,57 +163,12 @@ class MemoryStore:
         ids = [rule_id_for(text) for text in texts]
         existing = self._get_rules(sorted(set(ids)))
         nearest = self._rules.query(query_embeddings=matrix, n_results=1, include=["distances"])
-        unit = matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)  # (m, embed_dim)
-        batch_sims = unit @ unit.T  # (m, m) cosine within the chunk
-        fresh: list[tuple[int, Rule]] = []  # (row in matrix, rule) new in this chunk
-        touched: dict[str, Rule] = {}  # stored rules that absorb duplicates
-        results: list[tuple[str, bool]] = []
-        for row, (rule_in, text, rule_id) in enumerate(zip(rules, texts, ids, strict=True)):
-            target = existing.get(rule_id)
-            if target is None and nearest["ids"][row]:
-                if _similarity(nearest["distances"][row][0]) >= self.config.dedup_threshold:
-                    target_id = nearest["ids"][row][0]
-                    target = existing.get(target_id) or self._get_rules([target_id])[target_id]
-                    existing[target_id] = target
-            if target is None and fresh:
-                sims = batch_sims[row, [r for r, _ in fresh]]  # (len(fresh),)
-                best = int(np.argmax(sims))
-                if sims[best] >= self.config.dedup_threshold:
-                    target = fresh[best][1]
-            if target is None:
-                stored = Rule(
-                    rule_id=rule_id,
-                    text=text,
-                    problem_id=rule_in.problem_id,
-                    episode_id=rule_in.episode_id,
-                    expert=rule_in.expert,
-                    cycle=rule_in.cycle,
-                    created_at=now,
-                    updated_at=now,
-                )
-                fresh.append((row, stored))
-                existing[rule_id] = stored
-                results.append((rule_id, False))
-                continue
-            if rule_in.expert is not None and rule_in.expert != target.expert:
-                logger.info(
-                    "rule from %s merged into %s keeps expert %s, not %s",
-                    rule_in.problem_id,
-                    target.rule_id,
-                    target.expert,
-                    rule_in.expert,
-                )
-            source = RuleSource(
-                problem_id=rule_in.problem_id, episode_id=rule_in.episode_id, cycle=rule_in.cycle, text=text, at=now
-            )
-            known = {(s.problem_id, s.episode_id, s.text) for s in target.merged_from}
-            known.add((target.problem_id, target.episode_id, target.text))
-            if (source.problem_id, source.episode_id, source.text) not in known:
-                target.merged_from.append(source)
-                target.updated_at = now
-                if not any(rule is target for _, rule in fresh):  # fresh rules go in with add()
-                    touched[target.rule_id] = target
-            results.append((target.rule_id, True))
+
+        def fetch(rule_id: str) -> Rule:
+            return self._get_rules([rule_id])[rule_id]
+
+        plan = plan_chunk(rules, texts, ids, matrix, nearest, existing, fetch, self.config.dedup_threshold, now)
+        fresh, touched = plan.fresh, plan.touched
         if fresh:
             self._rules.add(
                 ids=[rule.rule_id for _, rule in fresh],
@@ -506,7 +180,7 @@ class MemoryStore:
             self._rules.update(ids=list(touched), metadatas=[rule.to_metadata() for rule in touched.values()])
         for rule in [r for _, r in fresh] + list(touched.values()):
             self.graph.add_rule(rule)
-        return results
+        return plan.results
 
     def _check_new_rule(self, rule: NewRule) -> None:
         if not rule.text.strip():
@@ -620,12 +294,12 @@ class MemoryStore:
             raise BadFilterError(f"k must be >= 1, got {k}")
         checked = validate_where(where, RULE_FILTER_KEYS)
         vector = self._embed([text], None if embedding is None else [embedding])
-        with _chroma_errors("query"):
+        with chroma_errors("query"):
             found = self._rules.query(
                 query_embeddings=vector, n_results=k, where=checked, include=["documents", "metadatas", "distances"]
             )
         return [
-            RuleHit(rule=Rule.from_chroma(d, m), similarity=_similarity(dist))
+            RuleHit(rule=Rule.from_chroma(d, m), similarity=similarity(dist))
             for d, m, dist in zip(found["documents"][0], found["metadatas"][0], found["distances"][0], strict=True)
         ]
 
@@ -692,7 +366,7 @@ class MemoryStore:
                 query_embeddings=vector, n_results=self.config.k + 1, include=["metadatas", "distances"]
             )
             for meta, dist in zip(found["metadatas"][0], found["distances"][0], strict=True):
-                if meta["problem_id"] != episode.problem_id and _similarity(dist) >= self.config.similar_threshold:
+                if meta["problem_id"] != episode.problem_id and similarity(dist) >= self.config.similar_threshold:
                     similar.add(meta["problem_id"])
             stored = episode.model_copy(
                 update={
@@ -740,41 +414,11 @@ class MemoryStore:
         vector = self._embed([question], None if embedding is None else [embedding])  # (1, embed_dim)
         k = self.config.k
         include = ["documents", "metadatas", "distances", "embeddings"]
-        with _chroma_errors("query"):
+        with chroma_errors("query"):
             # Inactive rules are dropped after an unfiltered search; 2k candidates leave room.
             rule_hits = self._rules.query(query_embeddings=vector, n_results=2 * k, include=include)
             episode_hits = self._episodes.query(query_embeddings=vector, n_results=2 * k, include=include)
-        n = self.config.n_experts
-        neighbours = []
-        episode_ids = []
-        for doc, meta, dist, emb in zip(
-            episode_hits["documents"][0],
-            episode_hits["metadatas"][0],
-            episode_hits["distances"][0],
-            episode_hits["embeddings"][0],
-            strict=True,
-        ):
-            episode = Episode.from_chroma(doc, meta)
-            if episode.problem_id == exclude_problem or len(episode_ids) == k:
-                continue
-            neighbours.append(episode_neighbour(episode, emb, _similarity(dist), n))
-            episode_ids.append(episode.episode_id)
-        top_rules = []
-        for doc, meta, dist, emb in zip(
-            rule_hits["documents"][0],
-            rule_hits["metadatas"][0],
-            rule_hits["distances"][0],
-            rule_hits["embeddings"][0],
-            strict=True,
-        ):
-            if meta["status"] not in ACTIVE_STATUSES or len(top_rules) == k or meta["problem_id"] == exclude_problem:
-                continue
-            rule = Rule.from_chroma(doc, meta)
-            neighbours.append(rule_neighbour(rule, emb, _similarity(dist), n))
-            top_rules.append((rule, _similarity(dist)))
-        if not neighbours:
-            return empty_features(self.config)
-        return compute_features(self.config, neighbours, top_rules, episode_ids)
+        return features_from_hits(self.config, rule_hits, episode_hits, exclude_problem)
 
     def stats(self) -> MemoryStats:
         """Counts over the whole memory (reads every rule's metadata)."""
@@ -784,7 +428,7 @@ class MemoryStore:
 
     def _stats(self) -> MemoryStats:
         rules = list(self._iter_rules())
-        with _chroma_errors("count"):
+        with chroma_errors("count"):
             n_episodes = self._episodes.count()
         return MemoryStats(
             mode=self.mode,
@@ -801,11 +445,6 @@ class MemoryStore:
             graph_nodes=self.graph.nx_graph.number_of_nodes(),
             graph_edges=self.graph.nx_graph.number_of_edges(),
         )
-
-
-@contextmanager
-def _no_lock() -> Iterator[None]:
-    yield
 
 
 __all__ = ["MemoryStore"]

@@ -107,20 +107,23 @@ def test_a_second_ctrl_c_aborts_even_when_sigint_started_ignored():
     """A run started in the background inherits SIGINT ignored; the second Ctrl-C must still abort."""
     import os
     import signal
-    import threading
+    import time
 
     from rich.console import Console
 
-    from run_loop import _ctrl_c_stops
+    from run_loop import _Live
 
-    stop = threading.Event()
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        previous = _ctrl_c_stops(stop, Console(file=open(os.devnull, "w")))
-        assert previous is signal.SIG_IGN
-        os.kill(os.getpid(), signal.SIGINT)  # the first: stop after the running node
-        assert stop.wait(5)
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)  # the second: abort now
+        with _Live(Console(file=open(os.devnull, "w")), "running") as live:
+            assert live._previous is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)  # the first: stop after the running node
+            deadline = time.monotonic() + 5
+            while not live.stop and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert live.stop
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)  # the second: abort now
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the handler it found is back
     finally:
         signal.signal(signal.SIGINT, before)

@@ -24,7 +24,7 @@ from agents.verifier import VerifierConfig
 from graph.evaluation.config import EvalConfig, EvalInterrupted
 from graph.evaluation.harness import evaluate, prepare_eval_dir
 from graph.evaluation.problems import prepare_problems
-from graph.inspection import export_expert
+from graph.inspection.expert_export import export_expert
 from graph.runner import RunDirError, StopFlag
 from run_loop import app
 from tests.fakes import ScriptedBackend

@@ -23,9 +23,10 @@ from agents.errors import MemoryStoreError
 from memory_store.config import MemoryConfig
 from memory_store.embedding import HashEmbedding
 from memory_store.errors import BadFilterError, ReadOnlyError, UnknownIdError, WriterLockedError
+from memory_store.graph_file import GRAPH_FILE
 from memory_store.records import Episode, NewRule
 from memory_store.server import free_port, local_chroma_server
-from memory_store.store import GRAPH_FILE, MemoryStore
+from memory_store.store import MemoryStore
 
 REPO = Path(__file__).resolve().parents[1]
 N_EXPERTS = 4

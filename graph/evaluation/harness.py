@@ -37,7 +37,7 @@ from graph.evaluation.problems import ProblemSets, check_disjoint, prepare_probl
 from graph.evaluation.report import write_report
 from graph.evaluation.results import ArmResult, EvalProgress, EvalReport, finished_arm, result_path, save_arm
 from graph.evaluation.stats import compare
-from graph.runner import RunDirError, StopFlag
+from graph.runner import RunDirError, StopFlag, claim_run_dir, set_threads
 from graph.saved_settings import leaf_differences, read_saved
 from memory_store.embedding import make_embedder
 
@@ -73,6 +73,7 @@ def evaluate(
     on_progress: Callable[[EvalProgress], None] | None = None,
     stop: StopFlag | None = None,
     problems: ProblemSets | None = None,
+    on_status: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """Run every arm of ``config`` under its protocol; write report.json, report.md and plots to run_dir.
 
@@ -83,7 +84,8 @@ def evaluate(
     arms are compared answer by answer, so they must share numerics). ``embedder`` overrides
     ``config.embedder``. ``stop`` (a StopFlag) ends the run after the running node; call again
     with ``resume=True`` to continue. ``problems`` replaces the draw from the config's data
-    (``prepare_problems(config)``); holdout sets are checked disjoint either way.
+    (``prepare_problems(config)``); holdout sets are checked disjoint either way. ``on_status``
+    is told the precision and backend chosen, one line each.
     """
     run_dir = Path(run_dir)
     begin = time.perf_counter()
@@ -94,6 +96,12 @@ def evaluate(
         raise DataError(f"protocol {config.protocol} learns on the scored problems themselves: learn must equal scored")
     prepare_eval_dir(run_dir, config, sets, resume)
     precision = choose_precision(config.precision, pick_device(None).type)
+    status = on_status or (lambda _line: None)
+    status(f"precision: {precision.used} ({precision.requested}: {precision.reason})")
+    status(f"backend: {config.backend} for every arm's scoring and learning "
+           "(each arm's exact backend is recorded in report.json and report.md)")
+    if on_progress is not None:
+        on_progress(EvalProgress("", "loading", 0, 1))
     run = ArmRunner(config, run_dir, sets, precision, embedder if embedder is not None else make_embedder(config.embedder),
                     loader=loader, backend=backend, on_progress=on_progress, stop=stop)
 
@@ -159,3 +167,20 @@ def evaluate(
     )
     write_report(report, run_dir, plots=config.plots)
     return report
+
+
+def run_evaluation(config: EvalConfig, run_dir: str | Path, *, resume: bool = False, threads: int = 0,
+                   on_status: Callable[[str], None] | None = None,
+                   on_progress: Callable[[EvalProgress], None] | None = None, stop: StopFlag | None = None) -> EvalReport:
+    """What the ``eval`` and ``demo`` commands run: the problems (each data source told to ``on_status``),
+    the folder's lock (before any model loads: a second process on the folder is refused at once),
+    the torch threads, then ``evaluate``."""
+    status = on_status or (lambda _line: None)
+    problems = prepare_problems(config, on_source=lambda source: status(f"data: {source.describe()}"))
+    lock = claim_run_dir(Path(run_dir))
+    try:
+        set_threads(threads)
+        return evaluate(config, run_dir, resume=resume, on_progress=on_progress, stop=stop, problems=problems,
+                        on_status=status)
+    finally:
+        lock.release()
