@@ -1,6 +1,9 @@
 """Command line for the self-improvement loop. Commands stay thin: they parse options and call the library.
 
-Data goes to stdout, status and errors to stderr.
+Data goes to stdout, status and errors to stderr. The file is longer than most modules here
+because every command declares its options, with their help texts, in its signature; each
+command's body is options in, one library call (``LoopRun``, ``run_evaluation``, the
+``graph.inspection`` queries), output out.
 """
 
 from __future__ import annotations

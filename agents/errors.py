@@ -27,3 +27,10 @@ class MemoryStoreError(SelfImproveError):
 
 class DataError(SelfImproveError):
     """An input data file or record is malformed."""
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an exception, so ModelLoadError messages stay one line."""
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__

@@ -14,19 +14,15 @@ from typing import Callable, Iterator
 from agents.data_sources import DataSource, open_source
 from agents.lm.precision import PrecisionChoice
 from graph.context import RunContext
+from graph.run_dir import RunSettings, check_run_dir, claim_run_dir, run_settings, write_run_settings
 from graph.runner import (
     EpisodeEvent,
-    RunSettings,
     StopFlag,
     build_fresh_context,
     check_questions_fit,
-    check_run_dir,
-    claim_run_dir,
     problem_data,
     run_episodes,
-    run_settings,
     set_threads,
-    write_run_settings,
 )
 from graph.state import LoopState, ProblemData
 from memory_store.embedding import make_embedder
@@ -55,7 +51,7 @@ class LoopRun:
         source = open_source(settings.data)  # data errors before anything loads or is written
         status(f"data: {source.describe()}")
         chosen = source.take(settings.episodes, "episodes")
-        # The folder, its saved settings and its lock, before the model loads (a minute, the first time).
+        # The folder, its saved settings and its lock, before the model loads (slow the first time: a GGUF is converted).
         lock = claim_run_dir(run_dir)
         try:
             check_run_dir(run_dir, settings, resume)  # under the lock: nobody writes run.json meanwhile

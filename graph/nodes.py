@@ -42,51 +42,12 @@ from agents.solver import Attempt
 from agents.trajectories import Text, as_completion, distinct, matches, verified_share, verified_texts
 from agents.verifier import check, vote
 from graph.context import RunContext
+from graph.remember import remember, update_id, update_survived
 from graph.routing import Route, route
-from graph.state import LoopState, ProblemData
-from memory_store.records import Episode
+from graph.snapshots import done_name, snapshot_name
+from graph.state import LoopState
 
 log = logging.getLogger(__name__)
-
-
-def _snapshot_name(episode: int, cycle: int) -> str:
-    return f"ep{episode:05d}-c{cycle}"
-
-
-def _done_name(episode: int, cycle: int) -> str:
-    return f"ep{episode:05d}-c{cycle}-done"
-
-
-def align_bank(ctx: RunContext, state: LoopState) -> None:
-    """Make the live bank the one the checkpointed state saw, before a half-done episode resumes.
-
-    A kill can come after a node changed the bank on disk but before its checkpoint: the
-    resumed episode reruns that node, so it must start from the bank as of the checkpoint:
-    the episode's start (snapshot c0), or right after its last checkpointed update (``-done``),
-    or that update's start if the canary gate or the rollback node undid it.
-    """
-    episode, updates = state["episode"], state.get("updates") or []
-    if state.get("episode_rolled_back_to"):
-        name = state["episode_rolled_back_to"]
-    elif updates:
-        last = updates[-1]
-        undone = any(c.get("update_id") == last["update_id"] and c["canary_rolled_back"] for c in state.get("canary_checks") or [])
-        name = last["snapshot"] if undone else _done_name(episode, last["cycle"])
-    else:
-        name = _snapshot_name(episode, 0)
-    if name in ctx.bank_store.snapshots():
-        ctx.bank_store.rollback(name)
-
-
-def prune_snapshots(ctx: RunContext, episode: int) -> None:
-    """A committed episode never reruns: its snapshots (a bank copy each) can go."""
-    for name in ctx.bank_store.snapshots():
-        if name.startswith(f"ep{episode:05d}-"):
-            ctx.bank_store.delete_snapshot(name)
-
-
-def _update_id(state: LoopState, cycle: int) -> str:
-    return f"{state['run_id']}-ep{state['episode']:05d}-c{cycle}"
 
 
 def _seed(ctx: RunContext, state: LoopState, salt: int = 0) -> int:
@@ -285,7 +246,7 @@ def _examples(ctx: RunContext, texts: list[dict]) -> list[TrainingExample]:
 def update(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     ctx, problem = runtime.context, state["problem"]
     episode, cycle = state["episode"], state.get("cycle", 0)
-    name = _snapshot_name(episode, cycle)
+    name = snapshot_name(episode, cycle)
     store = ctx.bank_store
     if name in store.snapshots():
         # A rerun after a kill: start again from exactly the bank this update started from.
@@ -301,13 +262,13 @@ def update(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     replayed = replay.get(str(expert), [])[-ctx.config.replay:] if ctx.config.replay else []
     examples = _examples(ctx, texts + replayed)
     result = ctx.trainer.update(examples, target_expert=expert, memory=None if routed.memory is None else routed.memory[0])
-    store.save(extra={"update_id": _update_id(state, cycle)})
-    store.snapshot(_done_name(episode, cycle))  # for a resume after it
+    store.save(extra={"update_id": update_id(state, cycle)})
+    store.snapshot(done_name(episode, cycle))  # for a resume after it
     usage[result.expert] += 1
     carry["expert_updates"] = usage
     info = {k: v for k, v in asdict(result).items() if k != "steps"}
     info.update(
-        update_id=_update_id(state, cycle), snapshot=name, cycle=cycle, picked=expert, pick_reason=reason,
+        update_id=update_id(state, cycle), snapshot=name, cycle=cycle, picked=expert, pick_reason=reason,
         step_losses=[s["loss_lm"] for s in result.steps],
         # every cycle's training texts, as trained (prompt, completion, source), e.g. for a comparison adapter
         texts=[{"question": t["question"], "prompt": e.prompt, "completion": e.completion, "source": t["source"]}
@@ -348,7 +309,7 @@ def rollback(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     one problem flipped, and rejection-sampling fine-tuning gains across problems, not per problem.
     """
     ctx = runtime.context
-    start = _snapshot_name(state["episode"], 0)
+    start = snapshot_name(state["episode"], 0)
     restored = None
     # An update that made a problem answered right at first wrong is undone whatever the setting.
     undo = not ctx.config.keep_unfixed_updates or state["first_try"]["correct"]
@@ -376,7 +337,7 @@ def commit(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     outcome = outcome_of(state)
     updates = state.get("updates") or []
     if ctx.memory is not None:
-        _remember(ctx, state, problem, outcome, updates)
+        remember(ctx, state, problem, outcome, updates)
     carry = dict(state.get("carry") or {})
     carry["episodes"] = carry.get("episodes", 0) + 1
     carry["solved_first"] = carry.get("solved_first", 0) + int(state["first_try"]["correct"])
@@ -394,72 +355,3 @@ def commit(state: LoopState, runtime: Runtime[RunContext]) -> dict:
             replay[str(u["expert"])] = (replay.get(str(u["expert"]), []) + fresh)[-ctx.config.replay_keep:]
     carry["replay"] = replay
     return {"outcome": outcome, "carry": carry, "committed": True}
-
-
-def update_survived(state: LoopState, update: dict) -> bool:
-    """Whether an update's change is still in the bank: not undone by stress, the canary or the episode."""
-    undone_by_canary = any(c.get("update_id") == update["update_id"] and c["canary_rolled_back"]
-                           for c in state.get("canary_checks") or [])
-    return not update.get("stress_rolled_back") and not undone_by_canary and state.get("episode_rolled_back_to") is None
-
-
-def _written_by_this_commit(stored, rule: dict, episode_id: str) -> bool:
-    return stored.episode_id == episode_id and stored.text == rule["text"].strip() and stored.cycle == rule["cycle"]
-
-
-def _remember(ctx: RunContext, state: LoopState, problem: ProblemData, outcome: str, updates: list[dict]) -> None:
-    memory = ctx.memory
-    final_update = updates[-1]["update_id"] if updates and outcome == "fixed" else None
-    episode = Episode(
-        problem_id=problem["id"],
-        problem_text=problem["question"],
-        split=problem.get("split") or "stream",
-        cycle=len(updates),
-        verdict_before=bool(state["first_try"]["correct"]),
-        verdict_after=bool(state["verdict"]["correct"]) if updates and outcome != "unfixed" else (False if updates else None),
-        expert_weights=[max(0.0, w) for w in state.get("weights", [])],
-        rule_ids=[],
-        update_id=final_update,
-    )
-    rule_ids = []
-    chosen_id = None  # the last rule an update trained from: its outcome is the episode's
-    by_cycle = {u["cycle"]: u for u in updates}
-    for rule in state.get("rules") or []:
-        validated = rule["status"] == "validated"
-        trained = by_cycle.get(rule["cycle"]) if rule.get("chosen") else None
-        rule_id, merged = memory.add_rule(
-            rule["text"], problem_id=problem["id"], expert=trained["expert"] if trained else None,
-            cycle=rule["cycle"], episode_id=episode.episode_id,
-        )
-        if merged and _written_by_this_commit(memory.get_rule(rule_id), rule, episode.episode_id):
-            merged = False  # a rerun of this commit after a kill found its own rule, not a duplicate
-        if not merged or validated:  # a refuted duplicate never demotes the rule it merged into
-            memory.record_validation(rule_id, validated=validated, share_with=rule["share_with"],
-                                     share_without=rule["share_without"])
-        if trained:
-            if update_survived(state, trained):
-                memory.record_training(rule_id, expert=trained["expert"], update_id=trained["update_id"],
-                                       prompts=[t["prompt"] for t in trained.get("texts") or []])
-            elif not merged:  # a duplicate never demotes a rule another, surviving update trained
-                memory.set_status(rule_id, "rolled_back")
-        if validated:
-            rule_ids.append(rule_id)
-        if rule.get("chosen"):
-            chosen_id = rule_id
-    # Counted once per episode whatever reruns: a kill between these writes and the episode's
-    # own resumes to the same counters. The mark names the run and the episode (memory shared
-    # through --memory-url holds other runs' episodes of the same problem).
-    if chosen_id is not None:
-        memory.record_outcome(chosen_id, helped=outcome == "fixed", episode_id=_update_id(state, 0))
-    if state.get("memory_rule_ids"):
-        memory.record_retrieved(state["memory_rule_ids"], episode_id=_update_id(state, 0))
-    memory.add_episode(episode.model_copy(update={"rule_ids": list(dict.fromkeys(rule_ids))}))
-    questions = {c["id"]: c["question"] for c in (state.get("carry") or {}).get("canary", [])}
-    for check_result in state.get("canary_checks") or []:
-        for broke_id in check_result["broke"] if check_result.get("update_id") else []:
-            # A canary episode gives the graph its 'broke' edge from the rolled-back update.
-            memory.add_episode(Episode(
-                problem_id=broke_id, problem_text=questions.get(broke_id, broke_id), split="canary",
-                verdict_before=True, verdict_after=False, update_id=check_result["update_id"],
-            ))
-    memory.flush()

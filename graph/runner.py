@@ -9,7 +9,6 @@ so it is checkpointed too.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -18,187 +17,35 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
 from langgraph.checkpoint.sqlite import SqliteSaver
 
-from adapters.bank import BankConfig
 from adapters.router import RouterConfig
 from adapters.stack import build_adapters
-from adapters.stress import StressConfig
-from adapters.trainer import TrainerConfig
-from agents.diversifier import Diversifier, DiversifierConfig
-from agents.errors import DataError, SelfImproveError
-from agents.files import atomic_write_bytes
+from agents.diversifier import Diversifier
+from agents.errors import DataError
 from agents.gsm8k import Problem
-from agents.lm.backend import DEFAULT_BATCH_SIZE, GenerationBackend, make_backend
+from agents.lm.backend import GenerationBackend, make_backend
 from agents.lm.generation import chat_prompt
-from agents.lm.models import DEFAULT_MODEL, LoadedModel
-from agents.lm.precision import PRECISIONS
+from agents.lm.models import LoadedModel
 from agents.prompts import SOLVER_SYSTEM
-from agents.reflector import Reflector, ReflectorConfig
-from agents.solver import Solver, SolverConfig, solver_turn
-from agents.verifier import VerifierConfig
+from agents.reflector import Reflector
+from agents.solver import Solver, solver_turn
 from graph.builder import build_graph, recursion_limit
-from graph.context import LoopConfig, RunContext
-from graph.nodes import align_bank, prune_snapshots
-from graph.saved_settings import leaf_differences, read_saved, settings_with_options
+from graph.context import RunContext
+from graph.run_dir import CHECKPOINTS, RunDirError, RunSettings, run_id_for, saved_run_settings
+from graph.snapshots import align_bank, prune_snapshots
 from graph.state import EpisodeCarryOver, EpisodeInput, LoopState, ProblemData
 from memory_store.config import MemoryConfig
-from memory_store.locks import WriterLock
 from memory_store.store import MemoryStore
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
-RUN_LOCK = "run.lock"  # held by the process running in the folder
-CHECKPOINTS = "checkpoints.sqlite"
 EVENTS = "events.jsonl"
-
-
-class RunDirError(SelfImproveError):
-    """The run directory does not fit the request (exists without --resume, or another run's)."""
-
-
-@dataclass
-class RunSettings:
-    """Everything that defines a run; saved in run.json and checked on resume."""
-
-    model: str = DEFAULT_MODEL  # model spec: an alias, a folder, a .gguf file or a hub id
-    data: str = "train"  # problems: 'train', 'test' (agents.data_sources) or a JSON-lines path
-    episodes: int = 10  # problems to run, from the start of the data
-    loop: LoopConfig = field(default_factory=LoopConfig)
-    bank: BankConfig = field(default_factory=BankConfig)
-    router: RouterConfig = field(default_factory=RouterConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    stress: StressConfig = field(default_factory=StressConfig)
-    solver: SolverConfig = field(default_factory=SolverConfig)
-    verifier: VerifierConfig = field(default_factory=VerifierConfig)
-    reflector: ReflectorConfig = field(default_factory=ReflectorConfig)
-    diversifier: DiversifierConfig = field(default_factory=DiversifierConfig)
-    memory_url: str | None = None
-    backend: str = "auto"  # generation backend: 'auto', 'torch' or 'llama.cpp' (agents.lm.backend.make_backend)
-    batch_size: int = DEFAULT_BATCH_SIZE  # sequences generated together (torch and llama.cpp slots)
-    embedder: str = "minilm"  # memory embedder: 'minilm' (all-MiniLM-L6-v2) or 'hash' (tests)
-    precision: str = "auto"  # frozen weights: 'auto' (agents.lm.precision decides per device), 'float32', 'bfloat16'
-
-    def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self), default=str))
-
-
-def run_id_for(run_dir: Path) -> str:
-    return Path(run_dir).resolve().name
-
-
-# Settings a resumed run may change: how many episodes, and how text is generated (backends
-# give the same answers within their measured tolerance; none changes what was learned).
-RESUMABLE_CHANGES = ("episodes", "backend", "batch_size")
-# Settings added after runs were first saved, with the values those runs ran with.
-LEGACY_SETTINGS = {
-    "embedder": "minilm", "precision": "float32",
-    "reflector": {"max_attempts": 3, "max_chars": 300, "max_sentences": 2, "max_new_tokens": 96, "temperature": 0.7},
-    "diversifier": {"kinds": ["paraphrase", "rename"], "per_kind": 1, "max_new_tokens": 200, "temperature": 0.7},
-}
-# The layout of the loop state in a run's checkpoints: 2 named the first try `first_try` and the
-# three rollbacks apart (stress_rolled_back, canary_rolled_back, episode_rolled_back_to).
-STATE_FORMAT = 2
-# The command-line option of each setting, for messages about them.
-RUN_FLAGS = {
-    "model": "--model", "data": "--data", "episodes": "--episodes", "loop.cycles": "--cycles",
-    "loop.label_free": "--label-free", "loop.seed": "--seed", "solver.max_new_tokens": "--max-new-tokens",
-    "memory_url": "--memory-url", "backend": "--backend", "batch_size": "--batch-size", "embedder": "--embedder",
-    "precision": "--precision", "verifier.samples": "--samples",
-}
-
-
-def saved_run_settings(run_dir: Path) -> dict | None:
-    """run.json of a run folder (older runs completed with LEGACY_SETTINGS), or None when there is none."""
-    saved = read_saved(Path(run_dir) / RUN_FILE)
-    return None if saved is None else {**LEGACY_SETTINGS, **saved}
-
-
-def run_settings(run_dir: Path, resume: bool, options: dict) -> RunSettings:
-    """The settings of a run: its saved ones on resume (options given again must agree), else the options."""
-    saved = saved_run_settings(run_dir) if resume else None
-    return settings_with_options(RunSettings, saved, options, flags=RUN_FLAGS, changeable=RESUMABLE_CHANGES,
-                                 where=Path(run_dir) / RUN_FILE)
-
-
-def usable_run_dir(run_dir: Path) -> None:
-    """Create the run folder (an empty folder holds no run), or say in one line why it cannot be one."""
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"--run-dir {run_dir} is a file, not a folder")
-    above = next((p for p in run_dir.parents if p.exists()), None)
-    if above is not None and not above.is_dir():
-        raise RunDirError(f"--run-dir {run_dir} is under {above}, which is a file, not a folder")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise RunDirError(f"--run-dir {run_dir} cannot be written: {err.strerror or err}") from None
-
-
-def claim_run_dir(run_dir: Path) -> WriterLock:
-    """The run folder's lock, held until released: a second process on the same folder is refused at once."""
-    usable_run_dir(run_dir)
-    lock = WriterLock(Path(run_dir) / RUN_LOCK, what=f"run folder {run_dir}")
-    lock.acquire()
-    return lock
-
-
-def check_run_dir(run_dir: Path, settings: RunSettings, resume: bool) -> None:
-    """Refuse, before anything loads or is written, a folder holding another run (or a run without --resume)."""
-    saved = saved_run_settings(run_dir)
-    wanted = settings.to_dict()
-    if saved is None:
-        return
-    if not resume:
-        raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
-    if saved.get("state_format", 1) != STATE_FORMAT and _has_checkpoints(run_dir):
-        raise RunDirError(f"{run_dir} holds a run made by an older version, whose checkpoints this version cannot "
-                          "resume; start it again in another --run-dir (`rules` and `export` still read it)")
-    differs = leaf_differences({k: saved.get(k) for k in wanted if k not in RESUMABLE_CHANGES},
-                               {k: v for k, v in wanted.items() if k not in RESUMABLE_CHANGES})
-    if differs:
-        shown = "; ".join(f"{path}: saved {a!r}, now {b!r}" for path, a, b in differs)
-        raise RunDirError(f"{run_dir} holds a run with different settings ({shown}); use another --run-dir")
-
-
-def _has_checkpoints(run_dir: Path) -> bool:
-    path = Path(run_dir) / CHECKPOINTS
-    if not path.is_file():
-        return False
-    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-        try:
-            return db.execute("SELECT 1 FROM checkpoints LIMIT 1").fetchone() is not None
-        except sqlite3.OperationalError:  # no table yet: nothing was checkpointed
-            return False
-
-
-def write_run_settings(run_dir: Path, settings: RunSettings, notes: dict | None = None) -> None:
-    """run.json, written once the run's parts exist: a run that failed to start leaves none behind.
-
-    ``notes`` (where the data came from, say) are saved beside the settings, not compared.
-    """
-    saved = {**settings.to_dict(), "state_format": STATE_FORMAT, **(notes or {})}
-    atomic_write_bytes(Path(run_dir) / RUN_FILE, json.dumps(saved, indent=2).encode())
-
-
-def prepare_run_dir(run_dir: Path, settings: RunSettings, resume: bool, notes: dict | None = None) -> None:
-    """Check that the folder can take this run (``usable_run_dir``, ``check_run_dir``), then save its settings."""
-    usable_run_dir(run_dir)
-    check_run_dir(run_dir, settings, resume)
-    write_run_settings(run_dir, settings, notes)
 
 
 def check_questions_fit(problems: Iterable[Problem], loaded: LoadedModel, max_new_tokens: int, where: str) -> None:

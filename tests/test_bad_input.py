@@ -114,7 +114,7 @@ def test_unwritable_run_dir_is_one_line(tmp_path, no_model_load):
 def test_a_second_process_on_the_run_folder_is_refused_before_the_model_loads(tmp_path, no_model_load):
     import multiprocessing
 
-    from graph.runner import claim_run_dir
+    from graph.run_dir import claim_run_dir
 
     data = _lines(tmp_path / "d.jsonl", GOOD)
     run_dir = tmp_path / "run"
@@ -132,7 +132,7 @@ def test_a_second_process_on_the_run_folder_is_refused_before_the_model_loads(tm
 
 
 def _hold_run_dir(run_dir, ready, done):
-    from graph.runner import claim_run_dir
+    from graph.run_dir import claim_run_dir
 
     lock = claim_run_dir(run_dir)
     ready.set()
@@ -150,7 +150,7 @@ def test_a_folder_holding_a_run_is_refused_before_the_model_loads(tmp_path, no_m
 
 
 def test_a_failed_memory_url_leaves_no_run_behind(tmp_path):
-    from graph.runner import saved_run_settings
+    from graph.run_dir import saved_run_settings
 
     data = _lines(tmp_path / "d.jsonl", GOOD)
     run_dir = tmp_path / "run"

@@ -25,7 +25,8 @@ from graph.evaluation.config import EvalConfig, EvalInterrupted
 from graph.evaluation.harness import evaluate, prepare_eval_dir
 from graph.evaluation.problems import prepare_problems
 from graph.inspection.expert_export import export_expert
-from graph.runner import RunDirError, StopFlag
+from graph.run_dir import RunDirError
+from graph.runner import StopFlag
 from run_loop import app
 from tests.fakes import ScriptedBackend
 

@@ -26,7 +26,8 @@ from agents.lm.generation import (
     AnswerLineComplete,  # noqa: E402
     Sampling,  # noqa: E402
 )
-from agents.lm.llamacpp import LlamaCppBackend, LlamaCppConfig, _segment, _TokenStream  # noqa: E402
+from agents.lm.llamacpp import LlamaCppBackend, LlamaCppConfig  # noqa: E402
+from agents.lm.llamacpp_tokens import TokenStream, segment  # noqa: E402
 from agents.lm.models import load_model  # noqa: E402
 
 QUESTIONS = [
@@ -243,13 +244,13 @@ def test_sampling_repeats_with_its_seed(backends):
 
 
 class _FakeBackend:
-    """What _TokenStream reads from its backend, with the tiny tokenizer."""
+    """What TokenStream reads from its backend, with the tiny tokenizer."""
 
     def __init__(self, tokenizer):
-        from agents.lm.llamacpp import _byte_tables
+        from agents.lm.llamacpp_tokens import byte_tables
 
         self.tokenizer = tokenizer
-        self._token_bytes, self._bytes_token = _byte_tables(tokenizer)
+        self._token_bytes, self._bytes_token = byte_tables(tokenizer)
 
 
 def _frame(item_id, item_bytes, count, finish=None):
@@ -261,7 +262,7 @@ def test_stream_stops_where_the_torch_criterion_stops():
     tokenizer = load_model("tiny-random").tokenizer
     fake = _FakeBackend(tokenizer)
     ids = tokenizer("She sold 48 clips. The answer is 72.\nThen more text follows here", add_special_tokens=False)["input_ids"]
-    stream = _TokenStream(fake, max_new_tokens=100, stop_at_answer=True)
+    stream = TokenStream(fake, max_new_tokens=100, stop_at_answer=True)
     for n, token in enumerate(ids, start=1):
         if stream.on_frame(_frame(token, fake._token_bytes[token], n)):
             break
@@ -278,18 +279,18 @@ def test_held_back_tokens_are_recovered_from_the_frame_bytes():
     by_bytes = fake._bytes_token
     lead, cont, word = by_bytes[b"\xc3"], by_bytes[b"\xa9"], tokenizer(" clips", add_special_tokens=False)["input_ids"]
     assert len(word) == 1
-    stream = _TokenStream(fake, max_new_tokens=100, stop_at_answer=False)
+    stream = TokenStream(fake, max_new_tokens=100, stop_at_answer=False)
     stream.on_frame(_frame(word[0], b" clips", 1))
     # The lead byte of "é" is held back; the frame of the continuation byte carries both bytes.
     stream.on_frame(_frame(cont, b"\xc3\xa9", 3))
     assert stream.ids == [word[0], lead, cont]
-    assert _segment(b"\xc3\xa9", 2, by_bytes) == [lead, cont]
-    assert _segment(b"\xc3\xa9", 5, by_bytes) is None
+    assert segment(b"\xc3\xa9", 2, by_bytes) == [lead, cont]
+    assert segment(b"\xc3\xa9", 5, by_bytes) is None
 
 
 def test_stream_reports_server_errors():
     fake = _FakeBackend(load_model("tiny-random").tokenizer)
-    stream = _TokenStream(fake, max_new_tokens=10, stop_at_answer=False)
+    stream = TokenStream(fake, max_new_tokens=10, stop_at_answer=False)
     assert stream.on_frame({"error": {"message": "context exceeded"}}) is True
     assert "context exceeded" in stream.error
 

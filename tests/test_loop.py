@@ -13,7 +13,8 @@ from agents.prompts import VARIANT_SYSTEM
 from agents.solver import SolverConfig
 from agents.verifier import VerifierConfig
 from graph.context import LoopConfig
-from graph.runner import RunSettings, StopFlag, build_context, run_episodes
+from graph.run_dir import RunSettings
+from graph.runner import StopFlag, build_context, run_episodes
 from memory_store.embedding import HashEmbedding
 from tests.fakes import ScriptedBackend
 
@@ -411,7 +412,7 @@ def test_resume_accepts_a_run_saved_before_backend_settings_existed(tmp_path):
     """How text is generated may change on resume; what is learned may not."""
     import json
 
-    from graph.runner import RUN_FILE, RunDirError, prepare_run_dir
+    from graph.run_dir import RUN_FILE, RunDirError, prepare_run_dir
 
     settings = RunSettings(model="tiny-random", data="train", episodes=2)
     old = settings.to_dict()
@@ -430,7 +431,7 @@ def test_the_reflector_and_diversifier_configs_are_saved_and_checked_on_resume(t
 
     from agents.diversifier import DiversifierConfig
     from agents.reflector import ReflectorConfig
-    from graph.runner import RUN_FILE, RunDirError, prepare_run_dir
+    from graph.run_dir import RUN_FILE, RunDirError, prepare_run_dir
 
     settings = RunSettings(model="tiny-random", data="train", episodes=2, reflector=ReflectorConfig(max_attempts=5),
                            diversifier=DiversifierConfig(kinds=("rename",)))
@@ -463,7 +464,7 @@ def test_the_router_mode_is_the_same_by_default_everywhere():
 def test_a_run_checkpointed_in_an_older_state_layout_is_refused_on_resume(make_run, tmp_path):
     import json
 
-    from graph.runner import RUN_FILE, RunDirError, check_run_dir, prepare_run_dir
+    from graph.run_dir import RUN_FILE, RunDirError, check_run_dir, prepare_run_dir
 
     run_dir = tmp_path / "run"
     prepare_run_dir(run_dir, _settings(), resume=False)

@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from agents.errors import ModelLoadError
-from agents.lm import models
+from agents.lm import gguf_cache, tiny_random
 from agents.lm.models import (
     DEFAULT_MODEL,
     SMOLLM2_MODEL,
@@ -219,22 +219,22 @@ def fake_parts(tmp_path, monkeypatch):
         part.parent.mkdir(parents=True)
         part.write_bytes(content)
         joined += content
-    monkeypatch.setattr(models, "_package_dir", lambda name: site / name if (site / name).is_dir() else None)
+    monkeypatch.setattr(gguf_cache, "package_dir", lambda name: site / name if (site / name).is_dir() else None)
     return joined
 
 
 @pytest.fixture
 def fake_conversion(monkeypatch, fake_parts):
     """Pin the fake pieces' digest and replace transformers' GGUF reader with the tiny model."""
-    pinned = dataclasses.replace(models._GGUF_ALIASES[DEFAULT_MODEL], sha256=hashlib.sha256(fake_parts).hexdigest())
-    monkeypatch.setitem(models._GGUF_ALIASES, DEFAULT_MODEL, pinned)
+    pinned = dataclasses.replace(gguf_cache.GGUF_ALIASES[DEFAULT_MODEL], sha256=hashlib.sha256(fake_parts).hexdigest())
+    monkeypatch.setitem(gguf_cache.GGUF_ALIASES, DEFAULT_MODEL, pinned)
     calls = []
 
     def dequantize(spec, gguf):
         calls.append(gguf.read_bytes())
-        return models._build_tiny_random(models.TINY_RANDOM_SEED)
+        return tiny_random.build_tiny_random(tiny_random.TINY_RANDOM_SEED)
 
-    monkeypatch.setattr(models, "_dequantize_gguf", dequantize)
+    monkeypatch.setattr(gguf_cache, "dequantize_gguf", dequantize)
     return calls
 
 
@@ -272,7 +272,7 @@ def test_gguf_alias_is_assembled_converted_once_then_read_from_cache(
     assert [p.name for p in cache.joinpath("hf").iterdir()] == [Path(first.source).name]  # no temp left
 
     # The cache alone is enough: no pieces, no conversion.
-    monkeypatch.setattr(models, "_package_dir", lambda name: None)
+    monkeypatch.setattr(gguf_cache, "package_dir", lambda name: None)
     second = load_model(DEFAULT_MODEL, cache_dir=cache)
 
     assert len(fake_conversion) == 1
@@ -285,7 +285,7 @@ def test_gguf_alias_is_assembled_converted_once_then_read_from_cache(
 
 def test_half_written_cache_folder_is_rebuilt_not_used(tmp_path, fake_conversion):
     cache = tmp_path / "cache"
-    folder = models._hf_cache_dir(cache, models._alias_cache_key(DEFAULT_MODEL, models._GGUF_ALIASES[DEFAULT_MODEL]))
+    folder = gguf_cache.hf_cache_dir(cache, gguf_cache.alias_cache_key(DEFAULT_MODEL, gguf_cache.GGUF_ALIASES[DEFAULT_MODEL]))
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{ truncated")  # as if a copy died mid-way, and without the marker
 
@@ -293,16 +293,16 @@ def test_half_written_cache_folder_is_rebuilt_not_used(tmp_path, fake_conversion
 
     assert len(fake_conversion) == 1
     assert loaded.source == str(folder)
-    assert models._is_complete(folder)
+    assert gguf_cache.is_complete(folder)
 
     # A marker removed, or from another cache format, makes the folder count as unfinished again.
-    (folder / models._CACHE_MARKER).unlink()
+    (folder / gguf_cache.CACHE_MARKER).unlink()
     (folder / "model.safetensors").write_bytes(b"truncated")
     load_model(DEFAULT_MODEL, cache_dir=cache)
 
     assert len(fake_conversion) == 2
-    (folder / models._CACHE_MARKER).write_text(json.dumps({"format": models._CACHE_FORMAT + 1}))
-    assert not models._is_complete(folder)
+    (folder / gguf_cache.CACHE_MARKER).write_text(json.dumps({"format": gguf_cache.CACHE_FORMAT + 1}))
+    assert not gguf_cache.is_complete(folder)
 
 
 def test_failed_conversion_leaves_no_cache_folder(tmp_path, monkeypatch, fake_conversion):
@@ -311,7 +311,7 @@ def test_failed_conversion_leaves_no_cache_folder(tmp_path, monkeypatch, fake_co
     def broken(spec, gguf):
         raise ModelLoadError(f"cannot load model {spec!r}: simulated crash")
 
-    monkeypatch.setattr(models, "_dequantize_gguf", broken)
+    monkeypatch.setattr(gguf_cache, "dequantize_gguf", broken)
     with pytest.raises(ModelLoadError, match="simulated crash"):
         load_model(DEFAULT_MODEL, cache_dir=cache)
 
@@ -321,7 +321,7 @@ def test_failed_conversion_leaves_no_cache_folder(tmp_path, monkeypatch, fake_co
 
 def test_stale_temp_folders_are_swept_but_fresh_ones_kept(tmp_path, fake_conversion):
     cache = tmp_path / "cache"
-    folder = models._hf_cache_dir(cache, models._alias_cache_key(DEFAULT_MODEL, models._GGUF_ALIASES[DEFAULT_MODEL]))
+    folder = gguf_cache.hf_cache_dir(cache, gguf_cache.alias_cache_key(DEFAULT_MODEL, gguf_cache.GGUF_ALIASES[DEFAULT_MODEL]))
     stale, fresh = folder.parent / f".{folder.name}.tmp-dead", folder.parent / f".{folder.name}.tmp-busy"
     stale.mkdir(parents=True)
     fresh.mkdir()
@@ -379,7 +379,7 @@ def test_models_command_prints_a_table(tmp_path):
 
 
 def test_models_command_json_reports_missing_packages(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "_package_dir", lambda name: None)
+    monkeypatch.setattr(gguf_cache, "package_dir", lambda name: None)
 
     result = CliRunner().invoke(app, ["models", "--json", "--cache-dir", str(tmp_path)])
 

@@ -13,7 +13,8 @@ from adapters.trainer import TrainerConfig
 from agents.prompts import REFLECT_SYSTEM, SOLVER_SYSTEM, VARIANT_SYSTEM
 from agents.solver import SolverConfig
 from graph.context import LoopConfig
-from graph.runner import RunSettings, build_context, prepare_run_dir, run_episodes
+from graph.run_dir import RunSettings, prepare_run_dir
+from graph.runner import build_context, run_episodes
 from memory_store.config import MemoryConfig
 from memory_store.embedding import HashEmbedding
 from memory_store.store import MemoryStore

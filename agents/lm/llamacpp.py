@@ -18,14 +18,11 @@ mixture weight ``w_n``, and llama.cpp adds ``w_n * alpha/r * B_n A_n x`` per ada
 bank's delta exactly. Experts with zero weight or zero B are skipped, as in the bank. The
 bank changes in place during training; each parameter's in-place version counter tells
 when, and the next ``generate`` rewrites the changed experts and restarts the server
-(about 2 s for 16 experts on the 0.5B model), since llama.cpp loads adapters only at start.
+(seconds: bench/bench_generation.py), since llama.cpp loads adapters only at start.
 
 Token ids. Prompts are tokenized with the transformers tokenizer, sent as ids, and the
 returned ids are decoded with the same tokenizer, so a prompt and a completion mean the
-same ids as in the torch backend. The server streams one frame per token with that
-token's id, except that it holds back tokens which leave the text in the middle of a
-UTF-8 character; such tokens are recovered from the bytes of the frame that completes
-the character and the frame's token count.
+same ids as in the torch backend (``agents.lm.llamacpp_tokens`` reads the streamed frames).
 """
 
 from __future__ import annotations
@@ -49,7 +46,8 @@ from adapters.bank import ExpertBank
 from adapters.gguf_lora import GgufBase, export_expert_loras, write_dense_gguf
 from agents.files import cache_root, file_fingerprint
 from agents.lm.backend import BackendError
-from agents.lm.generation import GREEDY, Generation, Sampling, answer_complete, chat_prompt, finished
+from agents.lm.generation import GREEDY, Generation, Sampling, chat_prompt, finished
+from agents.lm.llamacpp_tokens import TokenStream, byte_tables
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +135,7 @@ class LlamaCppBackend:
         self._slot_lora: dict[int, tuple] = {}  # slot -> adapter scales its KV cache was computed with
         self._lock = threading.Lock()  # one generate at a time: a restart must not cut a running request
         self._closed = False
-        self._token_bytes, self._bytes_token = _byte_tables(tokenizer)
+        self._token_bytes, self._bytes_token = byte_tables(tokenizer)
         self._stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
 
     # --- the GenerationBackend protocol ---------------------------------------------------
@@ -372,7 +370,7 @@ class LlamaCppBackend:
         return request
 
     def _complete(self, request: dict, max_new_tokens: int, stop_at_answer: bool) -> list[int]:
-        stream = _TokenStream(self, max_new_tokens, stop_at_answer)
+        stream = TokenStream(self, max_new_tokens, stop_at_answer)
         self._server.handle_completions(request, stream.on_frame)
         if stream.error is not None:
             raise BackendError(f"llama.cpp failed a completion: {stream.error}")
@@ -389,100 +387,3 @@ def _warn_wait_policy() -> None:
         "OpenMP threads spin-wait long (libgomp's default): on a machine shared with other jobs llama.cpp "
         "can run several times slower; set GOMP_SPINCOUNT=10000 before torch is imported (run_loop.py does)"
     )
-
-
-class _TokenStream:
-    """Collects one request's token ids from the server's frames; asks to stop once the answer is complete."""
-
-    def __init__(self, backend: LlamaCppBackend, max_new_tokens: int, stop_at_answer: bool):
-        self.backend = backend
-        self.max_new_tokens = max_new_tokens
-        self.stop_at_answer = stop_at_answer
-        self.ids: list[int] = []
-        self.error: str | None = None
-        self.done = False
-
-    def on_frame(self, frame: dict) -> bool:
-        """Called from the server per frame; returning True ends the request (llama.cpp cancels it)."""
-        if self.done:
-            return True
-        if "choices" not in frame:
-            self.error = str(frame.get("error", frame))[:500]
-            return True
-        choice = frame["choices"][0]
-        items = (choice.get("logprobs") or {}).get("content") or []
-        counted = (frame.get("timings") or {}).get("predicted_n")
-        # Tokens counted but not shown were held back and come out with this frame's first token.
-        held_back = 0 if counted is None else counted - len(self.ids) - len(items)
-        for k, item in enumerate(items):
-            new = self._recover(item, held_back) + [item["id"]] if k == 0 and held_back > 0 else [item["id"]]
-            for token in new:
-                self.ids.append(token)
-                if len(self.ids) >= self.max_new_tokens or (self.stop_at_answer and self._answer_complete()):
-                    self.done = True
-                    return True
-        return choice.get("finish_reason") is not None
-
-    def _recover(self, item: dict, count: int) -> list[int]:
-        """The ids of `count` tokens held back before item's token, from the bytes the frame carries."""
-        own = self.backend._token_bytes[item["id"]]
-        frame_bytes = bytes(item.get("bytes") or [])
-        recovered = None
-        if frame_bytes.endswith(own):
-            gap = frame_bytes[: len(frame_bytes) - len(own)]
-            recovered = _segment(gap, count, self.backend._bytes_token)
-            if recovered is None:
-                recovered = _segment(gap, None, self.backend._bytes_token)
-        if recovered is None or len(recovered) != count:
-            log.warning("could not recover %d held-back token ids exactly; token counts may be off", count)
-        return recovered or []
-
-    def _answer_complete(self) -> bool:
-        return answer_complete(self.backend.tokenizer, self.ids)
-
-
-def _byte_tables(tokenizer) -> tuple[list[bytes], dict[bytes, int]]:
-    """Each token id's bytes as the tokenizer decodes it, and the reverse map (non-empty, first id wins)."""
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
-    added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    table = []
-    for token_id, token in enumerate(tokens):
-        if token_id in added or token is None or not all(c in byte_of for c in token):
-            text = tokenizer.decode([token_id], skip_special_tokens=True)
-            table.append(text.encode("utf-8", errors="surrogatepass"))
-        else:
-            table.append(bytes(byte_of[c] for c in token))
-    reverse: dict[bytes, int] = {}
-    for token_id, data in enumerate(table):
-        if data and token_id not in added:
-            reverse.setdefault(data, token_id)
-    return table, reverse
-
-
-def _segment(gap: bytes, count: int | None, vocab: dict[bytes, int]) -> list[int] | None:
-    """Token ids whose bytes concatenate to `gap`: exactly `count` of them, or fewest when None.
-
-    Longest first piece first, so the usual case (one held-back multi-byte token) is found at once.
-    """
-    if not gap:
-        return [] if count in (None, 0) else None
-    if len(gap) > 64:
-        return None  # a held-back run is a few bytes of one character; anything longer is not one
-    if count == 0:
-        return None
-    best = None
-    for cut in range(len(gap), 0, -1):
-        head = vocab.get(gap[:cut])
-        if head is None:
-            continue
-        rest = _segment(gap[cut:], None if count is None else count - 1, vocab)
-        if rest is None:
-            continue
-        if count is not None:
-            return [head, *rest]
-        if best is None or 1 + len(rest) < len(best):
-            best = [head, *rest]
-    return best

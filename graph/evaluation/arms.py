@@ -35,15 +35,8 @@ from graph.evaluation.learning import episode_timing, learning_curve, learning_s
 from graph.evaluation.problems import ProblemSets
 from graph.evaluation.results import ArmResult, EvalProgress, ItemScore, ScoredCalls
 from graph.routing import route
-from graph.runner import (
-    StopFlag,
-    build_context,
-    check_questions_fit,
-    describe_episode,
-    prepare_run_dir,
-    problem_data,
-    run_episodes,
-)
+from graph.run_dir import prepare_run_dir
+from graph.runner import StopFlag, build_context, check_questions_fit, describe_episode, problem_data, run_episodes
 
 log = logging.getLogger(__name__)
 

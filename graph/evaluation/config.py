@@ -38,7 +38,7 @@ from agents.lm.precision import PRECISIONS
 from agents.solver import SolverConfig
 from agents.verifier import VerifierConfig
 from graph.context import LoopConfig
-from graph.runner import RunSettings
+from graph.run_dir import RunSettings
 from graph.saved_settings import read_saved, settings_with_options
 from memory_store.embedding import EMBEDDERS
 

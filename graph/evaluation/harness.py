@@ -37,7 +37,8 @@ from graph.evaluation.problems import ProblemSets, check_disjoint, prepare_probl
 from graph.evaluation.report import write_report
 from graph.evaluation.results import ArmResult, EvalProgress, EvalReport, finished_arm, result_path, save_arm
 from graph.evaluation.stats import compare
-from graph.runner import RunDirError, StopFlag, claim_run_dir, set_threads
+from graph.run_dir import RunDirError, claim_run_dir
+from graph.runner import StopFlag, set_threads
 from graph.saved_settings import leaf_differences, read_saved
 from memory_store.embedding import make_embedder
 

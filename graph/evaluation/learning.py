@@ -10,7 +10,7 @@ from agents.gsm8k import Problem, normalise_question
 from agents.solver import Attempt
 from agents.trajectories import SOURCES
 from agents.verifier import check
-from graph.nodes import update_survived
+from graph.remember import update_survived
 
 
 def learning_summary(states: list[dict]) -> dict:
