@@ -456,3 +456,19 @@ def test_an_arm_killed_inside_scoring_resumes_after_its_last_finished_call(tmp_p
     assert len(sampled) == 2 * 3  # the calls not finished before the kill, 3 samples each
     assert resumed.arms["vote"].correct == whole.arms["vote"].correct
     assert [s.answer for s in resumed.arms["vote"].scores] == [s.answer for s in whole.arms["vote"].scores]
+
+
+def test_a_resumed_evaluation_keeps_the_precision_it_started_in(tmp_path, monkeypatch):
+    """Arms are compared answer by answer: a resume where the calibration would choose otherwise keeps the first choice."""
+    import graph.evaluation.harness as harness
+    from agents.lm.precision import PrecisionChoice
+
+    config = _config(tmp_path)
+    choices = iter([PrecisionChoice("auto", "float32", "calibrated"), PrecisionChoice("auto", "bfloat16", "calibrated")])
+    monkeypatch.setattr(harness, "choose_precision", lambda *_a: next(choices))
+    first = prepare_eval_dir(tmp_path / "e", config, prepare_problems(config), resume=False)
+    again = prepare_eval_dir(tmp_path / "e", config, prepare_problems(config), resume=True)
+    assert first.used == again.used == "float32" and "kept since the evaluation started" in again.reason
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["precision"]["used"] == "float32"
+    fresh = prepare_eval_dir(tmp_path / "f", config, prepare_problems(config), resume=False)
+    assert fresh.used == "bfloat16"  # a new evaluation calibrates afresh

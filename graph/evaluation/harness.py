@@ -29,7 +29,7 @@ from agents.errors import DataError
 from agents.files import atomic_write_bytes
 from agents.lm.backend import GenerationBackend
 from agents.lm.models import LoadedModel, pick_device
-from agents.lm.precision import choose_precision
+from agents.lm.precision import PrecisionChoice, choose_precision
 from graph.evaluation.arms import ArmRunner
 from graph.evaluation.config import EVAL_FILE, LEGACY_CONFIG, LOOP_ARMS, PROTOCOL_NOTES, EvalConfig
 from graph.evaluation.learning import leak_check
@@ -45,22 +45,36 @@ from memory_store.embedding import make_embedder
 log = logging.getLogger(__name__)
 
 
-def prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resume: bool) -> None:
+def prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resume: bool) -> PrecisionChoice:
+    """eval.json checked against the saved one on resume and written; the precision every arm runs in.
+
+    The precision 'auto' resolves to is fixed when the evaluation starts and kept in eval.json:
+    arms are compared answer by answer, so a resume (on another machine, say, where the
+    calibration would choose otherwise) runs in the precision the first arms ran in.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / EVAL_FILE
     wanted = {"config": {k: v for k, v in config.to_dict().items() if k != "plots"}, **sets.to_dict()}
+    kept = None
     if path.exists():
         if not resume:
             raise RunDirError(f"{run_dir} already holds an evaluation; pass --resume to continue it or choose another --run-dir")
         saved = read_saved(path)
         saved["config"] = {**LEGACY_CONFIG, **saved.get("config", {})}
         saved.pop("data_sources", None)  # a note of where the problems came from, not a setting
+        kept = saved.pop("precision", None)  # resolved at the start (absent in evaluations made before it was kept)
         if saved != wanted:
             differs = leaf_differences(saved.get("config", {}), wanted["config"])
             shown = "; ".join(f"{key}: saved {a!r}, now {b!r}" for key, a, b in differs) or "problem ids"
             raise RunDirError(f"{run_dir} holds an evaluation with different settings or problems ({shown}); "
                               "use another --run-dir")
-    atomic_write_bytes(path, json.dumps({**wanted, "data_sources": sets.sources}, indent=2).encode())
+    if kept is not None:
+        precision = PrecisionChoice(kept["requested"], kept["used"], f"{kept['reason']}; kept since the evaluation started")
+    else:
+        precision = choose_precision(config.precision, pick_device(None).type)
+        kept = precision.to_dict()
+    atomic_write_bytes(path, json.dumps({**wanted, "precision": kept, "data_sources": sets.sources}, indent=2).encode())
+    return precision
 
 
 def evaluate(
@@ -95,8 +109,7 @@ def evaluate(
         check_disjoint(sets.learn, sets.scored)
     elif [p.id for p in sets.learn] != [p.id for p in sets.scored]:
         raise DataError(f"protocol {config.protocol} learns on the scored problems themselves: learn must equal scored")
-    prepare_eval_dir(run_dir, config, sets, resume)
-    precision = choose_precision(config.precision, pick_device(None).type)
+    precision = prepare_eval_dir(run_dir, config, sets, resume)
     status = on_status or (lambda _line: None)
     status(f"precision: {precision.used} ({precision.requested}: {precision.reason})")
     status(f"backend: {config.backend} for every arm's scoring and learning "
