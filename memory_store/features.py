@@ -99,26 +99,14 @@ def features_from_hits(
     n = config.n_experts
     neighbours = []
     episode_ids = []
-    for doc, meta, dist, emb in zip(
-        episode_hits["documents"][0],
-        episode_hits["metadatas"][0],
-        episode_hits["distances"][0],
-        episode_hits["embeddings"][0],
-        strict=True,
-    ):
+    for doc, meta, dist, emb in _rows(episode_hits):
         episode = Episode.from_chroma(doc, meta)
         if episode.problem_id == exclude_problem or len(episode_ids) == k:
             continue
         neighbours.append(episode_neighbour(episode, emb, chroma.similarity(dist), n))
         episode_ids.append(episode.episode_id)
     top_rules = []
-    for doc, meta, dist, emb in zip(
-        rule_hits["documents"][0],
-        rule_hits["metadatas"][0],
-        rule_hits["distances"][0],
-        rule_hits["embeddings"][0],
-        strict=True,
-    ):
+    for doc, meta, dist, emb in _rows(rule_hits):
         if meta["status"] not in ACTIVE_STATUSES or len(top_rules) == k or meta["problem_id"] == exclude_problem:
             continue
         rule = Rule.from_chroma(doc, meta)
@@ -127,3 +115,8 @@ def features_from_hits(
     if not neighbours:
         return empty_features(config)
     return compute_features(config, neighbours, top_rules, episode_ids)
+
+
+def _rows(hits: dict):
+    """(document, metadata, distance, embedding) of each hit of a one-query Chroma result."""
+    return zip(hits["documents"][0], hits["metadatas"][0], hits["distances"][0], hits["embeddings"][0], strict=True)
