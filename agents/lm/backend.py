@@ -114,8 +114,7 @@ class TorchBackend:
             raise BackendError(f"got mixture weights for {weights.shape[0]} rows and {len(prompts)} prompts")
         if self.engine == "continuous":
             return self.batcher.generate(
-                prompts, weights, max_new_tokens=max_new_tokens, stop_at_answer=stop_at_answer,
-                temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed,
+                prompts, weights, max_new_tokens=max_new_tokens, stop_at_answer=stop_at_answer, sampling=sampling,
             )
         results: list[Generation] = []
         for start in range(0, len(prompts), self.batch_size):
@@ -134,8 +133,7 @@ class TorchBackend:
                     chunk_weights,
                     max_new_tokens=max_new_tokens,
                     stop_at_answer=stop_at_answer,
-                    temperature=sampling.temperature,
-                    top_p=sampling.top_p,
+                    sampling=sampling,
                 )
         return results
 

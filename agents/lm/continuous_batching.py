@@ -24,7 +24,7 @@ import torch
 
 from adapters.bank import ExpertBank
 from agents.lm.cpu_kernels import ExactGreedyHead, PackedLinears, PrepackedBfloat16Linears
-from agents.lm.generation import Generation, Request, Sampling, answer_complete, finished, mixture_applied
+from agents.lm.generation import GREEDY, Generation, Request, Sampling, answer_complete, finished, mixture_applied
 
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth a separate forward pass
 
@@ -132,14 +132,12 @@ class ContinuousBatcher:
         *,
         max_new_tokens: int = 384,
         stop_at_answer: bool = True,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int = 0,
+        sampling: Sampling = GREEDY,
     ) -> list[Generation]:
         """Completions of templated prompts; ``weights`` (len(prompts) or 1, n_experts), None = bare model."""
         if not prompts:
             return []
-        request = Request(tuple(prompts), weights, max_new_tokens, stop_at_answer, Sampling(temperature, top_p, seed))
+        request = Request(tuple(prompts), weights, max_new_tokens, stop_at_answer, sampling)
         return self.generate_requests([request])[0]
 
     @torch.no_grad()

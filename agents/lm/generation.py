@@ -126,12 +126,13 @@ def generate(
     *,
     max_new_tokens: int = 384,
     stop_at_answer: bool = True,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
+    sampling: Sampling = GREEDY,
 ) -> list[Generation]:
-    """Completions of already-templated prompts (greedy unless temperature > 0), batched with left padding.
+    """Completions of already-templated prompts (greedy unless sampling.temperature > 0), batched with left padding.
 
-    ``weights`` (batch or 1, n_experts) is the expert mixture; None runs the bare model.
+    ``weights`` (batch or 1, n_experts) is the expert mixture; None runs the bare model. Sampled
+    rows draw from torch's global generator: the caller seeds it (``TorchBackend`` does, from
+    ``sampling.seed``).
     """
     if tokenizer.padding_side != "left":
         raise ValueError("generation needs a left-padding tokenizer")
@@ -143,8 +144,8 @@ def generate(
     kwargs = dict(
         **enc,
         max_new_tokens=max_new_tokens,
-        do_sample=temperature > 0,
-        **({"temperature": temperature, "top_p": top_p} if temperature > 0 else {}),
+        do_sample=sampling.temperature > 0,
+        **({"temperature": sampling.temperature, "top_p": sampling.top_p} if sampling.temperature > 0 else {}),
         stopping_criteria=criteria,
         pad_token_id=tokenizer.pad_token_id,
     )
