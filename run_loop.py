@@ -118,7 +118,7 @@ class _Live:
     ``update``: lines before it (data sources, or an error in them) print alone."""
 
     def __init__(self, console: Console, description: str):
-        from graph.runner import StopFlag
+        from graph.episodes import StopFlag
 
         self.console, self.stop = console, StopFlag()
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -156,6 +156,9 @@ ModelOption = Annotated[Optional[str], typer.Option(
     help=f"Model spec: an alias, a folder, a .gguf file or a hub id. Default: {DEFAULT_MODEL}.")]
 ThreadsOption = Annotated[int, typer.Option(help="Torch CPU threads (0: torch's default). Not saved with the run.")]
 RESUME_NOTE = "On --resume every setting is read from --run-dir; an option given again must match it."
+RoundSizeOption = Annotated[Optional[int], typer.Option(
+    help="Learning episodes that sample together from the same bank, their generation calls pooled; each then "
+         "trains in turn. 1: every episode sees all learning before it. Default: 8.")]
 SamplesOption = Annotated[Optional[int], typer.Option(
     help="Sampled answers per problem besides the greedy one: verification, rule validation, the vote arm. Default: 6.")]
 PrecisionOption = Annotated[Optional[str], typer.Option(
@@ -183,6 +186,7 @@ def run(
     batch_size: Annotated[Optional[int], typer.Option(help="Sequences generated together. Default: 64.")] = None,
     precision: PrecisionOption = None,
     samples: SamplesOption = None,
+    round_size: RoundSizeOption = None,
 ) -> None:
     """Run the self-improvement loop over a stream of problems, resumably.
 
@@ -193,20 +197,23 @@ def run(
     Example: python run_loop.py run --data train --episodes 5 --run-dir runs/first
     """
     _quiet_openmp()
+    from graph.episodes import describe_episode
     from graph.loop_run import LoopRun
-    from graph.runner import describe_episode
 
     err = Console(stderr=True, soft_wrap=True)
     if embedder is not None and embedder not in ("minilm", "hash"):
         raise _fail(ValueError(f"--embedder must be 'minilm' or 'hash', got {embedder!r}"))
     if episodes is not None and episodes < 1:
         raise _fail(ValueError(f"--episodes must be >= 1, got {episodes}"))
+    if round_size is not None and round_size < 1:
+        raise _fail(ValueError(f"--round-size must be >= 1, got {round_size}"))
     if backend is not None:
         _check_backend(backend)
     options = {
         "model": model, "data": data, "episodes": episodes, "loop.cycles": cycles, "loop.label_free": label_free,
         "loop.seed": seed, "solver.max_new_tokens": max_new_tokens, "memory_url": memory_url, "backend": backend,
         "batch_size": batch_size, "embedder": embedder, "precision": precision, "verifier.samples": samples,
+        "round_size": round_size,
     }
     try:
         loop = LoopRun.setup(run_dir, resume, options, threads=threads, on_status=lambda line: _status(err, line))
@@ -290,6 +297,7 @@ def eval_command(
     plots: Annotated[Optional[bool], typer.Option("--plots/--no-plots", help="Write the PNG plots (default: yes).")] = None,
     precision: PrecisionOption = None,
     samples: SamplesOption = None,
+    round_size: RoundSizeOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON to stdout.")] = False,
 ) -> None:
     """Compare arms on GSM8K under one protocol; write report.json, report.md and plots to --run-dir.
@@ -306,6 +314,8 @@ def eval_command(
     err = Console(stderr=True, soft_wrap=True)
     if threads < 0:
         raise _fail(ValueError(f"--threads must be >= 0, got {threads}"))
+    if round_size is not None and round_size < 1:
+        raise _fail(ValueError(f"--round-size must be >= 1, got {round_size}"))
     chosen = None if arms is None else (
         ARMS if arms.strip() == "all" else tuple(a.strip() for a in arms.split(",") if a.strip()))
     options = {
@@ -313,7 +323,7 @@ def eval_command(
         "learn_problems": learn_problems, "eval_problems": eval_problems, "seed": seed, "cycles": cycles,
         "label_free": label_free, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "backend": backend,
         "embedder": embedder, "bank.n_experts": experts, "trainer.steps_per_update": steps, "plots": plots,
-        "precision": precision, "verifier.samples": samples,
+        "precision": precision, "verifier.samples": samples, "round_size": round_size,
     }
     try:
         config = eval_config(run_dir, resume, options)

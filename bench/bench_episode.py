@@ -2,15 +2,19 @@
 
 Runs the loop (the eval harness's `full` arm settings: samples, reflect and validation,
 rationalization, variants, update, re-evaluation with the canary) over GSM8K train problems
-on the default model, one precision per process, and keeps the episodes whose first greedy
-answer was wrong (those are the ones that learn). Prints, per precision:
-  - the failed episodes' wall seconds: median and p90, and the episodes right at the first try;
-  - where the time goes: seconds per node, and per generation call (rows, tokens, seconds)
-    against the update steps, summed over the failed episodes;
-  - the ratio of the bfloat16 median to the float32 median, measured in this one run.
+on the default model, one precision and round size per process, and keeps the episodes
+whose first greedy answer was wrong (those are the ones that learn). An episode's seconds
+are the sum of its nodes' (graph/episodes.py: in a round, a pooled call counts each episode's
+share by rows), so that the episodes of a round add up to the round's wall time. Prints,
+per precision and round size:
+  - the failed episodes' seconds: median and p90, and the episodes right at the first try;
+  - the wall time of all episodes, and episodes per hour;
+  - where the time goes: seconds per node, summed over the failed episodes; generation calls
+    per episode and their mean rows (what pooling a round's calls widens);
+  - the ratios of the medians and of the wall times against the first setting, in this one run.
 
-    python bench/bench_episode.py                              # 20 failed episodes per precision
-    python bench/bench_episode.py --failed 6 --precisions bfloat16
+    python bench/bench_episode.py                              # 20 failed episodes per setting
+    python bench/bench_episode.py --failed 6 --precisions bfloat16 --round-sizes 1,8
 """
 
 from __future__ import annotations
@@ -43,10 +47,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 class CallLog:
-    """Wraps a backend's calls: rows, new tokens and seconds of every call, tagged later with its node."""
+    """Wraps a backend's calls: rows, new tokens and seconds of every call."""
 
     def __init__(self, backend):
-        self.backend, self.pending, self.calls = backend, [], []
+        self.backend, self.calls = backend, []
         self._generate_requests = backend.generate_requests
         backend.generate_requests = self.generate_requests
 
@@ -54,14 +58,10 @@ class CallLog:
         start = time.perf_counter()
         outs = self._generate_requests(requests)
         flat = [g for out in outs for g in out]
-        self.pending.append({"rows": len(flat), "requests": len(requests), "tokens": sum(g.new_tokens for g in flat),
-                             "longest": max((g.new_tokens for g in flat), default=0),
-                             "seconds": time.perf_counter() - start})
+        self.calls.append({"rows": len(flat), "requests": len(requests), "tokens": sum(g.new_tokens for g in flat),
+                           "longest": max((g.new_tokens for g in flat), default=0),
+                           "seconds": time.perf_counter() - start})
         return outs
-
-    def node_ended(self, episode: int, node: str) -> None:
-        self.calls += [{**c, "episode": episode, "node": node} for c in self.pending]
-        self.pending = []
 
 
 def run_precision(args) -> dict:
@@ -70,8 +70,9 @@ def run_precision(args) -> dict:
     torch.set_num_threads(args.threads)
     from agents.data_sources import open_source
     from agents.lm.precision import load_in_precision
+    from graph.episodes import run_episodes
     from graph.evaluation.config import EvalConfig, arm_settings
-    from graph.runner import build_context, problem_data, run_episodes
+    from graph.runner import build_context, problem_data
     from memory_store.embedding import make_embedder
 
     loaded, choice = load_in_precision(args.model, args.precision)
@@ -95,39 +96,35 @@ def run_precision(args) -> dict:
             return result
 
         ctx.trainer.update = timed_update
-        events_at = run_dir / "events.jsonl"
         episodes: list[dict] = []
-        read = 0
-        mark = time.perf_counter()
+        seconds: dict[int, float] = defaultdict(float)
         stream = [problem_data(p, learning=True, label_free=False) for p in problems]
 
         def on_event(event) -> None:
-            calls.node_ended(event.episode, event.node)
+            node_seconds[event.episode][event.node] += event.seconds
+            seconds[event.episode] += event.seconds
 
-        for state in run_episodes(ctx, stream, run_dir=run_dir, on_event=on_event):
-            now = time.perf_counter()
-            lines = events_at.read_text().splitlines()
-            for line in lines[read:]:
-                e = json.loads(line)
-                node_seconds[e["episode"]][e["node"]] += e["seconds"]
-            read = len(lines)
-            episodes.append({"episode": state["episode"], "problem": state["problem"]["id"],
+        start = time.perf_counter()
+        for state in run_episodes(ctx, stream, run_dir=run_dir, round_size=args.round_size, on_event=on_event):
+            index = state["episode"]
+            episodes.append({"episode": index, "problem": state["problem"]["id"],
                              "first_correct": bool(state["first_try"]["correct"]), "outcome": state["outcome"],
-                             "seconds": now - mark, "updates": len(state.get("updates") or [])})
-            mark = now
+                             "seconds": seconds[index], "updates": len(state.get("updates") or [])})
             failed = [e for e in episodes if not e["first_correct"]]
-            print(f"  {choice.used}: episode {len(episodes)}: {'right' if episodes[-1]['first_correct'] else 'wrong'} "
-                  f"at first, {episodes[-1]['seconds']:.1f} s ({len(failed)}/{args.failed} failed)", flush=True)
+            print(f"  {choice.used}, rounds of {args.round_size}: episode {len(episodes)}: "
+                  f"{'right' if episodes[-1]['first_correct'] else 'wrong'} at first, {episodes[-1]['seconds']:.1f} s "
+                  f"({len(failed)}/{args.failed} failed)", flush=True)
             if len(failed) >= args.failed:
                 break
+        wall = time.perf_counter() - start
         if ctx.memory is not None:
             ctx.memory.close()
     failed_ids = {e["episode"] for e in episodes if not e["first_correct"]}
     return {
         "precision": choice.used, "reason": choice.reason, "backend": ctx.backend.description,
-        "episodes": episodes,
+        "round_size": args.round_size, "wall_seconds": wall, "episodes": episodes,
         "node_seconds": {str(k): dict(v) for k, v in node_seconds.items() if k in failed_ids},
-        "calls": [c for c in calls.calls if c["episode"] in failed_ids],
+        "calls": calls.calls,
         "updates": updates,
     }
 
@@ -141,20 +138,16 @@ def summarize(result: dict) -> dict:
         for node, s in nodes.items():
             by_node[node] += s
     calls = result["calls"]
-    by_call_node: dict[str, list] = defaultdict(list)
-    for c in calls:
-        by_call_node[c["node"]].append(c)
     return {
         "failed": len(failed), "right_first": len(right),
         "median": statistics.median(seconds) if seconds else None,
         "p90": percentile(seconds, 90) if seconds else None,
         "right_first_median": statistics.median([e["seconds"] for e in right]) if right else None,
+        "wall": result["wall_seconds"], "episodes": len(result["episodes"]),
         "by_node": dict(by_node),
         "generation_seconds": sum(c["seconds"] for c in calls),
-        "calls_per_episode": len(calls) / max(1, len(failed)),
-        "by_call_node": {n: {"calls": len(cs), "mean_rows": statistics.mean(c["rows"] for c in cs),
-                             "seconds": sum(c["seconds"] for c in cs), "tokens": sum(c["tokens"] for c in cs)}
-                         for n, cs in by_call_node.items()},
+        "calls_per_episode": len(calls) / max(1, len(result["episodes"])),
+        "mean_rows": statistics.mean(c["rows"] for c in calls) if calls else 0.0,
     }
 
 
@@ -165,6 +158,8 @@ def main() -> None:
     parser.add_argument("--failed", type=int, default=20, help="failed episodes to time per precision")
     parser.add_argument("--max-episodes", type=int, default=200, help="give up after this many episodes")
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
+    parser.add_argument("--round-sizes", default="1,8", help="episodes per round (graph/episodes.run_episodes)")
+    parser.add_argument("--round-size", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", type=Path, help="write every measurement here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -176,30 +171,37 @@ def main() -> None:
 
     results = {}
     for precision in args.precisions.split(","):
-        cmd = [sys.executable, __file__, "--child", precision, "--model", args.model, "--data", args.data,
-               "--failed", str(args.failed), "--max-episodes", str(args.max_episodes), "--threads", str(args.threads)]
-        print(f"{precision}: running up to {args.failed} failed episodes", flush=True)
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
-        lines = proc.stdout.splitlines()
-        print("\n".join(line for line in lines if not line.startswith("RESULT ")))
-        results[precision] = json.loads(next(line for line in lines if line.startswith("RESULT "))[7:])
-    summaries = {p: summarize(r) for p, r in results.items()}
-    print("\nprecision | failed episodes | median s | p90 s | right-first median s | generation s | update s | calls/episode")
-    for p, s in summaries.items():
-        update_s = s["by_node"].get("update", 0.0)
-        print(f"{p} | {s['failed']} | {s['median']:.1f} | {s['p90']:.1f} | "
-              f"{s['right_first_median'] or 0:.1f} | {s['generation_seconds']:.0f} | {update_s:.0f} | {s['calls_per_episode']:.1f}")
-    for p, s in summaries.items():
-        total = sum(s["by_node"].values())
-        print(f"\n{p}: seconds per node over the failed episodes (share of their wall time)")
+        for round_size in args.round_sizes.split(","):
+            cmd = [sys.executable, __file__, "--child", precision, "--round-size", round_size, "--model", args.model,
+                   "--data", args.data, "--failed", str(args.failed), "--max-episodes", str(args.max_episodes),
+                   "--threads", str(args.threads)]
+            print(f"{precision}, rounds of {round_size}: running up to {args.failed} failed episodes", flush=True)
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+            lines = proc.stdout.splitlines()
+            print("\n".join(line for line in lines if not line.startswith("RESULT ")))
+            results[f"{precision}, rounds of {round_size}"] = json.loads(
+                next(line for line in lines if line.startswith("RESULT "))[7:])
+    summaries = {name: summarize(r) for name, r in results.items()}
+    print("\nsetting | episodes (failed) | failed median s | p90 s | right-first median s | wall s | episodes/hour | "
+          "generation s | update s | calls/episode | mean rows/call")
+    for name, s in summaries.items():
+        print(f"{name} | {s['episodes']} ({s['failed']}) | {s['median'] or 0:.1f} | {s['p90'] or 0:.1f} | "
+              f"{s['right_first_median'] or 0:.1f} | {s['wall']:.0f} | {3600 * s['episodes'] / s['wall']:.1f} | "
+              f"{s['generation_seconds']:.0f} | {s['by_node'].get('update', 0.0):.0f} | {s['calls_per_episode']:.1f} | "
+              f"{s['mean_rows']:.1f}")
+    for name, s in summaries.items():
+        total = sum(s["by_node"].values()) or 1.0
+        print(f"\n{name}: seconds per node over the failed episodes (share of their time)")
         for node, sec in sorted(s["by_node"].items(), key=lambda kv: -kv[1]):
             print(f"  {node:<11} {sec:8.1f}  {sec / total:6.1%}")
-        print(f"{p}: generation calls by node: calls, mean rows, seconds, tokens")
-        for node, c in sorted(s["by_call_node"].items(), key=lambda kv: -kv[1]["seconds"]):
-            print(f"  {node:<11} {c['calls']:4d} {c['mean_rows']:6.1f} {c['seconds']:8.1f} {c['tokens']:8d}")
-    if len(summaries) == 2 and all(s["median"] for s in summaries.values()):
-        a, b = (summaries[p]["median"] for p in PRECISIONS)
-        print(f"\nbfloat16 median episode / float32 median episode: {b / a:.2f} (target: a median of at most 45 s)")
+    names = list(summaries)
+    base = summaries[names[0]]
+    for name in names[1:]:
+        s = summaries[name]
+        if base["median"] and s["median"]:
+            print(f"\n{name} vs {names[0]}: failed-episode median {s['median'] / base['median']:.2f}x, "
+                  f"wall time {s['wall'] / base['wall']:.2f}x for {s['episodes']} vs {base['episodes']} episodes "
+                  "(target: a median of at most 45 s)")
     if args.json:
         args.json.write_text(json.dumps({"results": results, "summaries": summaries}, indent=2))
 

@@ -7,7 +7,7 @@ one process and are rebuilt (and the bank reloaded from disk) when a run resumes
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -83,6 +83,12 @@ class RunContext:
     trainer: TestTimeTrainer
     bank_store: BankStore
     memory: MemoryStore | None = None
+
+    def with_backend(self, backend: GenerationBackend) -> RunContext:
+        """The same run context with every agent generating through ``backend``."""
+        return replace(self, backend=backend, solver=Solver(backend, self.solver.config),
+                       reflector=Reflector(backend, self.reflector.config),
+                       diversifier=Diversifier(backend, self.diversifier.config))
 
     # ------------------------------------------------------------ lifecycle
 

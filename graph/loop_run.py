@@ -14,16 +14,9 @@ from typing import Callable, Iterator
 from agents.data_sources import DataSource, open_source
 from agents.lm.precision import PrecisionChoice
 from graph.context import RunContext
+from graph.episodes import EpisodeEvent, StopFlag, run_episodes
 from graph.run_dir import RunSettings, check_run_dir, claim_run_dir, run_settings, write_run_settings
-from graph.runner import (
-    EpisodeEvent,
-    StopFlag,
-    build_fresh_context,
-    check_questions_fit,
-    problem_data,
-    run_episodes,
-    set_threads,
-)
+from graph.runner import build_fresh_context, check_questions_fit, problem_data, set_threads
 from graph.state import LoopState, ProblemData
 from memory_store.embedding import make_embedder
 from memory_store.locks import WriterLock
@@ -78,7 +71,8 @@ class LoopRun:
     def episodes(self, *, stop: StopFlag | None = None,
                  on_event: Callable[[EpisodeEvent], None] | None = None) -> Iterator[LoopState]:
         """Each episode's final state, finished ones read back from the checkpoints; ``stop`` ends after a node."""
-        for final in run_episodes(self.ctx, self.problems, run_dir=self.run_dir, on_event=on_event, stop=stop):
+        for final in run_episodes(self.ctx, self.problems, run_dir=self.run_dir, round_size=self.settings.round_size,
+                                  on_event=on_event, stop=stop):
             self.episodes_done += 1
             self.right_first_try += int(final["first_try"]["correct"])
             self.right_at_end += int(final["outcome"] in ("correct", "fixed"))

@@ -32,6 +32,8 @@ from graph.saved_settings import leaf_differences, read_saved, settings_with_opt
 from memory_store.locks import WriterLock
 
 RUN_FILE = "run.json"
+# A round of 8 episodes fills the batcher's 64 slots with their greedy answers and 6 samples each.
+DEFAULT_ROUND_SIZE = 8
 RUN_LOCK = "run.lock"  # held by the process running in the folder
 CHECKPOINTS = "checkpoints.sqlite"
 
@@ -61,8 +63,12 @@ class RunSettings:
     batch_size: int = DEFAULT_BATCH_SIZE  # sequences generated together (torch and llama.cpp slots)
     embedder: str = "minilm"  # memory embedder: 'minilm' (all-MiniLM-L6-v2) or 'hash' (tests)
     precision: str = "auto"  # frozen weights: 'auto' (agents.lm.precision decides per device), 'float32', 'bfloat16'
+    # Episodes that sample together from the same bank, their calls pooled (graph/episodes.run_episodes)
+    round_size: int = DEFAULT_ROUND_SIZE
 
     def __post_init__(self) -> None:
+        if self.round_size < 1:
+            raise ValueError(f"round_size must be >= 1, got {self.round_size}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
 
@@ -79,7 +85,7 @@ def run_id_for(run_dir: Path) -> str:
 RESUMABLE_CHANGES = ("episodes", "backend", "batch_size")
 # Settings added after runs were first saved, with the values those runs ran with.
 LEGACY_SETTINGS = {
-    "embedder": "minilm", "precision": "float32",
+    "embedder": "minilm", "precision": "float32", "round_size": 1,
     "reflector": {"max_attempts": 3, "max_chars": 300, "max_sentences": 2, "max_new_tokens": 96, "temperature": 0.7},
     "diversifier": {"kinds": ["paraphrase", "rename"], "per_kind": 1, "max_new_tokens": 200, "temperature": 0.7},
 }
@@ -91,7 +97,7 @@ RUN_FLAGS = {
     "model": "--model", "data": "--data", "episodes": "--episodes", "loop.cycles": "--cycles",
     "loop.label_free": "--label-free", "loop.seed": "--seed", "solver.max_new_tokens": "--max-new-tokens",
     "memory_url": "--memory-url", "backend": "--backend", "batch_size": "--batch-size", "embedder": "--embedder",
-    "precision": "--precision", "verifier.samples": "--samples",
+    "precision": "--precision", "verifier.samples": "--samples", "round_size": "--round-size",
 }
 
 

@@ -47,7 +47,7 @@ class EpisodeCarryOver(TypedDict, total=False):
 
 
 class EpisodeInput(TypedDict):
-    """What starts an episode (graph/runner.py): the rest of ``LoopState`` is written by the nodes."""
+    """What starts an episode (graph/episodes.py): the rest of ``LoopState`` is written by the nodes."""
 
     run_id: str
     episode: int
@@ -85,6 +85,6 @@ class LoopState(TypedDict, total=False):
     canary_checks: Annotated[list[dict], operator.add]  # every regression check of this episode
     episode_rolled_back_to: str | None  # the snapshot the rollback node undid the episode's updates to, if any
     outcome: str  # correct | fixed | unfixed | not_learned | failed | skipped
-    committed: bool  # set by commit alone: the episode is finished (graph/runner.py resumes any other)
+    committed: bool  # set by commit alone: the episode is finished (graph/episodes.py resumes any other)
     error: str | None
     carry: EpisodeCarryOver

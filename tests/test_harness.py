@@ -21,12 +21,12 @@ from agents.errors import DataError
 from agents.gsm8k import Problem, problem_id, sample_problems
 from agents.prompts import REFLECT_SYSTEM, SOLVER_SYSTEM, VARIANT_SYSTEM
 from agents.verifier import VerifierConfig
+from graph.episodes import StopFlag
 from graph.evaluation.config import EvalConfig, EvalInterrupted
 from graph.evaluation.harness import evaluate, prepare_eval_dir
 from graph.evaluation.problems import prepare_problems
 from graph.inspection.expert_export import export_expert
 from graph.run_dir import RunDirError
-from graph.runner import StopFlag
 from run_loop import app
 from tests.fakes import ScriptedBackend
 
@@ -299,7 +299,8 @@ def test_a_second_evaluation_in_the_same_dir_needs_resume(holdout, tmp_path):
 
 def test_stream_scores_each_problem_once_before_learning_then_resumes_after_a_stop(tmp_path):
     model = Model()
-    config = _config(tmp_path, protocol="stream", arms=("rules", "adapters", "single-lora"), plots=False)
+    # one episode per round: every first attempt sees all the learning before it
+    config = _config(tmp_path, protocol="stream", arms=("rules", "adapters", "single-lora"), plots=False, round_size=1)
     stop = StopFlag()
 
     def on_progress(p):

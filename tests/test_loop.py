@@ -13,8 +13,9 @@ from agents.prompts import VARIANT_SYSTEM
 from agents.solver import SolverConfig
 from agents.verifier import VerifierConfig
 from graph.context import LoopConfig
+from graph.episodes import StopFlag, run_episodes
 from graph.run_dir import RunSettings
-from graph.runner import StopFlag, build_context, run_episodes
+from graph.runner import build_context
 from memory_store.embedding import HashEmbedding
 from tests.fakes import ScriptedBackend
 
@@ -345,13 +346,14 @@ def _state_of(ctx, finals):
     return bank, rules, results
 
 
-def _kill_then_resume(make_run, tmp_path, monkeypatch, problems, owner, name, kill_at, why):
+def _kill_then_resume(make_run, tmp_path, monkeypatch, problems, owner, name, kill_at, why, **run_kw):
     """An uninterrupted run in a/, and in b/ a run whose ``owner.name`` raises on its kill_at-th call, then resumed.
 
     Returns the uninterrupted state and the resumed run's context and final states.
+    ``run_kw`` go to every ``run_episodes`` call (``round_size``, say).
     """
     ctx, _ = make_run(World(), run_dir=tmp_path / "a")
-    want = _state_of(ctx, _run(ctx, problems, tmp_path / "a"))
+    want = _state_of(ctx, _run(ctx, problems, tmp_path / "a", **run_kw))
     ctx.memory.close()
     real = getattr(owner, name)
     calls = {"n": 0}
@@ -365,11 +367,12 @@ def _kill_then_resume(make_run, tmp_path, monkeypatch, problems, owner, name, ki
     ctx_b, _ = make_run(World(), run_dir=tmp_path / "b")
     monkeypatch.setattr(owner, name, dying)
     with pytest.raises(KeyboardInterrupt):
-        _run(ctx_b, problems, tmp_path / "b")
+        _run(ctx_b, problems, tmp_path / "b", **run_kw)
     ctx_b.memory.close()
     monkeypatch.setattr(owner, name, real)
+    assert calls["n"] == kill_at  # the kill happened
     resumed, _ = make_run(World(), run_dir=tmp_path / "b")  # a new process: fresh model, bank from disk
-    return want, resumed, _run(resumed, problems, tmp_path / "b")
+    return want, resumed, _run(resumed, problems, tmp_path / "b", **run_kw)
 
 
 def test_kill_inside_update_then_resume_equals_uninterrupted_run(make_run, tmp_path, monkeypatch):

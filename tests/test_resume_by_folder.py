@@ -7,7 +7,7 @@ import pytest
 from chromadb.api.client import SharedSystemClient
 from typer.testing import CliRunner
 
-import graph.runner
+import graph.episodes
 from run_loop import app
 
 runner = CliRunner()
@@ -26,7 +26,7 @@ def _invoke(args):
     return runner.invoke(app, args)
 
 
-class StopAfter(graph.runner.StopFlag):
+class StopAfter(graph.episodes.StopFlag):
     """Set after it has been asked `n` times: the run stops after its n-th finished node."""
 
     n = 1
@@ -52,7 +52,7 @@ def test_run_resumes_from_its_folder_alone_after_a_stop(tmp_path, monkeypatch):
     args = ["run", "--data", _data(tmp_path / "d.jsonl"), "--episodes", "2", "--cycles", "3", "--seed", "7",
             "--model", "tiny-random", "--embedder", "hash", "--max-new-tokens", "6", "--threads", "2",
             "--run-dir", str(run_dir)]
-    monkeypatch.setattr(graph.runner, "StopFlag", StopAfter)
+    monkeypatch.setattr(graph.episodes, "StopFlag", StopAfter)
     stopped = _invoke(args)
     assert stopped.exit_code == 130, stopped.output
     monkeypatch.undo()
@@ -97,7 +97,7 @@ EVAL = ["--model", "tiny-random", "--embedder", "hash", "--max-new-tokens", "4",
 def test_eval_resumes_from_its_folder_alone_and_refuses_a_changed_option(tmp_path, monkeypatch):
     run_dir = tmp_path / "eval"
     learn, scored = _data(tmp_path / "learn.jsonl", ROWS[:3]), _data(tmp_path / "eval.jsonl", ROWS[3:])
-    monkeypatch.setattr(graph.runner, "StopFlag", StopAfter)
+    monkeypatch.setattr(graph.episodes, "StopFlag", StopAfter)
     stopped = _invoke(["eval", *EVAL, "--learn-data", learn, "--eval-data", scored, "--run-dir", str(run_dir)])
     assert stopped.exit_code == 130, stopped.output
     monkeypatch.undo()

@@ -13,8 +13,9 @@ from adapters.trainer import TrainerConfig
 from agents.prompts import REFLECT_SYSTEM, SOLVER_SYSTEM, VARIANT_SYSTEM
 from agents.solver import SolverConfig
 from graph.context import LoopConfig
+from graph.episodes import run_episodes
 from graph.run_dir import RunSettings, prepare_run_dir
-from graph.runner import build_context, run_episodes
+from graph.runner import build_context
 from memory_store.config import MemoryConfig
 from memory_store.embedding import HashEmbedding
 from memory_store.store import MemoryStore

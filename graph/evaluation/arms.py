@@ -19,35 +19,27 @@ import torch
 from adapters.bank import ExpertBank
 from adapters.stack import build_adapters
 from adapters.trainer import TrainingExample
-from agents.diversifier import Diversifier
 from agents.files import atomic_write_bytes
 from agents.gsm8k import Problem
 from agents.lm.backend import GenerationBackend, close_backend, make_backend, opened
 from agents.lm.generation import Sampling
 from agents.lm.models import LoadedModel, load_model
 from agents.lm.precision import PrecisionChoice
-from agents.reflector import Reflector
 from agents.solver import Attempt, Solver, SolverConfig
 from agents.verifier import VerifierConfig, check, vote
 from graph.context import RunContext
+from graph.episodes import StopFlag, describe_episode, run_episodes
 from graph.evaluation.config import EvalConfig, EvalInterrupted, arm_settings
 from graph.evaluation.learning import episode_timing, learning_curve, learning_summary
 from graph.evaluation.problems import ProblemSets
 from graph.evaluation.results import ArmResult, EvalProgress, ItemScore, ScoredCalls
 from graph.routing import route
 from graph.run_dir import prepare_run_dir
-from graph.runner import StopFlag, build_context, check_questions_fit, describe_episode, problem_data, run_episodes
+from graph.runner import build_context, check_questions_fit, problem_data
 
 log = logging.getLogger(__name__)
 
 SCORE_CALL_BATCHES = 4  # batches' worth of problems per scoring call (see ArmRunner.score)
-
-
-def _with_backend(ctx: RunContext, backend: GenerationBackend) -> RunContext:
-    """The same run context with every agent generating through ``backend`` (built after the bank)."""
-    return replace(ctx, backend=backend, solver=Solver(backend, ctx.solver.config),
-                   reflector=Reflector(backend, ctx.reflector.config),
-                   diversifier=Diversifier(backend, ctx.diversifier.config))
 
 
 def _score(problem: Problem, attempt: Attempt) -> ItemScore:
@@ -181,9 +173,9 @@ class ArmRunner:
         loaded = self.loader()
         ctx = build_context(loaded, settings, arm_dir, embedder=self.embedder)
         if self.make_backend is not None:
-            ctx = _with_backend(ctx, self.make_backend(loaded, ctx.bank))
+            ctx = ctx.with_backend(self.make_backend(loaded, ctx.bank))  # built after the bank
         with ctx:
-            states, learning, learn_seconds = self._learn(arm, ctx, arm_dir)
+            states, learning, learn_seconds = self._learn(arm, ctx, arm_dir, settings.round_size)
             if cfg.protocol == "stream":
                 # Online: the score is each episode's first attempt, made before learning on it.
                 start = time.perf_counter()
@@ -207,30 +199,28 @@ class ArmRunner:
                 arm_result.expert_usage = {"mean_weight": mean, "updates": list(updates)}
         return arm_result, states
 
-    def _learn(self, arm: str, ctx: RunContext, arm_dir: Path) -> tuple[list[dict], dict, float]:
+    def _learn(self, arm: str, ctx: RunContext, arm_dir: Path, round_size: int) -> tuple[list[dict], dict, float]:
         """Every learning episode of the arm (finished ones read back); their states, summary and wall time."""
         stream = [problem_data(p, learning=True, label_free=self.config.label_free) for p in self.sets.learn]
         states: list[dict] = []
         start = time.perf_counter()
-        ran: set[int] = set()  # episodes whose nodes ran in this process (not read back from a checkpoint)
+        # Each episode's wall time as the sum of its nodes' (a pooled call counts the episode's share
+        # by rows), over the episodes whose nodes ran in this process (not read back from a checkpoint).
+        seconds: dict[int, float] = {}
 
         def on_event(event) -> None:
-            ran.add(event.episode)
+            seconds[event.episode] = seconds.get(event.episode, 0.0) + event.seconds
             self.progress(arm, "learn", len(states), len(stream), f"episode {event.episode + 1} {event.node}")
 
-        episode_seconds: list[float] = []
-        mark = time.perf_counter()
-        for state in run_episodes(ctx, stream, run_dir=arm_dir, stop=self.stop, on_event=on_event):
-            now = time.perf_counter()
-            if len(states) in ran:
-                episode_seconds.append(now - mark)
-            mark = now
+        for state in run_episodes(ctx, stream, run_dir=arm_dir, round_size=round_size, stop=self.stop,
+                                  on_event=on_event):
             states.append(state)
             line = f"{arm}: learning episode {len(states)}/{len(stream)}: {describe_episode(state)}"
             self.progress(arm, "learn", len(states), len(stream), finished=line)
         if len(states) < len(stream):
             raise EvalInterrupted(f"stopped while the {arm} arm was learning (episode {len(states) + 1} of {len(stream)})")
-        learning = {**learning_summary(states), **episode_timing(episode_seconds), "backend": ctx.backend.description}
+        learning = {**learning_summary(states), **episode_timing(list(seconds.values())), "round_size": round_size,
+                    "backend": ctx.backend.description}
         return states, learning, time.perf_counter() - start
 
     @staticmethod

@@ -38,7 +38,7 @@ from agents.lm.precision import PRECISIONS
 from agents.solver import SolverConfig
 from agents.verifier import VerifierConfig
 from graph.context import LoopConfig
-from graph.run_dir import RunSettings
+from graph.run_dir import DEFAULT_ROUND_SIZE, RunSettings
 from graph.saved_settings import read_saved, settings_with_options
 from memory_store.embedding import EMBEDDERS
 
@@ -85,6 +85,7 @@ class EvalConfig:
     stress: StressConfig = field(default_factory=StressConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     canary_size: int = 4  # solved learning problems every update must not break
+    round_size: int = DEFAULT_ROUND_SIZE  # learning episodes that sample together (graph/episodes.run_episodes)
     plots: bool = True  # write the PNG plots with the report
 
     def __post_init__(self) -> None:
@@ -97,7 +98,7 @@ class EvalConfig:
         if "single-lora" in arms and "adapters" not in arms:
             raise ValueError("the single-lora arm trains on the adapters arm's texts: add the adapters arm")
         self.arms = tuple(a for a in ARMS if a in arms or a == "frozen")  # canonical order, frozen first
-        for name in ("learn_problems", "eval_problems", "cycles", "max_new_tokens", "batch_size"):
+        for name in ("learn_problems", "eval_problems", "cycles", "max_new_tokens", "batch_size", "round_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.backend not in BACKENDS:
@@ -116,7 +117,10 @@ class EvalConfig:
 
 
 # Settings added after evaluations were first saved, with the values those evaluations ran with.
-LEGACY_CONFIG = {"backend": "torch", "precision": "float32"}
+LEGACY_CONFIG = {"backend": "torch", "precision": "float32", "round_size": 1}
+# Settings a resumed evaluation may change. The round size changes only learning arms not yet
+# started: a started one keeps its own, saved in its run folder and checked there.
+RESUMABLE_EVAL_CHANGES = ("plots", "round_size")
 # The command-line option of each setting, for messages about them.
 EVAL_FLAGS = {
     "model": "--model", "protocol": "--protocol", "arms": "--arms", "learn_data": "--learn-data",
@@ -124,7 +128,7 @@ EVAL_FLAGS = {
     "seed": "--seed", "cycles": "--cycles", "label_free": "--label-free", "max_new_tokens": "--max-new-tokens",
     "batch_size": "--batch-size", "backend": "--backend", "embedder": "--embedder", "bank.n_experts": "--experts",
     "trainer.steps_per_update": "--steps", "plots": "--plots", "precision": "--precision",
-    "verifier.samples": "--samples",
+    "verifier.samples": "--samples", "round_size": "--round-size",
 }
 
 
@@ -134,7 +138,7 @@ def eval_config(run_dir: str | Path, resume: bool, options: dict) -> EvalConfig:
     saved = read_saved(path) if resume else None
     if saved is not None:
         saved = {**LEGACY_CONFIG, **saved.get("config", {})}
-    return settings_with_options(EvalConfig, saved, options, flags=EVAL_FLAGS, changeable=("plots",), where=path)
+    return settings_with_options(EvalConfig, saved, options, flags=EVAL_FLAGS, changeable=RESUMABLE_EVAL_CHANGES, where=path)
 
 
 def arm_settings(config: EvalConfig, arm: str, episodes: int) -> RunSettings:
@@ -156,4 +160,5 @@ def arm_settings(config: EvalConfig, arm: str, episodes: int) -> RunSettings:
         batch_size=config.batch_size,
         embedder=config.embedder,
         precision=config.precision,
+        round_size=config.round_size,
     )

@@ -30,15 +30,23 @@ from agents.files import atomic_write_bytes
 from agents.lm.backend import GenerationBackend
 from agents.lm.models import LoadedModel, pick_device
 from agents.lm.precision import PrecisionChoice, choose_precision
+from graph.episodes import StopFlag
 from graph.evaluation.arms import ArmRunner
-from graph.evaluation.config import EVAL_FILE, LEGACY_CONFIG, LOOP_ARMS, PROTOCOL_NOTES, EvalConfig
+from graph.evaluation.config import (
+    EVAL_FILE,
+    LEGACY_CONFIG,
+    LOOP_ARMS,
+    PROTOCOL_NOTES,
+    RESUMABLE_EVAL_CHANGES,
+    EvalConfig,
+)
 from graph.evaluation.learning import leak_check
 from graph.evaluation.problems import ProblemSets, check_disjoint, prepare_problems
 from graph.evaluation.report import write_report
 from graph.evaluation.results import ArmResult, EvalProgress, EvalReport, finished_arm, result_path, save_arm
 from graph.evaluation.stats import compare
 from graph.run_dir import RunDirError, claim_run_dir
-from graph.runner import StopFlag, set_threads
+from graph.runner import set_threads
 from graph.saved_settings import leaf_differences, read_saved
 from memory_store.embedding import make_embedder
 
@@ -63,8 +71,9 @@ def prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resum
         saved["config"] = {**LEGACY_CONFIG, **saved.get("config", {})}
         saved.pop("data_sources", None)  # a note of where the problems came from, not a setting
         kept = saved.pop("precision", None)  # resolved at the start (absent in evaluations made before it was kept)
-        if saved != wanted:
-            differs = leaf_differences(saved.get("config", {}), wanted["config"])
+        changeable = lambda c: {k: v for k, v in c.items() if k not in RESUMABLE_EVAL_CHANGES}  # noqa: E731
+        if {**saved, "config": changeable(saved["config"])} != {**wanted, "config": changeable(wanted["config"])}:
+            differs = leaf_differences(changeable(saved.get("config", {})), changeable(wanted["config"]))
             shown = "; ".join(f"{key}: saved {a!r}, now {b!r}" for key, a, b in differs) or "problem ids"
             raise RunDirError(f"{run_dir} holds an evaluation with different settings or problems ({shown}); "
                               "use another --run-dir")

@@ -1,0 +1,290 @@
+"""The episode driver: one LangGraph thread per problem, in rounds, resumable after a kill at any moment.
+
+Each problem is one episode with its own thread id (``<run_id>-epNNNNN``) in a SqliteSaver
+in the run directory. A round's episodes run their sampling nodes together, their generation
+calls pooled (graph/pooling.py); then each in turn runs the nodes that change the bank and
+the memory. On resume, finished episodes are read back, a half-sampled round samples again
+from its start (its event lines dropped), a half-done episode continues from its last
+finished node, and the bank is aligned with the checkpointed state. What one episode hands
+to the next (the canary set, expert usage, replay) is part of its state, so it is
+checkpointed too. Every node's summary goes to ``events.jsonl``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sqlite3
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from langgraph.checkpoint.sqlite import SqliteSaver
+from langgraph.types import Command
+
+from agents.files import atomic_write_bytes
+from graph.builder import build_graph, recursion_limit
+from graph.context import RunContext
+from graph.pooling import Lockstep
+from graph.run_dir import CHECKPOINTS, RunDirError, run_id_for
+from graph.snapshots import align_bank, prune_snapshots
+from graph.state import EpisodeCarryOver, EpisodeInput, LoopState, ProblemData
+
+EVENTS = "events.jsonl"
+
+
+@dataclass
+class EpisodeEvent:
+    episode: int
+    node: str
+    update: dict
+    seconds: float = 0.0  # the node's wall time; in a pooled call, the episode's share of it by rows
+
+
+class StopFlag:
+    """Set by Ctrl-C; the driver stops after the node that is running, with its checkpoint written."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+
+def open_checkpointer(run_dir: Path) -> SqliteSaver:
+    return SqliteSaver(sqlite3.connect(str(run_dir / CHECKPOINTS), check_same_thread=False))
+
+
+# The first nodes that change the bank or the memory: a round's episodes sample together up to them.
+AFTER_SAMPLING = ("update", "rollback", "commit")
+SAMPLED = "sampled.json"  # how many episodes, from the first, have finished their sampling nodes
+
+
+@dataclass
+class _Episode:
+    index: int
+    problem: ProblemData
+    thread: dict  # the LangGraph config: thread id and recursion limit
+
+
+class _Driver:
+    """The rounds of one ``run_episodes`` call: the compiled graph, the event log, the sampled mark."""
+
+    def __init__(self, ctx: RunContext, run_dir: Path, checkpointer: SqliteSaver, learning: bool,
+                 on_event: Callable[[EpisodeEvent], None] | None, stop: StopFlag | None):
+        self.ctx, self.run_dir, self.checkpointer, self.learning = ctx, run_dir, checkpointer, learning
+        self.on_event, self.stop = on_event, stop
+        self.events = (run_dir / EVENTS).open("a", encoding="utf-8")
+        self.app = build_graph().compile(checkpointer=checkpointer)
+        self.run_id = run_id_for(run_dir)
+
+    def episode(self, index: int, problem: ProblemData) -> _Episode:
+        limit = recursion_limit(self.ctx.config.cycles)
+        return _Episode(index, problem, {"configurable": {"thread_id": f"{self.run_id}-ep{index:05d}"},
+                                         "recursion_limit": limit})
+
+    def sampled(self) -> dict | None:
+        """The sampled mark: episodes sampled, from the first, and the event log's size when the next
+        round began sampling; None for a run saved before rounds existed."""
+        try:
+            mark = json.loads((self.run_dir / SAMPLED).read_text())
+            return {"episodes": int(mark["episodes"]), "events_bytes": int(mark["events_bytes"])}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise RunDirError(f"{self.run_dir / SAMPLED} is unreadable ({err}); the run cannot resume") from None
+
+    def mark_sampled(self, episodes: int) -> None:
+        self.events.flush()
+        mark = {"episodes": episodes, "events_bytes": (self.run_dir / EVENTS).stat().st_size}
+        atomic_write_bytes(self.run_dir / SAMPLED, json.dumps(mark).encode())
+
+    def truncate_events(self, size: int) -> None:
+        """The event log as it was when the round being sampled again began."""
+        self.events.close()
+        with (self.run_dir / EVENTS).open("r+b") as log:
+            if log.seek(0, 2) < size:
+                raise RunDirError(f"{self.run_dir / EVENTS} is shorter than when this round began: it was changed")
+            log.truncate(size)
+        self.events = (self.run_dir / EVENTS).open("a", encoding="utf-8")
+
+    def write(self, index: int, node: str, update: dict, seconds: float) -> None:
+        line = {"episode": index, "node": node, "seconds": seconds, **_summary(update)}
+        self.events.write(json.dumps(line) + "\n")
+        self.events.flush()
+        if self.on_event:
+            self.on_event(EpisodeEvent(index, node, update, seconds))
+
+    def sample(self, episodes: list[_Episode], carry: EpisodeCarryOver, restart: bool) -> bool:
+        """The round's sampling nodes, its calls pooled; False if stopped before every episode is done.
+
+        ``restart``: a half-sampled round (killed or stopped in an earlier process) samples again
+        from its start, its events since the round began dropped, so that every call pools with
+        the same others as before (bank and memory are unchanged until sampling is done). A
+        one-episode round pools with nobody and continues where it stopped.
+        """
+        lockstep = Lockstep(self.ctx.backend)
+        pooled = self.ctx.with_backend(lockstep.pooled_backend())
+        if restart:
+            for episode in episodes:
+                self.checkpointer.delete_thread(episode.thread["configurable"]["thread_id"])
+        self.mark_sampled(episodes[0].index)
+
+        def job(episode: _Episode):
+            def run() -> bool:
+                start = None if self.app.get_state(episode.thread).values else EpisodeInput(
+                    run_id=self.run_id, episode=episode.index, problem=episode.problem, learning=self.learning,
+                    carry=carry, rules=[], updates=[], canary_checks=[])
+                turn = lockstep.current()
+                mark = turn.seconds()
+                for chunk in self.app.stream(start, episode.thread, context=pooled, stream_mode="updates",
+                                             interrupt_before=list(AFTER_SAMPLING)):
+                    now = turn.seconds()
+                    seconds, mark = round(now - mark, 3), now
+                    for node, update in chunk.items():
+                        if node != "__interrupt__":
+                            self.write(episode.index, node, update or {}, seconds)
+                    if self.stop:
+                        return False
+                return True
+            return run
+
+        turns = lockstep.run([job(e) for e in episodes], stop=lambda: bool(self.stop))
+        if not all(t.done and t.result is True for t in turns):
+            return False
+        self.mark_sampled(episodes[-1].index + 1)
+        return True
+
+    def finish(self, episode: _Episode, carry: EpisodeCarryOver) -> LoopState | None:
+        """The episode's nodes after sampling, with the carry of the episode before it; None if stopped."""
+        values = self.app.get_state(episode.thread).values
+        # A killed earlier try may have changed the bank before any checkpoint.
+        align_bank(self.ctx, values)
+        # Sampled before the episode before it ended: its carry comes in with the resume (no update
+        # has run yet, so nothing of this episode has read or changed the carry).
+        handed = not values.get("updates") and values.get("carry") != carry
+        resume = Command(update={"carry": carry}) if handed else None
+        mark = time.perf_counter()
+        for chunk in self.app.stream(resume, episode.thread, context=self.ctx, stream_mode="updates"):
+            # wall seconds since the previous node ended: the node and its checkpoint write
+            now = time.perf_counter()
+            seconds, mark = round(now - mark, 3), now
+            for node, update in chunk.items():
+                self.write(episode.index, node, update or {}, seconds)
+            if self.stop:
+                return None
+        final = self.app.get_state(episode.thread).values
+        prune_snapshots(self.ctx, episode.index)
+        return final
+
+
+def run_episodes(
+    ctx: RunContext,
+    problems: Iterable[ProblemData],
+    *,
+    run_dir: Path,
+    learning: bool = True,
+    round_size: int = 1,
+    checkpointer: SqliteSaver | None = None,
+    on_event: Callable[[EpisodeEvent], None] | None = None,
+    stop: StopFlag | None = None,
+) -> Iterator[LoopState]:
+    """Run (or resume) one episode per problem, in rounds of ``round_size``; yields each finished episode's final state.
+
+    A round's episodes first run their sampling nodes together, their generation calls pooled
+    (graph/pooling.py), from the bank and memory as the round found them: rejection-sampling
+    fine-tuning samples a batch of problems with one model, then trains (Yuan et al. 2023,
+    arXiv 2308.01825). Then each episode in turn runs its nodes that change the bank and the
+    memory (update, reevaluate, rollback, commit), handed the carry of the episode before it.
+    With ``round_size`` 1 every episode sees everything learned before it.
+    """
+    if round_size < 1:
+        raise ValueError(f"round_size must be >= 1, got {round_size}")
+    driver = _Driver(ctx, run_dir, checkpointer or open_checkpointer(run_dir), learning, on_event, stop)
+    carry = EpisodeCarryOver(canary=[], expert_updates=[0] * ctx.bank.n_experts)
+    stream = iter(enumerate(problems))
+    try:
+        mark = driver.sampled()
+        if mark is None and not driver.app.get_state(driver.episode(0, {}).thread).values:
+            driver.mark_sampled(0)  # a new run; older runs (no mark) resume in place, as they ran
+            mark = driver.sampled()
+        while chunk := list(itertools.islice(stream, round_size)):
+            episodes = [driver.episode(index, problem) for index, problem in chunk]
+            states = [driver.app.get_state(e.thread).values for e in episodes]
+            for episode, values in zip(episodes, states):
+                if values and values["problem"]["id"] != episode.problem["id"]:
+                    raise RunDirError(f"episode {episode.index} of this run was problem {values['problem']['id']}, "
+                                      f"but the data now gives {episode.problem['id']}: the data file changed")
+            # Sampled in an earlier process: counted in the mark, or (older runs) checkpointed at all.
+            done = [e.index < mark["episodes"] if mark is not None else bool(v) for e, v in zip(episodes, states)]
+            if not all(done):
+                restart = round_size > 1 and any(v for v, d in zip(states, done) if not d)
+                if restart and mark is not None:
+                    driver.truncate_events(mark["events_bytes"])
+                if not driver.sample([e for e, d in zip(episodes, done) if not d], carry, restart):
+                    return
+                mark = driver.sampled()
+            for episode, values in zip(episodes, states):
+                if values.get("committed"):
+                    # Finished only when commit's own write is in the checkpoint: a kill after a node's
+                    # writes were saved but before the next checkpoint leaves `next` empty too
+                    # (get_state omits a task whose writes are saved), and that episode must go on.
+                    carry = values["carry"]
+                    yield values  # finished in an earlier process
+                    continue
+                final = driver.finish(episode, carry)
+                if final is None:
+                    return
+                carry = final["carry"]
+                yield final
+    finally:
+        driver.events.close()
+        if ctx.memory is not None:
+            ctx.memory.flush()
+
+
+def describe_episode(state: LoopState) -> str:
+    """One line on a finished episode: the first try, what was learned, the outcome."""
+    updates = state.get("updates") or []
+    return (f"{'right' if state['first_try']['correct'] else 'wrong'} at the first try; "
+            f"{len(state.get('rules') or [])} rule(s), {len(updates)} update(s); outcome {state['outcome']}")
+
+
+def _summary(update: dict) -> dict:
+    """The event-log line for one node: small, readable fields only."""
+    out = {}
+    if "verdict" in update:
+        out.update(correct=update["verdict"]["correct"], answer=update["verdict"]["answer"],
+                   confidence=update["verdict"]["confidence"])
+    if "verified_share" in update:
+        out.update(verified_share=round(update["verified_share"], 4), target=update.get("target"),
+                   unverifiable=update.get("unverifiable", False))
+    if update.get("rule"):
+        out["rule"] = update["rule"]["text"]
+    if update.get("candidates"):
+        # every rule candidate, accepted or refused, with its reason and shares
+        out["rule_candidates"] = [{k: c.get(k) for k in ("text", "status", "reason", "share_with", "share_without")}
+                                  for c in update["candidates"]]
+    if "texts" in update and update["texts"]:
+        out["texts_by_source"] = dict(Counter(t["source"] for t in update["texts"]))
+    if update.get("variants"):
+        out["variants"] = [{k: v.get(k) for k in ("text", "status", "reason")} for v in update["variants"]]
+    if update.get("updates"):
+        u = update["updates"][-1]
+        out.update(expert=u["expert"], mode=u["mode"], phi=round(u["phi"], 4), lr=u["lr"],
+                   loss_before=round(u["loss_before"], 4), loss_after=round(u["loss_after"], 4),
+                   stress_rolled_back=u["stress_rolled_back"])
+    if update.get("canary_checks"):
+        c = update["canary_checks"][-1]
+        out.update(canary_checked=c["checked"], canary_broke=c["broke"], canary_rolled_back=c["canary_rolled_back"])
+    if "outcome" in update:
+        out["outcome"] = update["outcome"]
+    if update.get("error"):
+        out["error"] = update["error"]
+    return out

@@ -1,0 +1,226 @@
+"""Rounds of episodes: sampling nodes pooled across a round's episodes, then updates in turn; resumes exactly."""
+
+import json
+import threading
+
+import pytest
+
+from adapters.trainer import TestTimeTrainer
+from agents.lm.generation import Generation, Request
+from graph.episodes import EVENTS, StopFlag
+from graph.pooling import Lockstep
+from tests import test_loop
+from tests.fakes import ScriptedBackend
+from tests.test_loop import APPLES, CAKES, PENS, World, _run, _state_of, trained
+
+make_run = test_loop.make_run  # the loop tests' fixture: a scripted model over the tiny model's bank
+
+
+def _events(run_dir) -> list[dict]:
+    """The event log without wall times, which differ from run to run."""
+    lines = (run_dir / EVENTS).read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+
+def test_a_round_sends_its_episodes_first_solves_as_one_backend_call(make_run, tmp_path):
+    ctx, backend = make_run(World())
+    finals = _run(ctx, [APPLES, PENS, CAKES], tmp_path / "run", round_size=3)
+    assert [f["problem"]["id"] for f in finals] == ["p-apples", "p-pens", "p-cakes"]
+    k = ctx.verifier.samples
+    assert backend.together[0] == [1, k] * 3  # each episode's greedy answer and k samples, in episode order
+    alone, backend_alone = make_run(World(), run_dir=tmp_path / "alone")
+    _run(alone, [APPLES, PENS, CAKES], tmp_path / "alone", round_size=1)
+    assert len(backend.together) < len(backend_alone.together)
+
+
+def test_a_rounds_episodes_sample_from_the_bank_as_the_round_found_it(make_run, tmp_path):
+    # CAKES fails and trains the bank; PENS is right greedily once any expert is trained.
+    ctx, _ = make_run(World(), run_dir=tmp_path / "one")
+    cakes, pens = _run(ctx, [CAKES, PENS], tmp_path / "one", round_size=1)
+    assert cakes["updates"] and pens["first_try"]["correct"]
+    ctx.memory.close()
+    ctx, _ = make_run(World(), run_dir=tmp_path / "two")
+    cakes, pens = _run(ctx, [CAKES, PENS], tmp_path / "two", round_size=2)
+    assert cakes["updates"] and not pens["first_try"]["correct"]  # solved before CAKES's update
+    assert trained(ctx)
+
+
+def test_each_episode_of_a_round_gets_the_carry_of_the_episode_before_it(make_run, tmp_path):
+    ctx, _ = make_run(World())
+    apples, pens, cakes = _run(ctx, [APPLES, PENS, CAKES], tmp_path / "run", round_size=3)
+    assert apples["outcome"] == "correct" and apples["carry"]["canary"][0]["id"] == "p-apples"
+    # PENS sampled with APPLES at the same time, but its update is checked against APPLES's canary
+    assert pens["updates"] and pens["canary_checks"][0]["checked"] == 1
+    usage_after_pens = pens["carry"]["expert_updates"]
+    assert sum(usage_after_pens) == len(pens["updates"])
+    assert sum(cakes["carry"]["expert_updates"]) == sum(usage_after_pens) + len(cakes["updates"])
+
+
+def _kill_then_resume(make_run, tmp_path, monkeypatch, owner, name, kill_at):
+    """test_loop's kill-and-resume, over two rounds of 3 (the second a round of one)."""
+    problems = [APPLES, PENS, CAKES, PENS | {"id": "p-pens-2"}]
+    want, resumed, finals = test_loop._kill_then_resume(make_run, tmp_path, monkeypatch, problems, owner, name, kill_at,
+                                                        "killed", round_size=3)
+    return want, _state_of(resumed, finals)
+
+
+def test_a_kill_while_a_round_samples_resumes_to_the_uninterrupted_run(make_run, tmp_path, monkeypatch):
+    # the 4th pooled call of the first round (diversify's): solve, verify and reflect are checkpointed for every
+    # episode that got so far, APPLES waits before its commit, and the round must sample again from its start
+    want, got = _kill_then_resume(make_run, tmp_path, monkeypatch, ScriptedBackend, "generate_requests", 4)
+    assert got[1:] == want[1:]
+    assert all((want[0][k] == got[0][k]).all() for k in want[0])
+    assert _events(tmp_path / "b") == _events(tmp_path / "a")  # the half-sampled round's lines were dropped
+
+
+def test_a_kill_inside_a_rounds_updates_resumes_to_the_uninterrupted_run(make_run, tmp_path, monkeypatch):
+    want, got = _kill_then_resume(make_run, tmp_path, monkeypatch, TestTimeTrainer, "step", 3)
+    assert got[1:] == want[1:]
+    assert all((want[0][k] == got[0][k]).all() for k in want[0])
+
+
+def test_a_stop_while_a_round_samples_resumes_to_the_uninterrupted_run(make_run, tmp_path):
+    problems = [APPLES, PENS, CAKES]
+    ctx, _ = make_run(World(), run_dir=tmp_path / "a")
+    want = _state_of(ctx, _run(ctx, problems, tmp_path / "a", round_size=3))
+    ctx.memory.close()
+    ctx_b, _ = make_run(World(), run_dir=tmp_path / "b")
+    stop, seen = StopFlag(), []
+
+    def on_event(event):
+        seen.append((event.episode, event.node))
+        if event.node == "reflect":
+            stop.set()
+
+    assert _run(ctx_b, problems, tmp_path / "b", round_size=3, on_event=on_event, stop=stop) == []
+    assert seen[-1] == (1, "reflect") and not trained(ctx_b)  # stopped after the node, before any update
+    ctx_b.memory.close()
+    resumed, _ = make_run(World(), run_dir=tmp_path / "b")
+    got = _state_of(resumed, _run(resumed, problems, tmp_path / "b", round_size=3))
+    assert got[1:] == want[1:]
+    assert all((want[0][k] == got[0][k]).all() for k in want[0])
+    assert _events(tmp_path / "b") == _events(tmp_path / "a")
+
+
+def test_round_size_must_be_positive(make_run, tmp_path):
+    ctx, _ = make_run(World())
+    with pytest.raises(ValueError, match="round_size"):
+        _run(ctx, [APPLES], tmp_path / "run", round_size=0)
+
+
+# ---------------------------------------------------------------- the lockstep itself
+
+
+class _Echo:
+    """A backend that answers each prompt with itself and records the prompts of every call."""
+
+    name, description = "echo", "echo (tests)"
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+
+    def generate_requests(self, requests):
+        self.calls.append([p for r in requests for p in r.prompts])
+        return [[Generation(p, 1, 0.0) for p in r.prompts] for r in requests]
+
+
+def _ask(pooled, *prompts):
+    (out,) = pooled.generate_requests([Request(tuple(prompts), None, 8, False)])
+    return [g.text for g in out]
+
+
+def test_lockstep_pools_every_jobs_call_in_job_order_and_returns_each_its_own():
+    backend = _Echo()
+    lockstep = Lockstep(backend)
+    pooled = lockstep.pooled_backend()
+    jobs = [lambda: (_ask(pooled, "a1"), _ask(pooled, "a2")),
+            lambda: (_ask(pooled, "b1", "b1'"),),
+            lambda: (_ask(pooled, "c1"), _ask(pooled, "c2"), _ask(pooled, "c3"))]
+    turns = lockstep.run(jobs)
+    assert backend.calls == [["a1", "b1", "b1'", "c1"], ["a2", "c2"], ["c3"]]
+    assert [t.result for t in turns] == [(["a1"], ["a2"]), (["b1", "b1'"],), (["c1"], ["c2"], ["c3"])]
+    assert all(t.seconds() >= 0 for t in turns)
+
+
+def test_lockstep_runs_one_job_at_a_time():
+    lockstep = Lockstep(_Echo())
+    pooled = lockstep.pooled_backend()
+    running, most = [0], [0]
+    guard = threading.Lock()
+
+    def job():
+        for i in range(3):
+            with guard:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            with guard:
+                running[0] -= 1
+            _ask(pooled, str(i))
+
+    lockstep.run([job] * 4)
+    assert most[0] == 1
+
+
+def test_an_error_in_one_job_cancels_the_others_and_is_raised():
+    backend = _Echo()
+    lockstep = Lockstep(backend)
+    pooled = lockstep.pooled_backend()
+    finished = []
+
+    def good():
+        _ask(pooled, "x")
+        _ask(pooled, "y")
+        finished.append("good")
+
+    def bad():
+        _ask(pooled, "z")
+        raise RuntimeError("broken job")
+
+    with pytest.raises(RuntimeError, match="broken job"):
+        lockstep.run([good, bad])
+    assert finished == [] and backend.calls == [["x", "z"]]
+
+
+def test_a_stop_cancels_the_waiting_jobs():
+    backend = _Echo()
+    lockstep = Lockstep(backend)
+    pooled = lockstep.pooled_backend()
+    turns = lockstep.run([lambda: _ask(pooled, "a") + _ask(pooled, "b")] * 2, stop=lambda: len(backend.calls) == 1)
+    assert backend.calls == [["a", "a"]]
+    assert all(t.done and t.result is None for t in turns)
+
+
+# ---------------------------------------------------------------- the setting
+
+
+def test_a_run_saved_before_rounds_resumes_one_episode_at_a_time(tmp_path):
+    from graph.run_dir import RUN_FILE, RunSettings, run_settings
+
+    old = RunSettings(model="tiny-random", data="train", episodes=2).to_dict()
+    del old["round_size"]
+    (tmp_path / RUN_FILE).write_text(json.dumps(old))
+    assert run_settings(tmp_path, True, {}).round_size == 1
+    assert RunSettings().round_size == 8
+    from graph.saved_settings import SettingsError
+
+    with pytest.raises(SettingsError, match="--round-size 4 differs from the saved 1"):
+        run_settings(tmp_path, True, {"round_size": 4})  # it changes what the run learns
+
+
+def test_an_evaluation_may_change_the_round_size_of_arms_not_started(tmp_path):
+    from graph.evaluation.config import EVAL_FILE, EvalConfig, eval_config
+
+    saved = EvalConfig(model="tiny-random").to_dict()
+    del saved["round_size"]  # saved before rounds existed
+    (tmp_path / EVAL_FILE).write_text(json.dumps({"config": saved}))
+    assert eval_config(tmp_path, True, {}).round_size == 1
+    assert eval_config(tmp_path, True, {"round_size": 8}).round_size == 8
+    with pytest.raises(ValueError, match="round_size must be >= 1"):
+        EvalConfig(round_size=0)
+
+
+def test_a_lockstep_runs_once():
+    lockstep = Lockstep(_Echo())
+    lockstep.run([lambda: None])
+    with pytest.raises(RuntimeError, match="one per round"):
+        lockstep.run([lambda: None])
