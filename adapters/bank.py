@@ -122,6 +122,9 @@ class LoRABankLinear(nn.Module):
         # time was a large share of a step (bench/bench_decode.py). Keyed by the parameters' in-place versions, so an update,
         # a rollback or a load is always seen (and their storage, for a replaced tensor).
         self._gathered: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+        # Set by ExpertBank.training_one: (expert, its A (r, in), its B (r, out)) as leaf tensors
+        # that the optimizer steps while that expert alone is active.
+        self._trained: tuple[int, torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
@@ -147,6 +150,11 @@ class LoRABankLinear(nn.Module):
 
     def _factors(self, mixture: Mixture) -> tuple[torch.Tensor, torch.Tensor]:
         """The active experts' A and B, flattened over (expert, rank)."""
+        if self._trained is not None:
+            expert, a, b = self._trained
+            if mixture.active_key == (expert,) or (mixture.active is None and self.n_experts == 1):
+                return a, b  # (r, in), (r, out)
+            raise AdapterError(f"expert {expert} is being trained alone: a call inside training_one must route to it alone")
         if mixture.active is None:
             return self.lora_A.reshape(-1, self.in_features), self.lora_B.reshape(-1, self.out_features)  # views
         key = (mixture.active_key, self.lora_A._version, self.lora_B._version,
@@ -251,6 +259,33 @@ class ExpertBank(nn.Module):
                           active_key=None if active is None else tuple(active.tolist()))
         with self._set(mixture):
             yield
+
+    @contextlib.contextmanager
+    def training_one(self, expert: int) -> Iterator[list[torch.Tensor]]:
+        """Train one expert alone: yields its A and B of every layer as leaf tensors to optimize.
+
+        A call that routes to this expert alone reads them; when the block ends they are
+        copied into the bank. Gradients through the stacked parameters would fill a gradient
+        the size of the whole bank on every backward pass (zeros for the other experts), and
+        the optimizer would then step every expert; here both touch the one expert only.
+        """
+        if not 0 <= expert < self.n_experts:
+            raise AdapterError(f"expert index {expert} is out of range [0, {self.n_experts})")
+        if any(layer._trained is not None for layer in self._layers):
+            raise AdapterError("training_one is already active on this bank")
+        with torch.no_grad():
+            for layer in self._layers:
+                layer._trained = (expert, layer.lora_A[expert].clone().requires_grad_(True),
+                                  layer.lora_B[expert].clone().requires_grad_(True))
+        try:
+            yield [t for layer in self._layers for t in layer._trained[1:]]
+        finally:
+            with torch.no_grad():
+                for layer in self._layers:
+                    _, a, b = layer._trained
+                    layer.lora_A[expert].copy_(a)
+                    layer.lora_B[expert].copy_(b)
+                    layer._trained = None
 
     @contextlib.contextmanager
     def bypass(self) -> Iterator[None]:

@@ -9,11 +9,12 @@ with snapshot and rollback in Mirror mode.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +94,7 @@ class UpdateResult:
     guard_after: float  # on the guard texts after the burst, before any rollback
     stress_rolled_back: bool  # the stress controller's mirror mode undid this burst (guard loss rose)
     steps: list[dict]
+    replayed: int = 0  # earlier texts of the trained expert trained beside the examples
 
 
 class TestTimeTrainer:
@@ -120,12 +122,39 @@ class TestTimeTrainer:
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.bank.adapter_parameters() + list(self.router.parameters())
 
-    def new_optimizer(self, lr: float) -> torch.optim.Optimizer:
+    def new_optimizer(self, lr: float, params: Sequence[torch.Tensor] | None = None) -> torch.optim.Optimizer:
+        """AdamW over ``params`` (default: every trainable parameter)."""
         # A fresh optimizer per update burst: Adam moments from an earlier burst on another
         # expert would otherwise keep moving that expert on zero gradients.
         return torch.optim.AdamW(
-            self.trainable_parameters(), lr=lr, betas=self.config.betas, weight_decay=self.config.weight_decay
+            list(params) if params is not None else self.trainable_parameters(),
+            lr=lr, betas=self.config.betas, weight_decay=self.config.weight_decay,
         )
+
+    @contextlib.contextmanager
+    def parameters_for(self, expert: int) -> Iterator[list[torch.Tensor]]:
+        """What a burst on ``expert`` optimizes: that expert alone (through the bank's
+        ``training_one``) and the router when the LM loss routes to the target expert; every
+        parameter when it routes through the router's dense mixture."""
+        if self.config.lm_routing != "target":
+            yield self.trainable_parameters()
+            return
+        with self.bank.training_one(expert) as factors:
+            yield factors + list(self.router.parameters())
+
+    def prompt_features(self, examples: Sequence[TrainingExample]) -> torch.Tensor:
+        """The router's features of each example's prompt, (n, hidden), in the steps' micro-batches.
+
+        They depend on the frozen model alone, so an update computes them once for its
+        loss before, its steps and its loss after.
+        """
+        size = self.config.micro_batch
+        with torch.no_grad():
+            parts = []
+            for i in range(0, len(examples), size):
+                batch = self.tokenize(examples[i:i + size])
+                parts.append(context_features(self.model, self.bank, batch.prompt_ids, batch.prompt_mask))
+        return torch.cat(parts)  # (n, hidden)
 
     # ---------------------------------------------------------------- batching
 
@@ -167,10 +196,11 @@ class TestTimeTrainer:
     # ---------------------------------------------------------------- losses
 
     def _losses(
-        self, batch: Batch, target_expert: int, memory: torch.Tensor | None
+        self, batch: Batch, target_expert: int, memory: torch.Tensor | None, features: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         n_rows = batch.input_ids.shape[0]
-        features = context_features(self.model, self.bank, batch.prompt_ids, batch.prompt_mask)  # (batch, h)
+        if features is None:
+            features = context_features(self.model, self.bank, batch.prompt_ids, batch.prompt_mask)  # (batch, h)
         logits = self.router(features, memory)  # (batch, n_experts)
         target = torch.full((n_rows,), target_expert, dtype=torch.long, device=logits.device)
         router_loss = F.cross_entropy(logits / self.router.config.temperature, target)
@@ -220,20 +250,24 @@ class TestTimeTrainer:
         target_expert: int,
         optimizer: torch.optim.Optimizer,
         memory: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
     ) -> dict:
-        """One optimizer step. Refuses a non-finite loss or gradient and leaves parameters untouched."""
+        """One optimizer step on the optimizer's parameters. Refuses a non-finite loss or gradient
+        and leaves parameters untouched. ``features``: the examples' ``prompt_features``, if known."""
         start = time.perf_counter()
         self.router.train()
         optimizer.zero_grad(set_to_none=True)
         # Micro-batches accumulate gradients: activations are kept for a few texts at a time.
         size = self.config.micro_batch
-        batches = [self.tokenize(examples[i:i + size]) for i in range(0, len(examples), size)] or [self.tokenize(examples)]
+        starts = list(range(0, len(examples), size)) or [0]
+        batches = [self.tokenize(examples[i:i + size]) for i in starts]
+        parts_of = [None if features is None else features[i:i + size] for i in starts]  # (micro-batch, h) each
         predicted = [int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in batches]
         n_predicted, n_rows = max(1, sum(predicted)), len(examples)
         losses: dict[str, float] = {}
         total_loss, tokens = 0.0, 0
-        for batch, n in zip(batches, predicted):
-            parts = self._losses(batch, target_expert, memory)
+        for batch, n, batch_features in zip(batches, predicted, parts_of):
+            parts = self._losses(batch, target_expert, memory, batch_features)
             # Weighted so that the sum is the mean over all tokens (LM, KL) and rows (router), as one batch gives.
             share = {"lm": n / n_predicted, "kl": n / n_predicted, "router": batch.input_ids.shape[0] / n_rows}
             scaled = {k: v * share[k] for k, v in parts.items()}
@@ -248,7 +282,7 @@ class TestTimeTrainer:
                 losses[k] = losses.get(k, 0.0) + float(v.detach())
             total_loss += float(total.detach())
             tokens += int(batch.attention_mask.sum())
-        params = self.trainable_parameters()
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         if not torch.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
@@ -270,13 +304,14 @@ class TestTimeTrainer:
         return metrics
 
     @torch.no_grad()
-    def loss(self, examples: Sequence[TrainingExample], target_expert: int, memory: torch.Tensor | None = None) -> float:
+    def loss(self, examples: Sequence[TrainingExample], target_expert: int, memory: torch.Tensor | None = None,
+             features: torch.Tensor | None = None) -> float:
         """The completion-only LM loss on examples through the target expert, updating nothing.
 
         This is what the stress controller reads and what Mirror mode guards: how well the
         model produces the texts, not how sure the router is.
         """
-        return float(self._losses(self.tokenize(examples), target_expert, memory)["lm"])
+        return float(self._losses(self.tokenize(examples), target_expert, memory, features)["lm"])
 
     def update(
         self,
@@ -285,31 +320,40 @@ class TestTimeTrainer:
         memory: torch.Tensor | None = None,
         guard: Sequence[TrainingExample] | None = None,
         steps: int | None = None,
+        replay: Mapping[int, Sequence[TrainingExample]] | None = None,
     ) -> UpdateResult:
         """A burst of steps under the stress controller.
 
         The loss before training feeds the controller, whose mode picks the learning rate
-        and the expert (the shared one in Single mode). In Mirror mode the bank is
-        snapshotted first and restored if the loss on ``guard`` (default: the examples
-        themselves) ends worse than before by more than the tolerance.
+        and the expert (the shared one in Single mode). The steps train on the examples
+        plus ``replay[expert]``, earlier texts of the expert that trains (known only once the
+        mode is decided), against forgetting. In Mirror mode the bank is snapshotted first and
+        restored if the loss on ``guard`` (default: the examples themselves) ends worse than
+        before by more than the tolerance. Losses before and after are on the examples.
         """
         steps = steps or self.config.steps_per_update
-        loss_before = self.loss(examples, target_expert, memory)
+        features = self.prompt_features(examples)
+        loss_before = self.loss(examples, target_expert, memory, features)
         self.stress.observe(loss_before)
         decision = self.stress.decide()
         expert = self.bank.config.shared_expert if decision.mode is StressMode.SINGLE else target_expert
+        replayed = list((replay or {}).get(expert, ()))
+        trained = list(examples) + replayed
+        trained_features = torch.cat([features, self.prompt_features(replayed)]) if replayed else features
         snapshot = BankSnapshot.capture(self.bank, self.router, self.stress) if decision.snapshot else None
-        guard_before = self.loss(guard, expert, memory) if guard else loss_before
-        optimizer = self.new_optimizer(decision.lr)
-        history = [self.step(examples, expert, optimizer, memory) for _ in range(steps)]
-        loss_after = self.loss(examples, expert, memory)
-        guard_after = self.loss(guard, expert, memory) if guard else loss_after
+        guard_features = self.prompt_features(guard) if guard else None
+        guard_before = self.loss(guard, expert, memory, guard_features) if guard else loss_before
+        with self.parameters_for(expert) as params:
+            optimizer = self.new_optimizer(decision.lr, params)
+            history = [self.step(trained, expert, optimizer, memory, trained_features) for _ in range(steps)]
+        loss_after = self.loss(examples, expert, memory, features)
+        guard_after = self.loss(guard, expert, memory, guard_features) if guard else loss_after
         stress_rolled_back = False
         if snapshot is not None and guard_after > guard_before + self.stress.config.rollback_tolerance:
             # Captured after observe(), so the stress reading of this update stands.
             snapshot.restore(self.bank, self.router, self.stress)
             stress_rolled_back = True
-            loss_after = self.loss(examples, expert, memory)
+            loss_after = self.loss(examples, expert, memory, features)
             log.info("mirror rollback: guard loss %.4f -> %.4f", guard_before, guard_after)
         return UpdateResult(
             mode=decision.mode.value,
@@ -322,4 +366,5 @@ class TestTimeTrainer:
             guard_after=guard_after,
             stress_rolled_back=stress_rolled_back,
             steps=history,
+            replayed=len(replayed),
         )

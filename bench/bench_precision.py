@@ -7,7 +7,9 @@ Prints, per precision of the frozen weights (adapters stay float32):
     continuous batching at 64 slots): seconds, tokens/s, accuracy with Wilson 95% intervals,
     exact McNemar and flips against float32, and the achieved share of the 64-row peak;
   - one update step (forward and backward through the frozen model into the LoRA bank) on
-    8 texts of about 300 tokens: seconds, tokens/s, share of the 2,400-row peak, peak memory.
+    8 texts of about 300 tokens: seconds, tokens/s, share of the 2,400-row peak, peak memory;
+    beside it, the same step with every expert in the optimizer (how it ran before the trainer
+    trained the target expert alone), and one whole update call.
 A precision is acceptable when McNemar p > 0.2 and its accuracy is within 2 points of float32.
 
 Each precision runs in its own process, so its peak memory is its own.
@@ -110,15 +112,33 @@ def run_precision(args) -> dict:
     trainer = TestTimeTrainer(loaded.model, loaded.tokenizer, bank, router)
     longest = sorted(range(len(attempts)), key=lambda i: -attempts[i].tokens)[:UPDATE_TEXTS]
     texts = [TrainingExample(solver.prompt(problems[i].question), attempts[i].text) for i in longest]
-    optimizer = trainer.new_optimizer(1e-4)
-    trainer.step(texts, 3, optimizer)  # warm-up: allocations, kernel choice
-    steps = [trainer.step(texts, 3, optimizer) for _ in range(args.update_repeats)]
+    features = trainer.prompt_features(texts)
+
+    def loop_step() -> dict:
+        """A step as TestTimeTrainer.update runs it: the target expert alone, prompt features computed once."""
+        with trainer.parameters_for(3) as params:
+            return trainer.step(texts, 3, trainer.new_optimizer(1e-4, params), features=features)
+
+    def whole_bank_step() -> dict:
+        """The step before the trainer optimized one expert alone: every expert in the optimizer."""
+        return trainer.step(texts, 3, trainer.new_optimizer(1e-4))
+
+    loop_step(), whole_bank_step()  # warm-up: allocations, kernel choice
+    steps, whole = [], []
+    for _ in range(args.update_repeats):  # interleaved, so drift hits both alike
+        steps.append(loop_step())
+        whole.append(whole_bank_step())
     best = min(steps, key=lambda m: m["seconds"])
     train_flops = 2 * per_token * best["tokens"]  # forward + activation gradients; frozen weights get none
+    start = time.perf_counter()
+    trainer.update(texts, 3)  # prompt features, loss before, the steps, loss after: what the loop's update node pays
     out["update"] = {"texts": len(texts), "tokens": best["tokens"], "seconds": best["seconds"],
                      "tokens_per_s": best["tokens_per_s"],
                      "share_of_peak": train_flops / best["seconds"] / 1e9 / out["peak_train"]["best"],
-                     "finite_loss": all(m["loss"] == m["loss"] for m in steps)}
+                     "whole_bank_seconds": min(m["seconds"] for m in whole),
+                     "update_call_seconds": time.perf_counter() - start,
+                     "steps_per_update": trainer.config.steps_per_update,
+                     "finite_loss": all(m["loss"] == m["loss"] for m in steps + whole)}
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
@@ -168,6 +188,13 @@ def main() -> None:
               f"{100 * u['share_of_peak']:>10.1f}% {r['peak_rss_mb']:>7.0f} {'yes' if acceptable else 'NO'}")
     print("peak: best measured GFLOP/s over the model's linear shapes at 64 and 2400 rows; 'ok': McNemar p > 0.2 "
           "and accuracy within 2 points of float32")
+    print(f"\nupdate step on {UPDATE_TEXTS} texts: the target expert alone (as the loop runs it) against an optimizer "
+          "over the whole bank (before), and one whole update call")
+    for precision, r in results.items():
+        u = r["update"]
+        print(f"{precision:<10} step {u['seconds']:.2f} s, whole-bank step {u['whole_bank_seconds']:.2f} s "
+              f"({u['whole_bank_seconds'] / u['seconds']:.2f}x), update call ({u['steps_per_update']} steps and the "
+              f"losses before and after) {u['update_call_seconds']:.2f} s")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 

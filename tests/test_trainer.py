@@ -185,3 +185,65 @@ def test_mirror_mode_keeps_an_update_that_helps(tiny):
     result = trainer.update(EXAMPLES, target_expert=2, steps=3)  # guard = the examples themselves
     assert result.mode == "mirror" and not result.stress_rolled_back
     assert result.loss_after < result.loss_before
+
+
+def _bank_state(trainer):
+    return {n: (l.lora_A.detach().clone(), l.lora_B.detach().clone()) for n, l in trainer.bank.layers.items()}
+
+
+def test_update_trains_the_target_expert_as_a_dense_optimizer_would(tiny):
+    """An update optimizes the target expert alone (bank.training_one); the result is what an
+    optimizer over the whole bank gives, where the other experts get zero gradients."""
+
+
+    stress = StressConfig(loss_scale=1.0, theta_single=0.01, theta_mirror=0.99)  # always Multi mode
+    alone = _trainer(tiny)
+    alone.stress = StressController(stress)
+    result = alone.update(EXAMPLES, target_expert=2, steps=3)
+    assert result.mode == "multi" and result.expert == 2
+
+    from agents.lm.models import load_model
+
+    dense = _trainer(load_model("tiny-random"))
+    optimizer = dense.new_optimizer(result.lr)  # every parameter of the bank and router
+    features = dense.prompt_features(EXAMPLES)
+    for _ in range(3):
+        dense.step(EXAMPLES, 2, optimizer, features=features)
+    for (name, (a, b)), (_, (da, db)) in zip(_bank_state(alone).items(), _bank_state(dense).items()):
+        torch.testing.assert_close(a, da, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(b, db, rtol=1e-5, atol=1e-7, msg=name)
+    assert result.loss_after < result.loss_before
+
+
+def test_update_with_weight_decay_leaves_the_other_experts_alone(tiny):
+    trainer = _trainer(tiny, weight_decay=0.5)
+    trainer.stress = StressController(StressConfig(loss_scale=1.0, theta_single=0.01, theta_mirror=0.99))
+    before = _bank_state(trainer)
+    trainer.update(EXAMPLES, target_expert=1, steps=2)
+    for name, (a, b) in _bank_state(trainer).items():
+        for other in (0, 2, 3):
+            assert torch.equal(a[other], before[name][0][other]), (name, other)  # no decay of untrained experts
+        assert not torch.equal(b[1], before[name][1][1]), name
+
+
+def test_a_refused_step_inside_an_update_keeps_the_earlier_steps_in_the_bank(tiny):
+    trainer = _trainer(tiny)
+    trainer.stress = StressController(StressConfig(loss_scale=1.0, theta_single=0.01, theta_mirror=0.99))
+    before = _bank_state(trainer)
+    calls = {"n": 0}
+
+    def poison_third_step(module, inputs, out):
+        calls["n"] += 1
+        # update(): the prompt features (1 pass), the loss before (1), then 1 pass per step (micro_batch 2)
+        return out * float("nan") if calls["n"] == 5 else out
+
+    hook = tiny.model.get_input_embeddings().register_forward_hook(poison_third_step)
+    try:
+        with pytest.raises(TrainingError, match="non-finite"):
+            trainer.update(EXAMPLES, target_expert=3, steps=3)
+    finally:
+        hook.remove()
+    moved = _bank_state(trainer)
+    assert any(not torch.equal(moved[n][1][3], before[n][1][3]) for n in moved)  # two steps written back
+    assert all(layer._trained is None for layer in trainer.bank.layers.values())
+    trainer.update(EXAMPLES, target_expert=3, steps=1)  # the bank is usable again
