@@ -259,9 +259,13 @@ def update(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     routed = _route(ctx, problem["question"], state)
     expert, reason = ctx.pick_expert(problem["id"], routed.probs, usage)
     texts = state["texts"]
-    replayed = replay.get(str(expert), [])[-ctx.config.replay:] if ctx.config.replay else []
+    # The replay of whichever expert the stress controller trains (the shared one in Single mode).
+    replay_texts = {int(k): v[-ctx.config.replay:] for k, v in replay.items()} if ctx.config.replay else {}
+    result = ctx.trainer.update(_examples(ctx, texts), target_expert=expert,
+                                memory=None if routed.memory is None else routed.memory[0],
+                                replay={k: _examples(ctx, v) for k, v in replay_texts.items()})
+    replayed = replay_texts.get(result.expert, [])
     examples = _examples(ctx, texts + replayed)
-    result = ctx.trainer.update(examples, target_expert=expert, memory=None if routed.memory is None else routed.memory[0])
     store.save(extra={"update_id": update_id(state, cycle)})
     store.snapshot(done_name(episode, cycle))  # for a resume after it
     usage[result.expert] += 1

@@ -255,6 +255,22 @@ def test_replay_carries_the_kept_texts_to_the_next_update_of_the_expert(make_run
     assert {t["source"] for t in texts} <= {"rule_conditioned", "variant"} and all("question" in t for t in texts)
 
 
+def test_the_next_update_of_the_trained_expert_replays_the_kept_texts_in_single_mode(make_run, tmp_path):
+    """In Single mode the shared expert trains whichever expert was picked: its replay is the shared one's."""
+    from adapters.stress import StressConfig
+
+    settings = _settings(expert_policy="fresh", cycles=1)
+    settings.stress = StressConfig(loss_scale=1e6)  # every loss looks easy: Single mode, the shared expert
+    ctx, _ = make_run(World(), settings=settings)
+    first, second = _run(ctx, [PENS, CAKES], tmp_path / "run")
+    shared = ctx.bank.config.shared_expert
+    assert {u["expert"] for u in first["updates"] + second["updates"]} == {shared}
+    assert {u["picked"] for u in first["updates"]} != {shared} or {u["picked"] for u in second["updates"]} != {shared}
+    kept = [t["completion"] for t in first["carry"]["replay"][str(shared)]]
+    replayed = [t["completion"] for t in second["updates"][0]["texts"] if t["source"] == "replay"]
+    assert kept and replayed == kept[-ctx.config.replay:] and second["updates"][0]["replayed"] == len(replayed)
+
+
 def test_variants_that_change_a_quantity_are_refused(make_run, tmp_path):
     world = World()
     world.variants_keep_numbers = False
