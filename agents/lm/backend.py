@@ -22,6 +22,7 @@ from adapters.bank import ExpertBank
 from agents.errors import SelfImproveError
 from agents.lm.continuous_batching import ContinuousBatcher
 from agents.lm.generation import GREEDY, Ask, Generation, Request, Sampling, chat_prompt, generate
+from agents.lm.precision import device_name
 
 if TYPE_CHECKING:
     from agents.lm.llamacpp import LlamaCppConfig
@@ -96,7 +97,7 @@ class TorchBackend:
             how = f"continuous batching, {self.batch_size} slots, {self.batcher.features}"
         else:
             how = f"transformers generate, batches of {self.batch_size}"
-        return f"torch {torch.__version__} ({how}), {weight.dtype} weights on {weight.device}, {torch.get_num_threads()} threads"
+        return f"torch {torch.__version__} ({how}), {weight.dtype} weights on {device_name(weight.device)}, {torch.get_num_threads()} threads"
 
     def chat_prompt(self, system: str | None, user: str) -> str:
         return chat_prompt(self.tokenizer, system, user)

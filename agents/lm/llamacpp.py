@@ -48,6 +48,7 @@ from agents.files import cache_root, file_fingerprint
 from agents.lm.backend import BackendError
 from agents.lm.generation import GREEDY, Generation, Sampling, chat_prompt, finished
 from agents.lm.llamacpp_tokens import TokenStream, byte_tables
+from agents.lm.precision import device_name
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ class LlamaCppBackend:
         served = f"{cfg.weights} copy of {self.gguf_path.name}" if self.model_path != self.gguf_path else self.gguf_path.name
         return (
             f"llama.cpp (xllamacpp {version('xllamacpp')}) serving {served}, "
-            f"{cfg.parallel} slots, {cfg.threads or torch.get_num_threads()} threads, KV {cfg.kv_cache}"
+            f"{cfg.parallel} slots, {cfg.threads or torch.get_num_threads()} threads, KV {cfg.kv_cache}, on {device_name('cpu')}"
         )
 
     @property

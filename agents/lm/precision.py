@@ -67,14 +67,14 @@ def cpu_calibration(cache_dir: Path | None = None) -> dict:
     """float32 and bfloat16 GFLOP/s of one model-shaped product on this CPU; measured once, then read from cache."""
     import torch
 
-    key = hashlib.sha256(json.dumps([CALIBRATION_FORMAT, _cpu_name(), torch.__version__, torch.get_num_threads(),
+    key = hashlib.sha256(json.dumps([CALIBRATION_FORMAT, cpu_name(), torch.__version__, torch.get_num_threads(),
                                      CALIBRATION_SHAPE]).encode()).hexdigest()[:16]
     path = cache_root(cache_dir) / f"precision-{key}.json"
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         pass
-    result = {"cpu": _cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    result = {"cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "shape": list(CALIBRATION_SHAPE),
               **{f"{name}_gflops": measure_gflops(getattr(torch, name), *CALIBRATION_SHAPE) for name in ("float32", "bfloat16")}}
     try:
@@ -101,7 +101,7 @@ def measure_gflops(dtype, rows: int, n_in: int, n_out: int, seconds: float = 0.2
     return 2 * rows * n_in * n_out / best / 1e9
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -109,6 +109,16 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def device_name(device) -> str:
+    """A device as run logs and reports name it: the CPU's or GPU's model beside torch's name."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({cpu_name()})" if device.type == "cpu" else str(device)
 
 
 def load_in_precision(spec: str, precision: str = "auto"):
