@@ -273,18 +273,19 @@ class ExpertBank(nn.Module):
             raise AdapterError(f"expert index {expert} is out of range [0, {self.n_experts})")
         if any(layer._trained is not None for layer in self._layers):
             raise AdapterError("training_one is already active on this bank")
-        with torch.no_grad():
-            for layer in self._layers:
-                layer._trained = (expert, layer.lora_A[expert].clone().requires_grad_(True),
-                                  layer.lora_B[expert].clone().requires_grad_(True))
         try:
+            with torch.no_grad():
+                for layer in self._layers:
+                    layer._trained = (expert, layer.lora_A[expert].clone().requires_grad_(True),
+                                      layer.lora_B[expert].clone().requires_grad_(True))
             yield [t for layer in self._layers for t in layer._trained[1:]]
         finally:
             with torch.no_grad():
                 for layer in self._layers:
-                    _, a, b = layer._trained
-                    layer.lora_A[expert].copy_(a)
-                    layer.lora_B[expert].copy_(b)
+                    if layer._trained is not None:  # None: the setup failed before this layer
+                        _, a, b = layer._trained
+                        layer.lora_A[expert].copy_(a)
+                        layer.lora_B[expert].copy_(b)
                     layer._trained = None
 
     @contextlib.contextmanager

@@ -90,7 +90,7 @@ class UpdateResult:
     expert: int
     loss_before: float  # on the examples, before the burst
     loss_after: float  # on the examples, after the burst (after rollback, if any)
-    guard_before: float  # on the guard texts (the examples when no guard is given)
+    guard_before: float  # on the guard texts (when none is given: the examples, and in Mirror mode the replay too)
     guard_after: float  # on the guard texts after the burst, before any rollback
     stress_rolled_back: bool  # the stress controller's mirror mode undid this burst (guard loss rose)
     steps: list[dict]
@@ -148,6 +148,8 @@ class TestTimeTrainer:
         They depend on the frozen model alone, so an update computes them once for its
         loss before, its steps and its loss after.
         """
+        if not examples:
+            raise TrainingError("a training step needs at least one example")
         size = self.config.micro_batch
         with torch.no_grad():
             parts = []
@@ -328,7 +330,7 @@ class TestTimeTrainer:
         and the expert (the shared one in Single mode). The steps train on the examples
         plus ``replay[expert]``, earlier texts of the expert that trains (known only once the
         mode is decided), against forgetting. In Mirror mode the bank is snapshotted first and
-        restored if the loss on ``guard`` (default: the examples themselves) ends worse than
+        restored if the loss on ``guard`` (default: the examples and the replay) ends worse than
         before by more than the tolerance. Losses before and after are on the examples.
         """
         steps = steps or self.config.steps_per_update
@@ -341,13 +343,15 @@ class TestTimeTrainer:
         trained = list(examples) + replayed
         trained_features = torch.cat([features, self.prompt_features(replayed)]) if replayed else features
         snapshot = BankSnapshot.capture(self.bank, self.router, self.stress) if decision.snapshot else None
-        guard_features = self.prompt_features(guard) if guard else None
-        guard_before = self.loss(guard, expert, memory, guard_features) if guard else loss_before
+        # Mirror mode guards the replayed texts too (forgetting them is what replay is against).
+        guard_texts, guard_features = (guard, self.prompt_features(guard)) if guard else (trained, trained_features)
+        separate_guard = bool(guard) or (bool(replayed) and decision.snapshot)
+        guard_before = self.loss(guard_texts, expert, memory, guard_features) if separate_guard else loss_before
         with self.parameters_for(expert) as params:
             optimizer = self.new_optimizer(decision.lr, params)
             history = [self.step(trained, expert, optimizer, memory, trained_features) for _ in range(steps)]
         loss_after = self.loss(examples, expert, memory, features)
-        guard_after = self.loss(guard, expert, memory, guard_features) if guard else loss_after
+        guard_after = self.loss(guard_texts, expert, memory, guard_features) if separate_guard else loss_after
         stress_rolled_back = False
         if snapshot is not None and guard_after > guard_before + self.stress.config.rollback_tolerance:
             # Captured after observe(), so the stress reading of this update stands.

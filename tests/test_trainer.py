@@ -247,3 +247,32 @@ def test_a_refused_step_inside_an_update_keeps_the_earlier_steps_in_the_bank(tin
     assert any(not torch.equal(moved[n][1][3], before[n][1][3]) for n in moved)  # two steps written back
     assert all(layer._trained is None for layer in trainer.bank.layers.values())
     trainer.update(EXAMPLES, target_expert=3, steps=1)  # the bank is usable again
+
+
+REPLAY = [TrainingExample("Q: 2 + 2?\nA:", " 2 + 2 = 4. The answer is 4"),
+          TrainingExample("Q: 10 - 3?\nA:", " 10 - 3 = 7. The answer is 7")]
+
+
+def test_update_trains_on_the_replay_of_the_expert_it_trains(tiny):
+    trainer = _trainer(tiny)
+    trainer.stress = StressController(StressConfig(loss_scale=1e6))  # Single mode: the shared expert trains
+    shared = trainer.bank.config.shared_expert
+    result = trainer.update(EXAMPLES, target_expert=2, steps=1, replay={2: REPLAY[:1], shared: REPLAY})
+    assert result.expert == shared and result.replayed == 2
+    alone = trainer.tokenize(EXAMPLES + REPLAY)
+    assert result.steps[0]["tokens"] == int(alone.attention_mask.sum())  # the step trained the replay too
+
+
+def test_mirror_mode_guards_the_replay_too(tiny):
+    trainer = _trainer(tiny)
+    trainer.stress = StressController(StressConfig(loss_scale=1e-3, lr_mirror=1e-2))  # Mirror mode
+    with_replay = trainer.update(EXAMPLES, target_expert=1, steps=1, replay={1: REPLAY})
+    assert with_replay.mode == "mirror" and with_replay.guard_before != with_replay.loss_before
+    plain = trainer.update(EXAMPLES, target_expert=1, steps=1)
+    assert plain.guard_before == plain.loss_before
+
+
+def test_an_update_without_examples_is_refused(tiny):
+    trainer = _trainer(tiny)
+    with pytest.raises(TrainingError, match="at least one example"):
+        trainer.update([], target_expert=0)
