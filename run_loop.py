@@ -298,6 +298,13 @@ def eval_command(
     precision: PrecisionOption = None,
     samples: SamplesOption = None,
     round_size: RoundSizeOption = None,
+    canary_size: Annotated[Optional[int], typer.Option(
+        help="Learning problems solved at the first try that every update is checked against. Default: 4.")] = None,
+    canary_margin: Annotated[Optional[float], typer.Option(
+        help="Drop in canary accuracy (0-1) an update may cause before it is rolled back. Default: 0.")] = None,
+    stress_scale: Annotated[Optional[float], typer.Option(
+        help="The stress controller's loss scale: phi = L/(L + scale) for the loss EMA L; below 0.3 an update trains "
+             "the shared expert, above 0.7 it is guarded (Mirror). Default: 1.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON to stdout.")] = False,
 ) -> None:
     """Compare arms on GSM8K under one protocol; write report.json, report.md and plots to --run-dir.
@@ -316,6 +323,12 @@ def eval_command(
         raise _fail(ValueError(f"--threads must be >= 0, got {threads}"))
     if round_size is not None and round_size < 1:
         raise _fail(ValueError(f"--round-size must be >= 1, got {round_size}"))
+    if canary_size is not None and canary_size < 0:
+        raise _fail(ValueError(f"--canary-size must be >= 0, got {canary_size}"))
+    if canary_margin is not None and not 0 <= canary_margin <= 1:
+        raise _fail(ValueError(f"--canary-margin must be in [0, 1], got {canary_margin}"))
+    if stress_scale is not None and not stress_scale > 0:
+        raise _fail(ValueError(f"--stress-scale must be > 0, got {stress_scale}"))
     chosen = None if arms is None else (
         ARMS if arms.strip() == "all" else tuple(a.strip() for a in arms.split(",") if a.strip()))
     options = {
@@ -324,6 +337,7 @@ def eval_command(
         "label_free": label_free, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "backend": backend,
         "embedder": embedder, "bank.n_experts": experts, "trainer.steps_per_update": steps, "plots": plots,
         "precision": precision, "verifier.samples": samples, "round_size": round_size,
+        "canary_size": canary_size, "canary_margin": canary_margin, "stress.loss_scale": stress_scale,
     }
     try:
         config = eval_config(run_dir, resume, options)

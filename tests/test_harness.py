@@ -487,3 +487,29 @@ def test_a_resumed_evaluation_keeps_the_precision_it_started_in(tmp_path, monkey
     assert json.loads((tmp_path / "e" / "eval.json").read_text())["precision"]["used"] == "float32"
     fresh = prepare_eval_dir(tmp_path / "f", config, prepare_problems(config), resume=False)
     assert fresh.used == "bfloat16"  # a new evaluation calibrates afresh
+
+
+def test_an_evaluation_sets_the_canary_and_the_stress_scale_and_keeps_them(tmp_path):
+    from graph.evaluation.config import EVAL_FILE, arm_settings, eval_config
+    from graph.saved_settings import SettingsError
+
+    config = eval_config(tmp_path, False, {"canary_size": 8, "canary_margin": 0.25, "stress.loss_scale": 0.3})
+    settings = arm_settings(config, "adapters", 10)
+    assert settings.loop.canary_size == 8 and settings.loop.canary_margin == 0.25 and settings.stress.loss_scale == 0.3
+    saved = EvalConfig(model="tiny-random").to_dict()
+    del saved["canary_margin"]  # saved before the setting existed: the gate it ran with
+    (tmp_path / EVAL_FILE).write_text(json.dumps({"config": saved}))
+    assert eval_config(tmp_path, True, {}).canary_margin == 0.0
+    with pytest.raises(SettingsError, match="--canary-margin"):
+        eval_config(tmp_path, True, {"canary_margin": 0.5})  # it changes what the arms learn
+    with pytest.raises(ValueError, match="canary_margin must be in"):
+        EvalConfig(canary_margin=1.5)
+
+
+def test_bad_canary_and_stress_options_are_one_line_errors(tmp_path):
+    for args, needle in [(["--canary-margin", "2"], "--canary-margin must be in [0, 1]"),
+                         (["--canary-size", "-1"], "--canary-size must be >= 0"),
+                         (["--stress-scale", "0"], "--stress-scale must be > 0")]:
+        result = CliRunner().invoke(app, ["eval", *args, "--run-dir", str(tmp_path / "e")])
+        assert result.exit_code == 1 and needle in result.output, (args, result.output)
+        assert not (tmp_path / "e").exists()

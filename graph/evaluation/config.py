@@ -85,6 +85,7 @@ class EvalConfig:
     stress: StressConfig = field(default_factory=StressConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     canary_size: int = 4  # solved learning problems every update must not break
+    canary_margin: float = 0.0  # allowed drop in canary accuracy before an update is rolled back
     round_size: int = DEFAULT_ROUND_SIZE  # learning episodes that sample together (graph/episodes.run_episodes)
     plots: bool = True  # write the PNG plots with the report
 
@@ -109,6 +110,8 @@ class EvalConfig:
             raise ValueError(f"embedder must be one of {', '.join(EMBEDDERS)}; got {self.embedder!r}")
         if self.canary_size < 0:
             raise ValueError(f"canary_size must be >= 0, got {self.canary_size}")
+        if not 0 <= self.canary_margin <= 1:
+            raise ValueError(f"canary_margin must be in [0, 1], got {self.canary_margin}")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -128,7 +131,8 @@ EVAL_FLAGS = {
     "seed": "--seed", "cycles": "--cycles", "label_free": "--label-free", "max_new_tokens": "--max-new-tokens",
     "batch_size": "--batch-size", "backend": "--backend", "embedder": "--embedder", "bank.n_experts": "--experts",
     "trainer.steps_per_update": "--steps", "plots": "--plots", "precision": "--precision",
-    "verifier.samples": "--samples", "round_size": "--round-size",
+    "verifier.samples": "--samples", "round_size": "--round-size", "canary_size": "--canary-size",
+    "canary_margin": "--canary-margin", "stress.loss_scale": "--stress-scale",
 }
 
 
@@ -149,7 +153,7 @@ def arm_settings(config: EvalConfig, arm: str, episodes: int) -> RunSettings:
         data=config.eval_data if config.protocol != "holdout" else config.learn_data,
         episodes=episodes,
         loop=LoopConfig(cycles=config.cycles, label_free=config.label_free, seed=config.seed,
-                        canary_size=config.canary_size, **switches),
+                        canary_size=config.canary_size, canary_margin=config.canary_margin, **switches),
         bank=replace(config.bank, seed=config.seed),
         router=replace(config.router, seed=config.seed),
         trainer=config.trainer,
