@@ -224,4 +224,3 @@ def test_a_lockstep_runs_once():
     lockstep.run([lambda: None])
     with pytest.raises(RuntimeError, match="one per round"):
         lockstep.run([lambda: None])
-
