@@ -53,6 +53,11 @@ from memory_store.embedding import make_embedder
 log = logging.getLogger(__name__)
 
 
+def _fixed_settings(config: dict) -> dict:
+    """The settings a resumed evaluation must keep: all but ``RESUMABLE_EVAL_CHANGES``."""
+    return {k: v for k, v in config.items() if k not in RESUMABLE_EVAL_CHANGES}
+
+
 def prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resume: bool) -> PrecisionChoice:
     """eval.json checked against the saved one on resume and written; the precision every arm runs in.
 
@@ -71,9 +76,9 @@ def prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resum
         saved["config"] = {**LEGACY_CONFIG, **saved.get("config", {})}
         saved.pop("data_sources", None)  # a note of where the problems came from, not a setting
         kept = saved.pop("precision", None)  # resolved at the start (absent in evaluations made before it was kept)
-        changeable = lambda c: {k: v for k, v in c.items() if k not in RESUMABLE_EVAL_CHANGES}  # noqa: E731
-        if {**saved, "config": changeable(saved["config"])} != {**wanted, "config": changeable(wanted["config"])}:
-            differs = leaf_differences(changeable(saved.get("config", {})), changeable(wanted["config"]))
+        saved_fixed, wanted_fixed = _fixed_settings(saved["config"]), _fixed_settings(wanted["config"])
+        if {**saved, "config": saved_fixed} != {**wanted, "config": wanted_fixed}:
+            differs = leaf_differences(saved_fixed, wanted_fixed)
             shown = "; ".join(f"{key}: saved {a!r}, now {b!r}" for key, a, b in differs) or "problem ids"
             raise RunDirError(f"{run_dir} holds an evaluation with different settings or problems ({shown}); "
                               "use another --run-dir")
