@@ -84,6 +84,7 @@ class Mixture:
     active: torch.Tensor | None  # (n_active,) expert indices, or None when all experts are active
     bypass: bool = False  # True: the bank adds nothing (the bare frozen model)
     active_key: tuple[int, ...] | None = None  # the same indices, hashable: what a layer's gathered factors are for
+    pruned: bool = False  # experts with B = 0 were left out (exact without autograd only; see ExpertBank.route)
 
 
 @dataclass
@@ -136,6 +137,9 @@ class LoRABankLinear(nn.Module):
             )
         if mixture.bypass:
             return out
+        if mixture.pruned and torch.is_grad_enabled():
+            raise AdapterError("a mixture routed without autograd was used with autograd on: route inside the grad mode "
+                               "the forward pass runs in (untrained experts were left out of it)")
         flat_a, flat_b = self._factors(mixture)  # (k*r, in), (k*r, out)
         scale = mixture.row_scale  # (batch or 1, k*r)
         if scale.shape[0] not in (1, x.shape[0]):
@@ -216,6 +220,7 @@ class ExpertBank(nn.Module):
             layers.append(wrapped)
         # Held in a plain list so the bank does not own (or save) the base layers.
         self._layers: list[LoRABankLinear] = layers
+        self._untrained: tuple[tuple, torch.Tensor] | None = None  # (parameter versions, (n,) bool): see untrained()
         self._params = nn.ParameterDict()
         for name, layer in zip(names, layers):
             key = name.replace(".", "__")
@@ -251,14 +256,37 @@ class ExpertBank(nn.Module):
         if not torch.isfinite(weights).all():
             raise AdapterError("mixture weights contain NaN or inf")
         used = (weights != 0).any(dim=0)  # (n,)
+        # Without autograd an expert whose B is zero adds exactly zero, so it is left out: a bank
+        # that has trained a few experts costs only those (most of a new bank is untrained).
+        # With autograd every routed expert stays, or an untrained one would never get a gradient.
+        pruned = not torch.is_grad_enabled() and all(layer._trained is None for layer in self._layers)
+        if pruned:
+            used = used & ~self.untrained().to(used.device)
+            if not bool(used.any()):
+                with self._set(Mixture(row_scale=None, active=None, bypass=True)):
+                    yield
+                return
         active = None if bool(used.all()) else used.nonzero().flatten()  # (k,)
         kept = weights if active is None else weights[:, active]  # (batch or 1, k)
         row_scale = kept.repeat_interleave(self.config.rank, dim=1) * self.config.scaling  # (batch or 1, k*r)
         device = self._layers[0].lora_A.device
         mixture = Mixture(row_scale=row_scale.to(device), active=None if active is None else active.to(device),
-                          active_key=None if active is None else tuple(active.tolist()))
+                          active_key=None if active is None else tuple(active.tolist()), pruned=pruned)
         with self._set(mixture):
             yield
+
+    def untrained(self) -> torch.Tensor:
+        """(n_experts,) bool: True for an expert whose B is zero in every layer (it adds nothing).
+
+        Recomputed only when a B changed: keyed by the parameters' in-place versions and storage,
+        so an update, a rollback or a load is always seen.
+        """
+        key = tuple((layer.lora_B._version, layer.lora_B.data_ptr()) for layer in self._layers)
+        if self._untrained is None or self._untrained[0] != key:
+            with torch.no_grad():
+                nonzero = torch.stack([layer.lora_B.ne(0).flatten(1).any(dim=1) for layer in self._layers]).any(dim=0)
+            self._untrained = (key, ~nonzero.cpu())
+        return self._untrained[1]
 
     @contextlib.contextmanager
     def training_one(self, expert: int) -> Iterator[list[torch.Tensor]]:

@@ -1,7 +1,8 @@
 """Cost of the LoRA expert bank on CPU, measured side by side in one run.
 
 Prints prefill and decode time of the bare model versus the 16-expert bank (dense and
-top-2), the einsum bank versus PEFT running the same 16 LoRA adapters active at once
+top-2, every expert trained; and dense with one expert trained, as after a few Single-mode
+updates: untrained experts are left out of inference), the einsum bank versus PEFT running the same 16 LoRA adapters active at once
 (PEFT loops over adapters), the time of one training step, and peak memory.
 
     python bench/bench_adapters.py                      # the default model, qwen2.5-coder-0.5b
@@ -111,6 +112,12 @@ def main() -> None:
     with torch.no_grad():  # trained-looking experts: values do not change the cost, but outputs must differ from base
         for layer in bank.layers.values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.01)
+    # A third copy whose bank has trained one expert only (the rest are left out at inference).
+    one_model = load_model(args.model).model
+    one_bank = ExpertBank(one_model, BankConfig(n_experts=args.experts, rank=args.rank))
+    with torch.no_grad():
+        for layer, like in zip(one_bank.layers.values(), bank.layers.values()):
+            layer.lora_B[0].copy_(like.lora_B[0])
     router = Router(model.config.hidden_size, args.experts, RouterConfig())
     logits = torch.randn(1, args.experts, generator=gen)
     dense = routing_weights(logits, mode="dense")
@@ -128,7 +135,13 @@ def main() -> None:
             with bank.route(self.weights):
                 return model(**kw)
 
-    variants = {"bare": bare_model, "bypass": Routed(None), "dense16": Routed(dense), "top2": Routed(top2)}
+    class OneTrained:
+        def __call__(self, **kw):
+            with one_bank.route(dense):
+                return one_model(**kw)
+
+    variants = {"bare": bare_model, "bypass": Routed(None), "dense16": Routed(dense), "top2": Routed(top2),
+                "dense16_1trained": OneTrained()}
     for variant in variants.values():  # warm-up: first calls allocate and page weights in
         prefill_seconds(variant, ids)
         decode_seconds_per_token(variant, ids, 3)
@@ -214,7 +227,7 @@ def print_table(r: dict) -> None:
     print(f"# bench_adapters: {r['model']}, {r['threads']} threads, {r['experts']} experts of rank {r['rank']}, prompt {r['prompt_tokens']} tokens")
     print("| variant | prefill s | ratio | decode ms/token | ratio |")
     print("|---|---|---|---|---|")
-    for name in ("bare", "bypass", "dense16", "top2"):
+    for name in ("bare", "bypass", "dense16", "top2", "dense16_1trained"):
         print(
             f"| {name} | {r['prefill_s'][name]:.3f} | {r['prefill_ratio_vs_bare'][name]:.2f}x "
             f"| {1000 * r['decode_s_per_token'][name]:.1f} | {r['decode_ratio_vs_bare'][name]:.2f}x |"

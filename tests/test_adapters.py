@@ -341,6 +341,34 @@ def test_inference_factor_cache_sees_every_change_of_the_experts(tiny):
     assert torch.equal(second, again)
 
 
+def test_untrained_experts_are_left_out_without_autograd_and_kept_with_it(tiny):
+    bank, _ = _make(tiny)
+    layer = next(iter(bank.layers.values()))
+    x = torch.randn(2, 3, layer.in_features)  # (batch, seq, in)
+    weights = torch.zeros(2, bank.n_experts)
+    weights[0, [1, 4]], weights[1, [4, 6]] = 0.5, 0.5
+    seen = []
+    original = layer._factors
+    layer._factors = lambda mixture: seen.append(mixture.active_key) or original(mixture)
+    with torch.no_grad(), bank.route(weights):
+        assert torch.equal(layer(x), layer.base_layer(x))  # a new bank: every expert untrained, nothing computed
+    assert seen == []
+    with torch.no_grad():
+        layer.lora_B[4].normal_(0, 0.05, generator=torch.Generator().manual_seed(0))  # expert 4 alone trained
+        assert bank.untrained().tolist() == [n != 4 for n in range(bank.n_experts)]  # the change is seen
+        with bank.route(weights):
+            got = layer(x)
+        want = layer.base_layer(x) + 0.5 * (x @ layer.lora_A[4].T @ layer.lora_B[4]) * layer.scaling
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert seen == [(4,)]
+    with bank.route(weights):  # autograd on: untrained experts keep their gradient path
+        layer(x).sum().backward()
+    assert seen[-1] == (1, 4, 6) and layer.lora_B.grad[1].abs().sum() > 0
+    with torch.no_grad(), bank.route(weights), torch.enable_grad():
+        with pytest.raises(AdapterError, match="without autograd"):
+            layer(x)
+
+
 def test_build_adapters_makes_one_stack_whose_store_is_bound_to_its_parts(tiny, tmp_path):
     stack = build_adapters(tiny.model, tiny.tokenizer, BankConfig(n_experts=4, rank=2), RouterConfig(memory_dim=4),
                            bank_dir=tmp_path / "bank")
