@@ -161,9 +161,24 @@ RoundSizeOption = Annotated[Optional[int], typer.Option(
          "trains in turn. 1: every episode sees all learning before it. Default: 8.")]
 SamplesOption = Annotated[Optional[int], typer.Option(
     help="Sampled answers per problem besides the greedy one: verification, rule validation, the vote arm. Default: 6.")]
+TrainSourcesOption = Annotated[Optional[str], typer.Option(
+    help="Comma-separated verified texts that reach the gradient: own_sample, rule_conditioned, variant, "
+         "rationalization (default: all), e.g. for a per-source ablation.")]
 PrecisionOption = Annotated[Optional[str], typer.Option(
     help="Frozen weights: auto (default: bfloat16 on CUDA; on CPU what a cached calibration measures faster), "
          "float32 or bfloat16. Adapters stay float32.")]
+
+
+def _sources(option: str | None) -> tuple[str, ...] | None:
+    """--train-sources as a tuple of sources, or None when not given; a bad one is a one-line error naming the flag."""
+    if option is None:
+        return None
+    from agents.trajectories import chosen_sources
+
+    try:
+        return chosen_sources(s.strip() for s in option.split(",") if s.strip())
+    except ValueError as error:
+        raise _fail(ValueError(f"--train-sources {option!r}: {error}")) from None
 
 
 @app.command()
@@ -187,6 +202,7 @@ def run(
     precision: PrecisionOption = None,
     samples: SamplesOption = None,
     round_size: RoundSizeOption = None,
+    train_sources: TrainSourcesOption = None,
 ) -> None:
     """Run the self-improvement loop over a stream of problems, resumably.
 
@@ -213,7 +229,7 @@ def run(
         "model": model, "data": data, "episodes": episodes, "loop.cycles": cycles, "loop.label_free": label_free,
         "loop.seed": seed, "solver.max_new_tokens": max_new_tokens, "memory_url": memory_url, "backend": backend,
         "batch_size": batch_size, "embedder": embedder, "precision": precision, "verifier.samples": samples,
-        "round_size": round_size,
+        "round_size": round_size, "loop.train_sources": _sources(train_sources),
     }
     try:
         loop = LoopRun.setup(run_dir, resume, options, threads=threads, on_status=lambda line: _status(err, line))
@@ -298,6 +314,7 @@ def eval_command(
     precision: PrecisionOption = None,
     samples: SamplesOption = None,
     round_size: RoundSizeOption = None,
+    train_sources: TrainSourcesOption = None,
     canary_size: Annotated[Optional[int], typer.Option(
         help="Learning problems solved at the first try that every update is checked against. Default: 4.")] = None,
     canary_margin: Annotated[Optional[float], typer.Option(
@@ -338,6 +355,7 @@ def eval_command(
         "embedder": embedder, "bank.n_experts": experts, "trainer.steps_per_update": steps, "plots": plots,
         "precision": precision, "verifier.samples": samples, "round_size": round_size,
         "canary_size": canary_size, "canary_margin": canary_margin, "stress.loss_scale": stress_scale,
+        "train_sources": _sources(train_sources),
     }
     try:
         config = eval_config(run_dir, resume, options)

@@ -19,6 +19,16 @@ from agents.solver import Attempt
 ANSWER_LINE_STRATEGIES = ("answer_is", "boxed", "hash")  # an explicit final answer, not a stray last number
 SOURCES = ("own_sample", "rule_conditioned", "variant", "rationalization")  # where a training text came from
 
+
+def chosen_sources(sources) -> tuple[str, ...]:
+    """A non-empty subset of SOURCES in their canonical order; ValueError naming what is wrong."""
+    sources = tuple(sources)
+    unknown = [s for s in sources if s not in SOURCES]
+    if unknown or not sources:
+        raise ValueError(f"training sources must be a non-empty subset of {', '.join(SOURCES)}; "
+                         f"got {', '.join(sources) or 'none'}")
+    return tuple(s for s in SOURCES if s in sources)
+
 _ANSWER_LINE = re.compile(r"(the\s+(final\s+)?answer\s+is|answer\s*[:=]|####|\\boxed)", re.IGNORECASE)
 
 

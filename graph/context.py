@@ -21,6 +21,7 @@ from agents.diversifier import Diversifier
 from agents.lm.backend import GenerationBackend, close_backend
 from agents.reflector import Reflector
 from agents.solver import Solver
+from agents.trajectories import SOURCES, chosen_sources
 from agents.verifier import VerifierConfig
 from memory_store.store import MemoryStore
 
@@ -45,6 +46,9 @@ class LoopConfig:
     replay_keep: int = 32  # verified texts kept per expert for replay
     keep_unfixed_updates: bool = True  # out of cycles and unfixed: keep updates that passed the canary gate
     validate_min_gain: int = 1  # a rule is validated when this many more of its k samples verify than without it
+    # Which verified texts reach the gradient (agents.trajectories.SOURCES), e.g. for a per-source
+    # ablation; a source left out is not produced at all where producing it costs a call.
+    train_sources: tuple[str, ...] = SOURCES
 
     def __post_init__(self) -> None:
         if self.cycles < 1:
@@ -61,6 +65,7 @@ class LoopConfig:
             raise ValueError(f"low_share must be in [0, 1], got {self.low_share}")
         if self.validate_min_gain < 1:
             raise ValueError(f"validate_min_gain must be >= 1, got {self.validate_min_gain}")
+        self.train_sources = chosen_sources(self.train_sources)
         if self.replay < 0 or self.replay_keep < self.replay:
             raise ValueError(f"need 0 <= replay <= replay_keep, got {self.replay} and {self.replay_keep}")
 

@@ -125,8 +125,8 @@ def verify(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     if state["learning"] and target is not None and (not verdict["correct"] or share < ctx.config.low_share):
         # RFT: the distinct verified solutions, greedy included, in the solver's answer format.
         own = verified_texts(problem["question"], [attempt, *samples], target, _cap(ctx), "own_sample")
-        update["texts"] = [t.to_dict() for t in own]
-        update["own_verified"] = [t.completion for t in own]
+        update["texts"] = [t.to_dict() for t in own] if _trains(ctx, "own_sample") else []
+        update["own_verified"] = [t.completion for t in own]  # what reflect compares with, trained or not
     if "first_try" not in state:
         update["first_try"] = verdict
     return update
@@ -163,7 +163,7 @@ def reflect(state: LoopState, runtime: Runtime[RunContext]) -> dict:
         tried = [c["text"] for c in state.get("candidates") or [] if c["text"]]
         first.append(ctx.reflector.ask(question, state["first_try"]["attempt"]["text"], verified, label=label, tried=tried,
                                        seed=_seed(ctx, state, 1)))
-    if verified is not None and ctx.config.adapters:
+    if verified is not None and ctx.config.adapters and _trains(ctx, "variant"):
         first.append(ctx.diversifier.ask(question, seed=_seed(ctx, state, 3)))
     if first:
         drafted = ask_together(ctx.backend, first)
@@ -204,7 +204,8 @@ def reflect(state: LoopState, runtime: Runtime[RunContext]) -> dict:
             rule, best = result, with_rule
     if rule is not None:
         rule["chosen"] = True  # the one the episode trains from; other validated rules stay in memory
-        texts += verified_texts(question, best, target, _cap(ctx), "rule_conditioned")
+        if _trains(ctx, "rule_conditioned"):
+            texts += verified_texts(question, best, target, _cap(ctx), "rule_conditioned")
     elif _may_rationalize(ctx, state):
         # A solution that talks about its hint would teach the model to expect one.
         texts += [t for t in verified_texts(question, rest[0], problem["label"], _cap(ctx), "rationalization")
@@ -215,11 +216,16 @@ def reflect(state: LoopState, runtime: Runtime[RunContext]) -> dict:
             "variants": variants, "error": error}
 
 
+def _trains(ctx: RunContext, source: str) -> bool:
+    """Whether texts of this source reach the gradient (LoopConfig.train_sources)."""
+    return source in ctx.config.train_sources
+
+
 def _may_rationalize(ctx: RunContext, state: LoopState) -> bool:
     """STaR's rationalization needs the label: learning-split problems only, never label-free."""
     problem = state["problem"]
-    return (ctx.config.rationalize and state["learning"] and not ctx.config.label_free
-            and problem.get("label") is not None)
+    return (ctx.config.rationalize and _trains(ctx, "rationalization") and state["learning"]
+            and not ctx.config.label_free and problem.get("label") is not None)
 
 
 def diversify(state: LoopState, runtime: Runtime[RunContext]) -> dict:

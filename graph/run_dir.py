@@ -98,6 +98,7 @@ RUN_FLAGS = {
     "loop.label_free": "--label-free", "loop.seed": "--seed", "solver.max_new_tokens": "--max-new-tokens",
     "memory_url": "--memory-url", "backend": "--backend", "batch_size": "--batch-size", "embedder": "--embedder",
     "precision": "--precision", "verifier.samples": "--samples", "round_size": "--round-size",
+    "loop.train_sources": "--train-sources",
 }
 
 

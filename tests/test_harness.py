@@ -20,6 +20,7 @@ from agents.data_sources import open_source
 from agents.errors import DataError
 from agents.gsm8k import Problem, problem_id, sample_problems
 from agents.prompts import REFLECT_SYSTEM, SOLVER_SYSTEM, VARIANT_SYSTEM
+from agents.trajectories import SOURCES
 from agents.verifier import VerifierConfig
 from graph.episodes import StopFlag
 from graph.evaluation.config import EvalConfig, EvalInterrupted
@@ -493,15 +494,20 @@ def test_an_evaluation_sets_the_canary_and_the_stress_scale_and_keeps_them(tmp_p
     from graph.evaluation.config import EVAL_FILE, arm_settings, eval_config
     from graph.saved_settings import SettingsError
 
-    config = eval_config(tmp_path, False, {"canary_size": 8, "canary_margin": 0.25, "stress.loss_scale": 0.3})
+    config = eval_config(tmp_path, False, {"canary_size": 8, "canary_margin": 0.25, "stress.loss_scale": 0.3,
+                                           "train_sources": ("variant", "own_sample")})
     settings = arm_settings(config, "adapters", 10)
     assert settings.loop.canary_size == 8 and settings.loop.canary_margin == 0.25 and settings.stress.loss_scale == 0.3
+    assert settings.loop.train_sources == ("own_sample", "variant")  # canonical order
     saved = EvalConfig(model="tiny-random").to_dict()
-    del saved["canary_margin"]  # saved before the setting existed: the gate it ran with
+    del saved["canary_margin"], saved["train_sources"]  # saved before the settings existed: what it ran with
     (tmp_path / EVAL_FILE).write_text(json.dumps({"config": saved}))
     assert eval_config(tmp_path, True, {}).canary_margin == 0.0
+    assert arm_settings(eval_config(tmp_path, True, {}), "full", 10).loop.train_sources == SOURCES
     with pytest.raises(SettingsError, match="--canary-margin"):
         eval_config(tmp_path, True, {"canary_margin": 0.5})  # it changes what the arms learn
+    with pytest.raises(SettingsError, match="--train-sources"):
+        eval_config(tmp_path, True, {"train_sources": ("own_sample",)})
     with pytest.raises(ValueError, match="canary_margin must be in"):
         EvalConfig(canary_margin=1.5)
 
@@ -509,7 +515,8 @@ def test_an_evaluation_sets_the_canary_and_the_stress_scale_and_keeps_them(tmp_p
 def test_bad_canary_and_stress_options_are_one_line_errors(tmp_path):
     for args, needle in [(["--canary-margin", "2"], "--canary-margin must be in [0, 1]"),
                          (["--canary-size", "-1"], "--canary-size must be >= 0"),
-                         (["--stress-scale", "0"], "--stress-scale must be > 0")]:
+                         (["--stress-scale", "0"], "--stress-scale must be > 0"),
+                         (["--train-sources", "own_sample,reference"], "--train-sources 'own_sample,reference'")]:
         result = CliRunner().invoke(app, ["eval", *args, "--run-dir", str(tmp_path / "e")])
         assert result.exit_code == 1 and needle in result.output, (args, result.output)
         assert not (tmp_path / "e").exists()

@@ -204,6 +204,25 @@ def test_a_refuted_rule_is_stored_refuted_and_never_placed_in_a_prompt(make_run,
     assert second["rules"][0]["status"] == "validated"
 
 
+def test_train_sources_limit_what_reaches_the_gradient_and_skip_the_calls_left_out(make_run, tmp_path):
+    # PENS: a rule validates, so its texts are rule-conditioned samples and variants; variants left out.
+    ctx, backend = make_run(World(), settings=_settings(train_sources=("rule_conditioned", "rationalization")))
+    (final,) = _run(ctx, [PENS], tmp_path / "run")
+    assert final["rule"]["status"] == "validated"
+    assert {t["source"] for t in _trained_texts(final)} == {"rule_conditioned"}
+    assert not backend.prompts_containing(VARIANT_SYSTEM)  # no variant drafted: nothing of it would be trained
+    # CAKES, no rule validates: rationalization left out, so neither asked for nor trained
+    world = World()
+    world.rules = iter(["RULE: Count the boxes first.", "RULE: Multiply only after reading units.",
+                        "RULE: Subtract what is sold."])
+    ctx, backend = make_run(world, run_dir=tmp_path / "run2", settings=_settings(cycles=1, train_sources=("variant",)))
+    (final,) = _run(ctx, [CAKES], tmp_path / "run2")
+    assert final["rule"] is None and final["updates"] == [] and not backend.prompts_containing(HINT)
+    assert not trained(ctx)
+    with pytest.raises(ValueError, match="non-empty subset"):
+        LoopConfig(train_sources=("own_sample", "reference"))
+
+
 def test_only_verified_texts_reach_the_trainer(make_run, tmp_path, monkeypatch):
     from adapters.trainer import TestTimeTrainer
 

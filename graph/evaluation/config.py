@@ -36,6 +36,7 @@ from agents.lm.backend import BACKENDS, DEFAULT_BATCH_SIZE
 from agents.lm.models import DEFAULT_MODEL
 from agents.lm.precision import PRECISIONS
 from agents.solver import SolverConfig
+from agents.trajectories import SOURCES, chosen_sources
 from agents.verifier import VerifierConfig
 from graph.context import LoopConfig
 from graph.run_dir import DEFAULT_ROUND_SIZE, RunSettings
@@ -87,6 +88,7 @@ class EvalConfig:
     canary_size: int = 4  # solved learning problems every update must not break
     canary_margin: float = 0.0  # allowed drop in canary accuracy before an update is rolled back
     round_size: int = DEFAULT_ROUND_SIZE  # learning episodes that sample together (graph/episodes.run_episodes)
+    train_sources: tuple[str, ...] = SOURCES  # verified texts that reach the gradient (a per-source ablation)
     plots: bool = True  # write the PNG plots with the report
 
     def __post_init__(self) -> None:
@@ -112,6 +114,7 @@ class EvalConfig:
             raise ValueError(f"canary_size must be >= 0, got {self.canary_size}")
         if not 0 <= self.canary_margin <= 1:
             raise ValueError(f"canary_margin must be in [0, 1], got {self.canary_margin}")
+        self.train_sources = chosen_sources(self.train_sources)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -132,7 +135,7 @@ EVAL_FLAGS = {
     "batch_size": "--batch-size", "backend": "--backend", "embedder": "--embedder", "bank.n_experts": "--experts",
     "trainer.steps_per_update": "--steps", "plots": "--plots", "precision": "--precision",
     "verifier.samples": "--samples", "round_size": "--round-size", "canary_size": "--canary-size",
-    "canary_margin": "--canary-margin", "stress.loss_scale": "--stress-scale",
+    "canary_margin": "--canary-margin", "stress.loss_scale": "--stress-scale", "train_sources": "--train-sources",
 }
 
 
@@ -153,7 +156,8 @@ def arm_settings(config: EvalConfig, arm: str, episodes: int) -> RunSettings:
         data=config.eval_data if config.protocol != "holdout" else config.learn_data,
         episodes=episodes,
         loop=LoopConfig(cycles=config.cycles, label_free=config.label_free, seed=config.seed,
-                        canary_size=config.canary_size, canary_margin=config.canary_margin, **switches),
+                        canary_size=config.canary_size, canary_margin=config.canary_margin,
+                        train_sources=config.train_sources, **switches),
         bank=replace(config.bank, seed=config.seed),
         router=replace(config.router, seed=config.seed),
         trainer=config.trainer,

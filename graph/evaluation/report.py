@@ -69,6 +69,14 @@ def render_markdown(report) -> str:
     precision = report.extra.get("precision")
     if precision:
         lines.append(f"- precision of the frozen weights: {precision['used']} ({precision['requested']}: {precision['reason']})")
+    if any(a.learning.get("episodes") for a in report.arms.values()):
+        # Old reports lack the newer settings: each is shown at the value those runs used, the default.
+        sources = cfg.get("train_sources") or ["own_sample", "rule_conditioned", "variant", "rationalization"]
+        lines.append(f"- learning settings: {cfg['cycles']} cycle(s), {cfg.get('verifier', {}).get('samples', '?')} samples "
+                     f"per problem, round size {cfg.get('round_size', 1)}, canary {cfg.get('canary_size', 4)} problems "
+                     f"with margin {cfg.get('canary_margin', 0.0)}, stress loss scale "
+                     f"{cfg.get('stress', {}).get('loss_scale', 1.0)}, {cfg.get('trainer', {}).get('steps_per_update', '?')} "
+                     f"steps per update; trained on texts from: {', '.join(sources)}")
     for role, source in report.data_sources.items():
         lines.append(f"- {role} data `{source['spec']}`: {source['kind']} {source['location']} ({source['size']} problems)")
     if protocol == "holdout":
