@@ -123,6 +123,7 @@ class LoRABankLinear(nn.Module):
         # time was a large share of a step (bench/bench_decode.py). Keyed by the parameters' in-place versions, so an update,
         # a rollback or a load is always seen (and their storage, for a replaced tensor).
         self._gathered: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._cast: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # the same, in the model's dtype
         # Set by ExpertBank.training_one: (expert, its A (r, in), its B (r, out)) as leaf tensors
         # that the optimizer steps while that expert alone is active.
         self._trained: tuple[int, torch.Tensor, torch.Tensor] | None = None
@@ -140,10 +141,12 @@ class LoRABankLinear(nn.Module):
         if mixture.pruned and torch.is_grad_enabled():
             raise AdapterError("a mixture routed without autograd was used with autograd on: route inside the grad mode "
                                "the forward pass runs in (untrained experts were left out of it)")
-        flat_a, flat_b = self._factors(mixture)  # (k*r, in), (k*r, out)
         scale = mixture.row_scale  # (batch or 1, k*r)
         if scale.shape[0] not in (1, x.shape[0]):
             raise AdapterError(f"mixture weights have batch size {scale.shape[0]} but the input has {x.shape[0]}")
+        if out.dtype != torch.float32 and not torch.is_grad_enabled() and self._trained is None:
+            return self._add_delta_in_place(x, out, mixture)
+        flat_a, flat_b = self._factors(mixture)  # (k*r, in), (k*r, out)
         # The einsums "bsi,kri->bskr" and "bskr,kro->bso" over all active experts at once,
         # written as matmuls over the flattened (expert, rank) axis: torch.einsum copied B
         # on every call, which was slower at decode shapes on CPU (measured: README, "Expert bank cost").
@@ -151,6 +154,35 @@ class LoRABankLinear(nn.Module):
         h = h * scale.view(scale.shape[0], *([1] * (h.dim() - 2)), scale.shape[1])  # (batch, [seq,] k*r)
         delta = torch.matmul(h, flat_b)  # (batch, [seq,] out)
         return out + delta.to(out.dtype)
+
+    def _add_delta_in_place(self, x: torch.Tensor, out: torch.Tensor, mixture: Mixture) -> torch.Tensor:
+        """Inference in a reduced precision: the delta in the model's dtype, accumulated into ``out``.
+
+        The float32 path makes a float32 (tokens, out) delta, converts it and adds it: three
+        passes over the largest tensor of the layer, the bank's main cost at prefill. Here the
+        factors are kept in the model's dtype and one fused product adds the delta to the base
+        output, rounded once (the kernel accumulates in float32). Float32 models keep the exact
+        path above, so their outputs are unchanged.
+        """
+        flat_a, flat_b = self._factors_as(mixture, out.dtype)  # (k*r, in), (k*r, out)
+        scale = mixture.row_scale.to(out.dtype)  # (batch or 1, k*r)
+        h = F.linear(self.dropout(x).to(out.dtype), flat_a)  # (batch, [seq,] k*r)
+        h = h * scale.view(scale.shape[0], *([1] * (h.dim() - 2)), scale.shape[1])
+        if not out.is_contiguous():
+            out = out.contiguous()
+        out.view(-1, self.out_features).addmm_(h.reshape(-1, h.shape[-1]), flat_b)
+        return out
+
+    def _factors_as(self, mixture: Mixture, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The active experts' factors in ``dtype``, kept while the experts stay the same (as in _factors)."""
+        key = (mixture.active_key, dtype, self.lora_A._version, self.lora_B._version,
+               self.lora_A.data_ptr(), self.lora_B.data_ptr())
+        if self._cast is not None and self._cast[0] == key:
+            return self._cast[1]
+        flat_a, flat_b = self._factors(mixture)
+        factors = (flat_a.to(dtype).contiguous(), flat_b.to(dtype).contiguous())
+        self._cast = (key, factors)
+        return factors
 
     def _factors(self, mixture: Mixture) -> tuple[torch.Tensor, torch.Tensor]:
         """The active experts' A and B, flattened over (expert, rank)."""

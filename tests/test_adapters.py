@@ -369,6 +369,38 @@ def test_untrained_experts_are_left_out_without_autograd_and_kept_with_it(tiny):
             layer(x)
 
 
+def test_reduced_precision_inference_adds_the_delta_in_the_models_dtype_and_follows_changes():
+    from agents.lm.models import load_model
+
+    model = load_model("tiny-random", dtype="bfloat16").model
+    bank = ExpertBank(model, BankConfig(n_experts=4))
+    _randomize_b(bank, scale=0.5)
+    layer = next(iter(bank.layers.values()))
+    x = torch.randn(3, 5, layer.in_features).to(torch.bfloat16)  # (batch, seq, in)
+    weights = torch.tensor([[0.5, 0.5, 0, 0], [0, 0.3, 0.7, 0], [1.0, 0, 0, 0]])
+
+    def reference():  # the float32 delta of every routed expert, added to the base output
+        delta = sum(weights[:, n, None, None] * (x.float() @ layer.lora_A[n].T @ layer.lora_B[n]) * layer.scaling
+                    for n in range(4))
+        return layer.base_layer(x).float() + delta
+
+    def close_to_reference(out):  # within bfloat16 rounding of the output's scale
+        want = reference()
+        return float((out.float() - want).abs().max()) <= 1e-2 * float(want.abs().max())
+
+    with torch.no_grad(), bank.route(weights):
+        got = layer(x)
+        assert got.dtype == torch.bfloat16 and layer._cast is not None  # the fused path ran
+        assert close_to_reference(got)
+        assert not torch.allclose(got.float(), layer.base_layer(x).float(), atol=1e-2)  # the delta is there
+        layer.lora_B.mul_(2.0)  # an in-place change: the factors kept in bfloat16 must follow it
+        again = layer(x)
+        assert close_to_reference(again) and not torch.equal(again, got)
+    with bank.route(weights):  # with autograd: the float32 path, gradients reach the adapters
+        layer(x).float().sum().backward()
+    assert layer.lora_B.grad is not None and layer.lora_B.grad[1].abs().sum() > 0
+
+
 def test_build_adapters_makes_one_stack_whose_store_is_bound_to_its_parts(tiny, tmp_path):
     stack = build_adapters(tiny.model, tiny.tokenizer, BankConfig(n_experts=4, rank=2), RouterConfig(memory_dim=4),
                            bank_dir=tmp_path / "bank")
