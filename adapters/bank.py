@@ -136,11 +136,11 @@ class LoRABankLinear(nn.Module):
                 "the expert bank was called without a mixture: wrap the call in "
                 "bank.route(weights) or bank.bypass()"
             )
-        if mixture.bypass:
-            return out
         if mixture.pruned and torch.is_grad_enabled():
             raise AdapterError("a mixture routed without autograd was used with autograd on: route inside the grad mode "
                                "the forward pass runs in (untrained experts were left out of it)")
+        if mixture.bypass:
+            return out
         scale = mixture.row_scale  # (batch or 1, k*r)
         if scale.shape[0] not in (1, x.shape[0]):
             raise AdapterError(f"mixture weights have batch size {scale.shape[0]} but the input has {x.shape[0]}")
@@ -161,8 +161,9 @@ class LoRABankLinear(nn.Module):
         The float32 path makes a float32 (tokens, out) delta, converts it and adds it: three
         passes over the largest tensor of the layer, the bank's main cost at prefill. Here the
         factors are kept in the model's dtype and one fused product adds the delta to the base
-        output, rounded once (the kernel accumulates in float32). Float32 models keep the exact
-        path above, so their outputs are unchanged.
+        output (the product accumulates in float32; A, the scales and the rank-sized hidden
+        values are rounded to the model's dtype, as the base layer's own inputs are). Float32
+        models keep the exact path above, so their outputs are unchanged.
         """
         flat_a, flat_b = self._factors_as(mixture, out.dtype)  # (k*r, in), (k*r, out)
         scale = mixture.row_scale.to(out.dtype)  # (batch or 1, k*r)
@@ -179,8 +180,10 @@ class LoRABankLinear(nn.Module):
                self.lora_A.data_ptr(), self.lora_B.data_ptr())
         if self._cast is not None and self._cast[0] == key:
             return self._cast[1]
-        flat_a, flat_b = self._factors(mixture)
-        factors = (flat_a.to(dtype).contiguous(), flat_b.to(dtype).contiguous())
+        a, b = (self.lora_A, self.lora_B) if mixture.active is None else (
+            self.lora_A.index_select(0, mixture.active), self.lora_B.index_select(0, mixture.active))
+        factors = (a.reshape(-1, self.in_features).to(dtype).contiguous(),
+                   b.reshape(-1, self.out_features).to(dtype).contiguous())
         self._cast = (key, factors)
         return factors
 
@@ -295,7 +298,7 @@ class ExpertBank(nn.Module):
         if pruned:
             used = used & ~self.untrained().to(used.device)
             if not bool(used.any()):
-                with self._set(Mixture(row_scale=None, active=None, bypass=True)):
+                with self._set(Mixture(row_scale=None, active=None, bypass=True, pruned=True)):
                     yield
                 return
         active = None if bool(used.all()) else used.nonzero().flatten()  # (k,)
@@ -318,7 +321,7 @@ class ExpertBank(nn.Module):
             with torch.no_grad():
                 nonzero = torch.stack([layer.lora_B.ne(0).flatten(1).any(dim=1) for layer in self._layers]).any(dim=0)
             self._untrained = (key, ~nonzero.cpu())
-        return self._untrained[1]
+        return self._untrained[1].clone()  # a caller's edit must not change the cached answer
 
     @contextlib.contextmanager
     def training_one(self, expert: int) -> Iterator[list[torch.Tensor]]:

@@ -22,7 +22,7 @@ SOURCES = ("own_sample", "rule_conditioned", "variant", "rationalization")  # wh
 
 def chosen_sources(sources) -> tuple[str, ...]:
     """A non-empty subset of SOURCES in their canonical order; ValueError naming what is wrong."""
-    sources = tuple(sources)
+    sources = (sources,) if isinstance(sources, str) else tuple(sources)
     unknown = [s for s in sources if s not in SOURCES]
     if unknown or not sources:
         raise ValueError(f"training sources must be a non-empty subset of {', '.join(SOURCES)}; "

@@ -28,7 +28,7 @@ from agents.reflector import ReflectorConfig
 from agents.solver import SolverConfig
 from agents.verifier import VerifierConfig
 from graph.context import LoopConfig
-from graph.saved_settings import leaf_differences, read_saved, settings_with_options
+from graph.saved_settings import from_dict, leaf_differences, read_saved, settings_with_options
 from memory_store.locks import WriterLock
 
 RUN_FILE = "run.json"
@@ -151,6 +151,12 @@ def check_run_dir(run_dir: Path, settings: RunSettings, resume: bool) -> None:
     if saved.get("state_format", 1) != STATE_FORMAT and _has_checkpoints(run_dir):
         raise RunDirError(f"{run_dir} holds a run made by an older version, whose checkpoints this version cannot "
                           "resume; start it again in another --run-dir (`rules` and `export` still read it)")
+    # Through the settings class, so that a setting added since the folder was saved reads as its
+    # default (what the run ran with; settings whose default changed are in LEGACY_SETTINGS).
+    try:
+        saved = {**saved, **from_dict(RunSettings, saved).to_dict()}
+    except (TypeError, ValueError) as err:
+        raise RunDirError(f"{Path(run_dir) / RUN_FILE}: the saved settings are not valid ({err})") from None
     differs = leaf_differences({k: saved.get(k) for k in wanted if k not in RESUMABLE_CHANGES},
                                {k: v for k, v in wanted.items() if k not in RESUMABLE_CHANGES})
     if differs:

@@ -352,6 +352,8 @@ def test_untrained_experts_are_left_out_without_autograd_and_kept_with_it(tiny):
     layer._factors = lambda mixture: seen.append(mixture.active_key) or original(mixture)
     with torch.no_grad(), bank.route(weights):
         assert torch.equal(layer(x), layer.base_layer(x))  # a new bank: every expert untrained, nothing computed
+        with torch.enable_grad(), pytest.raises(AdapterError, match="without autograd"):
+            layer(x)  # the bare model would silently train nothing
     assert seen == []
     with torch.no_grad():
         layer.lora_B[4].normal_(0, 0.05, generator=torch.Generator().manual_seed(0))  # expert 4 alone trained

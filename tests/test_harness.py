@@ -512,6 +512,33 @@ def test_an_evaluation_sets_the_canary_and_the_stress_scale_and_keeps_them(tmp_p
         EvalConfig(canary_margin=1.5)
 
 
+def test_folders_saved_before_a_setting_existed_resume_with_its_default(tmp_path):
+    """An evaluation and a run saved without the newer settings (canary margin, training sources) resume."""
+    from graph.context import LoopConfig
+    from graph.run_dir import RUN_FILE, RunDirError, RunSettings, check_run_dir
+
+    config = _config(tmp_path)
+    prepare_eval_dir(tmp_path / "e", config, prepare_problems(config), resume=False)
+    path = tmp_path / "e" / "eval.json"
+    saved = json.loads(path.read_text())
+    del saved["config"]["canary_margin"], saved["config"]["train_sources"]
+    path.write_text(json.dumps(saved))
+    prepare_eval_dir(tmp_path / "e", config, prepare_problems(config), resume=True)
+    changed = _config(tmp_path, train_sources=("variant",))
+    with pytest.raises(RunDirError, match="train_sources"):  # a real difference is still refused
+        prepare_eval_dir(tmp_path / "e", changed, prepare_problems(changed), resume=True)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    settings = RunSettings(model="tiny-random", data="inline", episodes=2)
+    old = settings.to_dict()
+    del old["loop"]["train_sources"]
+    (run_dir / RUN_FILE).write_text(json.dumps(old))
+    check_run_dir(run_dir, settings, resume=True)
+    with pytest.raises(RunDirError, match="train_sources"):
+        check_run_dir(run_dir, RunSettings(model="tiny-random", data="inline", episodes=2,
+                                           loop=LoopConfig(train_sources=("own_sample",))), resume=True)
+
+
 def test_bad_canary_and_stress_options_are_one_line_errors(tmp_path):
     for args, needle in [(["--canary-margin", "2"], "--canary-margin must be in [0, 1]"),
                          (["--canary-size", "-1"], "--canary-size must be >= 0"),

@@ -47,7 +47,7 @@ from graph.evaluation.results import ArmResult, EvalProgress, EvalReport, finish
 from graph.evaluation.stats import compare
 from graph.run_dir import RunDirError, claim_run_dir
 from graph.runner import set_threads
-from graph.saved_settings import leaf_differences, read_saved
+from graph.saved_settings import from_dict, leaf_differences, read_saved
 from memory_store.embedding import make_embedder
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,11 @@ def prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resum
         if not resume:
             raise RunDirError(f"{run_dir} already holds an evaluation; pass --resume to continue it or choose another --run-dir")
         saved = read_saved(path)
-        saved["config"] = {**LEGACY_CONFIG, **saved.get("config", {})}
+        # Through the config class: a setting added since reads as its default, what the evaluation ran with.
+        try:
+            saved["config"] = from_dict(EvalConfig, {**LEGACY_CONFIG, **saved.get("config", {})}).to_dict()
+        except (TypeError, ValueError) as err:
+            raise RunDirError(f"{path}: the saved settings are not valid ({err})") from None
         saved.pop("data_sources", None)  # a note of where the problems came from, not a setting
         kept = saved.pop("precision", None)  # resolved at the start (absent in evaluations made before it was kept)
         saved_fixed, wanted_fixed = _fixed_settings(saved["config"]), _fixed_settings(wanted["config"])
