@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 from agents.files import atomic_write_bytes
+from agents.trajectories import SOURCES
 
 ARM_COLOURS = {"frozen": "#7f7f7f", "vote": "#8c564b", "rules": "#1f77b4", "adapters": "#ff7f0e", "full": "#2ca02c", "single-lora": "#9467bd"}
 
@@ -71,7 +72,7 @@ def render_markdown(report) -> str:
         lines.append(f"- precision of the frozen weights: {precision['used']} ({precision['requested']}: {precision['reason']})")
     if any(a.learning.get("episodes") for a in report.arms.values()):
         # Old reports lack the newer settings: each is shown at the value those runs used, the default.
-        sources = cfg.get("train_sources") or ["own_sample", "rule_conditioned", "variant", "rationalization"]
+        sources = cfg.get("train_sources") or SOURCES
         lines.append(f"- learning settings: {cfg['cycles']} cycle(s), {cfg.get('verifier', {}).get('samples', '?')} samples "
                      f"per problem, round size {cfg.get('round_size', 1)}, canary {cfg.get('canary_size', 4)} problems "
                      f"with margin {cfg.get('canary_margin', 0.0)}, stress loss scale "
