@@ -4,7 +4,9 @@ Rejection-sampling fine-tuning and STaR (Yuan et al. 2023, arXiv 2308.01825; Zel
 2022, arXiv 2203.14465) train only on the model's own solutions that reach the right answer,
 and the gain grows with the number of *distinct* correct paths. A solution counts when its
 final number equals the target (the label, or label-free the majority's pseudo-label), it
-ends with an answer line of its own (not a stray last number) and it did not hit the token cap.
+ends with an answer line of its own (not a stray last number), it did not hit the token cap,
+and its worked steps hold (agents/worked_steps.py: a right answer reached by false arithmetic,
+or by quoting made-up program output, is not a verified trajectory).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Sequence
 
 from agents.answers import parse_number, same_number
 from agents.solver import Attempt
+from agents.worked_steps import unsound_reason
 
 ANSWER_LINE_STRATEGIES = ("answer_is", "boxed", "hash")  # an explicit final answer, not a stray last number
 SOURCES = ("own_sample", "rule_conditioned", "variant", "rationalization")  # where a training text came from
@@ -85,10 +88,26 @@ def distinct(texts: Sequence[Text]) -> list[Text]:
     return out
 
 
+@dataclass(frozen=True)
+class Verified:
+    """What a batch of attempts yields: training texts, and the right answers refused for unsound steps."""
+
+    texts: list[Text]
+    unsound: list[dict]  # {"source", "reason"} per refused distinct solution
+
+
 def verified_texts(question: str, attempts: Sequence[Attempt], target: str | None, max_new_tokens: int,
-                   source: str) -> list[Text]:
-    """The distinct usable attempts that reach the target, as training texts of ``source``."""
+                   source: str) -> Verified:
+    """The distinct usable attempts that reach the target with sound steps, as training texts of ``source``."""
     if source not in SOURCES:
         raise ValueError(f"source must be one of {', '.join(SOURCES)}; got {source!r}")
-    return distinct([Text(question, as_completion(a.text, a.answer), source) for a in attempts
-                     if matches(a, target) and usable(a, max_new_tokens)])
+    reached = distinct([Text(question, as_completion(a.text, a.answer), source) for a in attempts
+                        if matches(a, target) and usable(a, max_new_tokens)])
+    texts, unsound = [], []
+    for text in reached:
+        reason = unsound_reason(text.completion, target)
+        if reason is None:
+            texts.append(text)
+        else:
+            unsound.append({"source": source, "reason": reason})
+    return Verified(texts, unsound)

@@ -273,6 +273,8 @@ def _summary(update: dict) -> dict:
                                   for c in update["candidates"]]
     if "texts" in update and update["texts"]:
         out["texts_by_source"] = dict(Counter(t["source"] for t in update["texts"]))
+    if update.get("unsound"):
+        out["unsound"] = [f"{u['source']}: {u['reason']}" for u in update["unsound"]]
     if update.get("variants"):
         out["variants"] = [{k: v.get(k) for k in ("text", "status", "reason")} for v in update["variants"]]
     if update.get("updates"):

@@ -125,8 +125,9 @@ def verify(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     if state["learning"] and target is not None and (not verdict["correct"] or share < ctx.config.low_share):
         # RFT: the distinct verified solutions, greedy included, in the solver's answer format.
         own = verified_texts(problem["question"], [attempt, *samples], target, _cap(ctx), "own_sample")
-        update["texts"] = [t.to_dict() for t in own] if _trains(ctx, "own_sample") else []
-        update["own_verified"] = [t.completion for t in own]  # what reflect compares with, trained or not
+        update["texts"] = [t.to_dict() for t in own.texts] if _trains(ctx, "own_sample") else []
+        update["own_verified"] = [t.completion for t in own.texts]  # what reflect compares with, trained or not
+        update["unsound"] = own.unsound
     if "first_try" not in state:
         update["first_try"] = verdict
     return update
@@ -202,18 +203,21 @@ def reflect(state: LoopState, runtime: Runtime[RunContext]) -> dict:
         tested.append(result)
         if validated and (rule is None or share_with > rule["share_with"]):
             rule, best = result, with_rule
+    unsound: list[dict] = []
     if rule is not None:
         rule["chosen"] = True  # the one the episode trains from; other validated rules stay in memory
         if _trains(ctx, "rule_conditioned"):
-            texts += verified_texts(question, best, target, _cap(ctx), "rule_conditioned")
+            found = verified_texts(question, best, target, _cap(ctx), "rule_conditioned")
+            texts, unsound = texts + found.texts, found.unsound
     elif _may_rationalize(ctx, state):
+        found = verified_texts(question, rest[0], problem["label"], _cap(ctx), "rationalization")
         # A solution that talks about its hint would teach the model to expect one.
-        texts += [t for t in verified_texts(question, rest[0], problem["label"], _cap(ctx), "rationalization")
-                  if "hint" not in t.completion.lower()]
+        texts += [t for t in found.texts if "hint" not in t.completion.lower()]
+        unsound = found.unsound
     error = None if rule is not None else (
         "no verified solution to compare with" if verified is None else "no rule helped in context")
     return {"rule": rule, "rules": tested, "candidates": candidates, "texts": [t.to_dict() for t in distinct(texts)],
-            "variants": variants, "error": error}
+            "variants": variants, "unsound": unsound, "error": error}
 
 
 def _trains(ctx: RunContext, source: str) -> bool:
@@ -234,14 +238,17 @@ def diversify(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     rule = state["rule"]["text"]
     kept = [v["text"] for v in state.get("variants") or [] if v["status"] == "kept"]
     texts = [Text(**t) for t in state.get("texts") or []]
+    unsound: list[dict] = []
     if kept:
         (answers,) = ask_together(ctx.backend, [_ask_samples(ctx, kept, _with_rule(ctx, state, rule), _mixture(state),
                                                              _sampling(ctx, state))])
         k = ctx.verifier.samples
         for i, variant in enumerate(kept):
             # The label holds for the variant: it has exactly the original's numbers.
-            texts += verified_texts(variant, answers[i * k:(i + 1) * k], state["target"], _cap(ctx), "variant")
-    return {"texts": [t.to_dict() for t in distinct(texts)]}
+            found = verified_texts(variant, answers[i * k:(i + 1) * k], state["target"], _cap(ctx), "variant")
+            texts += found.texts
+            unsound += found.unsound
+    return {"texts": [t.to_dict() for t in distinct(texts)], "unsound": unsound}
 
 
 def _examples(ctx: RunContext, texts: list[dict]) -> list[TrainingExample]:

@@ -80,6 +80,7 @@ class LoopState(TypedDict, total=False):
     rules: Annotated[list[dict], operator.add]  # every rule tested by effect (validated or refuted), in order
     candidates: Annotated[list[dict], operator.add]  # every rule candidate, with its status and reason
     texts: list[dict]  # verified training texts waiting for the next update: question, completion, source
+    unsound: Annotated[list[dict], operator.add]  # right answers refused for unsound steps: source, reason
     variants: list[dict]  # the latest diversify's variants: kept or refused, with the reason
     updates: Annotated[list[dict], operator.add]  # every update of this episode
     canary_checks: Annotated[list[dict], operator.add]  # every regression check of this episode

@@ -112,10 +112,30 @@ def test_verified_texts_are_distinct_usable_and_in_the_solver_format():
                 Attempt("3 + 5 = 8, that is 8 apples", "8", "last_number", 10),  # no answer line of its own
                 Attempt("3 + 5 = 8 " * 50 + "\nThe answer is 8.", "8", "answer_is", 384),  # hit the cap
                 Attempt("3 + 4 = 7\nThe answer is 7.", "7", "answer_is", 10)]  # wrong
-    texts = verified_texts("Q?", attempts, "8", 384, "own_sample")
-    assert [t.completion for t in texts] == ["3 + 5 = 8\nThe answer is 8."]
+    found = verified_texts("Q?", attempts, "8", 384, "own_sample")
+    assert [t.completion for t in found.texts] == ["3 + 5 = 8\nThe answer is 8."] and found.unsound == []
     assert verified_share(attempts, "8") == pytest.approx(0.8) and verified_share(attempts, None) == 0.0
     assert not usable(attempts[2], 384) and not usable(attempts[3], 384)
     assert as_completion("Work.\n#### 1,200", "1,200") == "Work.\nThe answer is 1200."
     with pytest.raises(ValueError, match="source must be"):
         verified_texts("Q?", attempts, "8", 384, "checklist")
+
+
+def test_a_right_answer_reached_by_unsound_steps_is_refused_with_its_reason():
+    """Rationalizations of the 0.5B model (pilot 2) reach the hinted answer by false arithmetic."""
+    attempts = [Attempt("Hours per month: \\(\\frac{1,300}{6} = 220\\) hours\nThe answer is 220.", "220", "answer_is", 20),
+                Attempt("Hours: 4.4 \\text{ hours} \\times 50 = 200, so 220\n\\boxed{220}", "220", "boxed", 20),
+                Attempt("```python\nprint(1100 / 5)\n```\n```output\n220\n```\nThe answer is 220.", "220", "answer_is", 20),
+                Attempt("1,500 - 200 = 1,300 hours; 1300 / 6 = 216.67 hours a month\nThe answer is 220.",
+                        "220", "answer_is", 20),
+                Attempt("Left: 1,500 - 400 = 1,100 hours. Per month: 1100 / 5 = 220.\nThe answer is 220.",
+                        "220", "answer_is", 20)]
+    found = verified_texts("Q?", attempts, "220", 384, "rationalization")
+    assert [t.completion.splitlines()[0] for t in found.texts] == ["Left: 1,500 - 400 = 1,100 hours. Per month: 1100 / 5 = 220."]
+    reasons = [u["reason"] for u in found.unsound]
+    assert reasons[0] == "false step: ((1300)/(6)) = 220"
+    assert reasons[1] == "false step: 4.4 * 50 = 200"
+    assert reasons[2] == "quotes the output of code that was never run"
+    assert reasons[3] == "the answer 220 appears in none of its steps"
+    assert {u["source"] for u in found.unsound} == {"rationalization"}
+

@@ -56,6 +56,7 @@ class World:
         self.rarely_right = set()  # greedy right, but only the first sample of each call
         self.scattered = False  # sampled answers all different (no agreement)
         self.variants_keep_numbers = True
+        self.unsound_hinted = False  # solutions written with the hint reach the answer by a false step
         self.rules = iter([])
         self.calls = 0
 
@@ -70,7 +71,8 @@ class World:
         problem = _base(question.split("\n\n(Hint")[0])
         sampled = sampling.temperature > 0
         if HINT in question:
-            return f"Working it out myself: {problem['solution']}.\nThe answer is {problem['label']}."
+            work = "2 + 2 = 5" if self.unsound_hinted else problem["solution"]
+            return f"Working it out myself: {work}.\nThe answer is {problem['label']}."
         if sampled and self.scattered:
             return f"The answer is {self.calls}."
         if problem["id"] in self.broken_after and trained(self.ctx):
@@ -243,6 +245,19 @@ def test_only_verified_texts_reach_the_trainer(make_run, tmp_path, monkeypatch):
         problem = _base(re.search(r"Problem: (.*?)</user>", example.prompt, re.DOTALL).group(1))
         assert example.completion.endswith(f"The answer is {problem['label']}."), example.completion
         assert "The answer is 1." not in example.completion and HINT not in example.prompt
+
+
+def test_a_right_answer_reached_by_a_false_step_is_recorded_and_never_trained(make_run, tmp_path):
+    world = World()
+    world.rule_helps = set()  # no rule validates on CAKES: rationalization, whose solutions are unsound
+    world.unsound_hinted = True
+    ctx, backend = make_run(world, settings=_settings(cycles=1))
+    (final,) = _run(ctx, [CAKES], tmp_path / "run")
+    assert backend.prompts_containing(HINT) and final["updates"] == [] and not trained(ctx)
+    assert final["unsound"] and {u["source"] for u in final["unsound"]} == {"rationalization"}
+    assert final["unsound"][0]["reason"] == "false step: 2 + 2 = 5"
+    events = (tmp_path / "run" / "events.jsonl").read_text()
+    assert "rationalization: false step: 2 + 2 = 5" in events
 
 
 def test_right_but_rarely_learns_from_its_own_verified_samples(make_run, tmp_path):

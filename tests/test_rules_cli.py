@@ -51,7 +51,7 @@ def run_dir(tmp_path_factory):
             if sampling.temperature > 0:  # sampled answers verify with a helpful rule in the prompt
                 for needle, rule in helpful.items():
                     if needle in prompt and (rule in prompt or "Check which quantity" in prompt):
-                        return f"Worked out.\nThe answer is {24 if needle == '4 pens' else 5}."
+                        return f"Worked out: {'4 * 6 = 24' if needle == '4 pens' else '7 - 2 = 5'}.\nThe answer is {24 if needle == '4 pens' else 5}."
                 return "The answer is 1."
             return "4 * 6 = 24.\nThe answer is 24." if trained and "4 pens" in prompt else "The answer is 1."
         if REFLECT_SYSTEM[:30] in prompt:  # one rule per problem and cycle (every row of a call alike)

@@ -40,6 +40,9 @@ def learning_summary(states: list[dict]) -> dict:
         "texts": len(trained),
         "texts_by_source": {source: sum(t.get("source") == source for t in trained) for source in SOURCES},
         "texts_replayed": sum(t.get("source") == "replay" for u in updates for t in u.get("texts") or []),
+        # right answers whose worked steps did not hold (agents/worked_steps.py), never trained
+        "unsound_by_source": {source: sum(u.get("source") == source for s in states for u in s.get("unsound") or [])
+                              for source in SOURCES},
     }
 
 

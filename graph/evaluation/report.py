@@ -147,6 +147,13 @@ def render_markdown(report) -> str:
                 f"{l.get('updates_kept', '—')} / {l.get('updates_rolled_back', '—')} | "
                 f"{by.get('own_sample', 0)} / {by.get('rule_conditioned', 0)} / {by.get('variant', 0)} / "
                 f"{by.get('rationalization', 0)} ({l.get('texts_replayed', 0)}) | {timing} |")
+        for name, l in learning.items():
+            unsound = l.get("unsound_by_source")
+            if unsound is not None:
+                lines.append(f"\n{name}: right answers refused because their worked steps do not hold "
+                             f"(a false equation, an answer no step reaches, or quoted program output; never trained): "
+                             f"own {unsound['own_sample']} / rule-conditioned {unsound['rule_conditioned']} / "
+                             f"variant {unsound['variant']} / rationalization {unsound['rationalization']}.")
     if "single-lora" in report.arms:
         l = report.arms["single-lora"].learning
         lines += ["", f"single-lora: {l['bursts']} update bursts on {l['texts']} texts ({l['source']}); "
