@@ -493,6 +493,29 @@ def test_a_resumed_evaluation_keeps_the_precision_it_started_in(tmp_path, monkey
     assert fresh.used == "bfloat16"  # a new evaluation calibrates afresh
 
 
+def test_an_evaluation_resumed_by_other_code_says_so_in_its_report(tmp_path, monkeypatch):
+    """eval.json lists every code version that ran the evaluation; the report warns when there are two."""
+    import graph.evaluation.harness as harness
+    from graph.evaluation.provenance import code_version
+
+    assert code_version().startswith(("git ", "selfimprove "))
+    model = Model()
+    config = _config(tmp_path, arms=("frozen", "vote"), plots=False)
+    monkeypatch.setattr(harness, "code_version", lambda: "git aaaa")
+    first = _evaluate(config, tmp_path / "run", model)
+    assert first.arms["vote"].code == "git aaaa" and "- code: git aaaa" in (tmp_path / "run" / "report.md").read_text()
+    (tmp_path / "run" / "arms" / "vote" / "result.json").unlink()  # as if killed before vote finished
+    monkeypatch.setattr(harness, "code_version", lambda: "git bbbb")
+    again = _evaluate(config, tmp_path / "run", model, resume=True)
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["code_versions"] == ["git aaaa", "git bbbb"]
+    assert again.arms["frozen"].code == "git aaaa" and again.arms["vote"].code == "git bbbb"
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "**the code changed while this evaluation ran**: git aaaa -> git bbbb" in md
+    assert "frozen: git aaaa, vote: git bbbb" in md
+    _evaluate(config, tmp_path / "run", model, resume=True)  # the same code again adds nothing
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["code_versions"] == ["git aaaa", "git bbbb"]
+
+
 def test_an_evaluation_sets_the_canary_and_the_stress_scale_and_keeps_them(tmp_path):
     from graph.evaluation.config import EVAL_FILE, arm_settings, eval_config
     from graph.saved_settings import SettingsError

@@ -42,6 +42,7 @@ from graph.evaluation.config import (
 )
 from graph.evaluation.learning import leak_check
 from graph.evaluation.problems import ProblemSets, check_disjoint, prepare_problems
+from graph.evaluation.provenance import code_version
 from graph.evaluation.report import write_report
 from graph.evaluation.results import ArmResult, EvalProgress, EvalReport, finished_arm, result_path, save_arm
 from graph.evaluation.stats import compare
@@ -63,12 +64,14 @@ def prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resum
 
     The precision 'auto' resolves to is fixed when the evaluation starts and kept in eval.json:
     arms are compared answer by answer, so a resume (on another machine, say, where the
-    calibration would choose otherwise) runs in the precision the first arms ran in.
+    calibration would choose otherwise) runs in the precision the first arms ran in. eval.json
+    also lists every code version that has run this evaluation (graph/evaluation/provenance.py),
+    one entry per change, so that the report can say when its arms were not made by one program.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / EVAL_FILE
     wanted = {"config": {k: v for k, v in config.to_dict().items() if k != "plots"}, **sets.to_dict()}
-    kept = None
+    kept, versions = None, []
     if path.exists():
         if not resume:
             raise RunDirError(f"{run_dir} already holds an evaluation; pass --resume to continue it or choose another --run-dir")
@@ -79,6 +82,7 @@ def prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resum
         except (TypeError, ValueError) as err:
             raise RunDirError(f"{path}: the saved settings are not valid ({err})") from None
         saved.pop("data_sources", None)  # a note of where the problems came from, not a setting
+        versions = list(saved.pop("code_versions", None) or ["not recorded"])  # older evaluations kept none
         kept = saved.pop("precision", None)  # resolved at the start (absent in evaluations made before it was kept)
         saved_fixed, wanted_fixed = _fixed_settings(saved["config"]), _fixed_settings(wanted["config"])
         if {**saved, "config": saved_fixed} != {**wanted, "config": wanted_fixed}:
@@ -91,7 +95,12 @@ def prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resum
     else:
         precision = choose_precision(config.precision, pick_device(None).type)
         kept = precision.to_dict()
-    atomic_write_bytes(path, json.dumps({**wanted, "precision": kept, "data_sources": sets.sources}, indent=2).encode())
+    if not versions or versions[-1] != code_version():
+        if versions:
+            log.warning("%s was run by %s; it resumes with %s: the report will say so", run_dir, versions[-1], code_version())
+        versions.append(code_version())
+    atomic_write_bytes(path, json.dumps({**wanted, "precision": kept, "data_sources": sets.sources,
+                                         "code_versions": versions}, indent=2).encode())
     return precision
 
 
@@ -138,7 +147,7 @@ def evaluate(
                     loader=loader, backend=backend, on_progress=on_progress, stop=stop)
 
     arms: dict[str, ArmResult] = {}
-    extra: dict = {"precision": precision.to_dict()}
+    extra: dict = {"precision": precision.to_dict(), "code_versions": read_saved(run_dir / EVAL_FILE)["code_versions"]}
 
     def once(arm: str, compute):
         """An arm computed, or read back when an earlier process of this evaluation finished it."""
@@ -147,6 +156,7 @@ def evaluate(
             log.info("%s arm: finished earlier, read from %s", arm, result_path(run_dir, arm))
             return done
         result, states = compute()
+        result.code = code_version()  # the code that finished the arm (eval.json lists every one that ran)
         save_arm(run_dir, result, states)
         gc.collect()  # each arm loads its own model: free the last one before the next loads
         return result, states

@@ -67,6 +67,15 @@ def render_markdown(report) -> str:
         if what == "scored answers" and len(by_backend) > 1:
             lines.append("- **the arms' answers come from different engines or machines**: in reduced precision each "
                          "rounds its products differently, which flips answers by itself; compare arms scored by the same one")
+    versions = report.extra.get("code_versions")
+    if versions:
+        finished = {name: arm.code or "not recorded" for name, arm in report.arms.items()}
+        if len(versions) == 1:
+            lines.append(f"- code: {versions[0]}")
+        else:
+            lines.append(f"- **the code changed while this evaluation ran**: {' -> '.join(versions)}; arms finished by "
+                         + ", ".join(f"{n}: {v}" for n, v in finished.items())
+                         + "; an arm that learned or scored across a change was not made by one program")
     precision = report.extra.get("precision")
     if precision:
         lines.append(f"- precision of the frozen weights: {precision['used']} ({precision['requested']}: {precision['reason']})")

@@ -36,6 +36,7 @@ class ArmResult:
     curve: list[dict] = field(default_factory=list)  # per learning episode: first-try verdict, outcome, phi
     expert_usage: dict | None = None  # mean routing weight per expert when scored; updates per expert
     backend: str = ""  # the generation backend's description (what generated, and how)
+    code: str = ""  # the code version that finished the arm (graph/evaluation/provenance.py)
 
     @property
     def n(self) -> int:
@@ -68,7 +69,7 @@ class ArmResult:
             "n": self.n, "correct": self.correct, "accuracy": self.accuracy, "ci95": [low, high],
             "wrong": self.wrong, "format_failures": self.format_failures,
             "last_number_fallbacks": sum(s.strategy == "last_number" for s in self.scores),
-            "tokens": self.tokens, "seconds": self.seconds, "backend": self.backend,
+            "tokens": self.tokens, "seconds": self.seconds, "backend": self.backend, "code": self.code,
         }
 
 
