@@ -15,15 +15,23 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parents[2]
 
 
+_CODE = ("*.py", "pyproject.toml")  # what runs; a commit that changes only documents is the same program
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(_ROOT), *args], capture_output=True, text=True, timeout=10,
+                          check=True).stdout.strip()
+
+
 @functools.cache
 def code_version() -> str:
-    """'git <commit>' (with '+changes' when tracked files differ from it), or 'selfimprove <version>'."""
+    """'git <commit>': the last commit that changed code (with '+changes' when code files differ from it);
+    outside a git checkout 'selfimprove <version>'."""
     try:
-        commit = subprocess.run(["git", "-C", str(_ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        changed = subprocess.run(["git", "-C", str(_ROOT), "status", "--porcelain", "--untracked-files=no"],
-                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        return f"git {commit}{'+changes' if changed else ''}"
+        commit = _git("log", "-1", "--format=%h", "--abbrev=12", "--", *_CODE)
+        if commit:
+            changed = _git("status", "--porcelain", "--untracked-files=no", "--", *_CODE)
+            return f"git {commit}{'+changes' if changed else ''}"
     except (OSError, subprocess.SubprocessError):
         pass
     try:
