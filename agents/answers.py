@@ -66,6 +66,17 @@ def _last_boxed(text: str) -> str | None:
     return None
 
 
+_ANSWER_MARKER = re.compile(r"(the\s+(final\s+)?answer\s+is|answer\s*[:=]|####|\\boxed)", re.IGNORECASE)
+
+
+def steps_before_answer(text: str) -> str:
+    """A solution without its answer line: everything before the last line holding an answer
+    marker ('The answer is', 'Answer:', '####', '\\boxed'); the whole text if none does."""
+    lines = text.rstrip().splitlines()
+    last = max((i for i, line in enumerate(lines) if _ANSWER_MARKER.search(line)), default=len(lines))
+    return "\n".join(lines[:last]).rstrip()
+
+
 def extract_answer(text: str) -> Extraction:
     boxed = _last_boxed(text)
     if boxed is not None and (value := parse_number(boxed)) is not None:

@@ -11,11 +11,10 @@ or by quoting made-up program output, is not a verified trajectory).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from agents.answers import parse_number, same_number
+from agents.answers import parse_number, same_number, steps_before_answer
 from agents.solver import Attempt
 from agents.worked_steps import unsound_reason
 
@@ -32,7 +31,6 @@ def chosen_sources(sources) -> tuple[str, ...]:
                          f"got {', '.join(sources) or 'none'}")
     return tuple(s for s in SOURCES if s in sources)
 
-_ANSWER_LINE = re.compile(r"(the\s+(final\s+)?answer\s+is|answer\s*[:=]|####|\\boxed)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -69,9 +67,7 @@ def as_completion(text: str, answer: str) -> str:
     Everything from the last line holding an answer marker ('The answer is', '####', '\\boxed')
     on is replaced; a solution without one gets the line appended.
     """
-    lines = text.rstrip().splitlines()
-    last = max((i for i, line in enumerate(lines) if _ANSWER_LINE.search(line)), default=len(lines))
-    body = "\n".join(lines[:last]).rstrip()
+    body = steps_before_answer(text)
     value = parse_number(answer)
     shown = answer if value is None else (str(value.numerator) if value.denominator == 1 else answer)
     return f"{body}\nThe answer is {shown}.".lstrip()

@@ -20,7 +20,7 @@ import ast
 import re
 from fractions import Fraction
 
-from agents.answers import parse_number
+from agents.answers import parse_number, steps_before_answer
 
 _CODE_OUTPUT = re.compile(r"```\s*output", re.IGNORECASE)
 _CODE_BLOCK = re.compile(r"```.*?(```|$)", re.DOTALL)
@@ -35,7 +35,6 @@ _SIDE_HEAD = re.compile(r"^[\d.+\-*/()%\s]+")  # the numeric start of a right si
 _EQUALS = re.compile(r"(?<![<>=!])=(?!=)")
 _APPROX = re.compile(r"≈|\\approx|~=|≃|\\sim")
 _NUMBERS = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
-_ANSWER_MARKER = re.compile(r"(the\s+(final\s+)?answer\s+is|answer\s*[:=]|####|\\boxed)", re.IGNORECASE)
 
 
 def _normalise(line: str) -> str:
@@ -143,12 +142,9 @@ def false_steps(text: str) -> list[str]:
 def _answer_in_steps(text: str, answer: str) -> bool:
     """The final answer appears as a number in the steps before the answer line."""
     target = parse_number(answer)
-    lines = text.rstrip().splitlines()
-    last = max((i for i, line in enumerate(lines) if _ANSWER_MARKER.search(line)), default=len(lines))
-    body = _THOUSANDS.sub("", _normalise("\n".join(lines[:last])))
     if target is None:
         return False
-    for number in _NUMBERS.findall(body):
+    for number in _NUMBERS.findall(_normalise(steps_before_answer(text))):
         try:
             if Fraction(number) == target:
                 return True

@@ -13,8 +13,6 @@ from importlib import metadata
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parents[2]
-
-
 _CODE = ("*.py", "pyproject.toml")  # what runs; a commit that changes only documents is the same program
 
 
