@@ -17,6 +17,7 @@ is left alone, so the check refuses false steps, never unusual wording.
 from __future__ import annotations
 
 import ast
+import math
 import re
 from fractions import Fraction
 
@@ -34,6 +35,8 @@ _SIDE_TAIL = re.compile(r"[\d.+\-*/()%\s]+$")  # the numeric end of a left side
 _SIDE_HEAD = re.compile(r"^[\d.+\-*/()%\s]+")  # the numeric start of a right side
 _EQUALS = re.compile(r"(?<![<>=!])=(?!=)")
 _APPROX = re.compile(r"≈|\\approx|~=|≃|\\sim")
+_BULLET = re.compile(r"^\s*[-*+•]\s+")
+_BOXED = re.compile(r"\\boxed\s*\{([^{}]*)\}")
 _NUMBERS = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
 
 
@@ -43,7 +46,7 @@ def _normalise(line: str) -> str:
     # A unit between quantities is dropped ("4.8 \\text{ books} \\times 3"); words holding a number
     # stay, so that side is not read as arithmetic ("\\frac{1}{5} \\text{ of 50 cars}").
     line = _LATEX_TEXT.sub(lambda m: m.group(1) if re.search(r"\d", m.group(1)) else " ", line)
-    for mark, op in (("\\times", "*"), ("\\cdot", "*"), ("×", "*"), ("·", "*"), ("÷", "/"), ("\\div", "/"),
+    for mark, op in (("{,}", ","), ("\\,", ""), ("**", " "), ("\\times", "*"), ("\\cdot", "*"), ("×", "*"), ("·", "*"), ("÷", "/"), ("\\div", "/"),
                      ("−", "-"), ("–", "-"), ("\\left", ""), ("\\right", ""), ("\\%", "%"), ("\\$", ""), ("$", ""),
                      ("\\(", " "), ("\\)", " "), ("\\[", " "), ("\\]", " "), ("{", " "), ("}", " ")):
         line = line.replace(mark, op)
@@ -107,6 +110,8 @@ def _holds(left: Fraction, right_text: str, right: Fraction) -> bool:
     tolerance = Fraction(1, 2 * 10 ** decimals) + Fraction(1, 10 ** 6) * max(1, abs(right))
     if abs(left - right) <= tolerance:
         return True
+    if decimals == 0 and right.denominator == 1 and right in (math.floor(left), math.ceil(left)):
+        return True  # whole things: "50 / 3 = 16 full bags", "= 17 trips"
     return "%" in right_text and abs(left - right * 100) <= tolerance * 100  # "0.25 * 100 = 25%"
 
 
@@ -122,8 +127,13 @@ def _cut_from_algebra(left_text: str, tail: re.Match, right_text: str, head: re.
 
 def false_steps(text: str) -> list[str]:
     """The equations written in ``text`` (code blocks aside) whose numeric sides are not equal."""
-    wrong = []
+    return [f"{left} = {right}" for left, right, holds, _ in _steps(text) if not holds]
+
+
+def _steps(text: str):
+    """Each computed equation in ``text``: its two sides as written, whether it holds, the right side's value."""
     for raw in _CODE_BLOCK.sub("\n", text).splitlines():
+        raw = _BULLET.sub("", raw)  # a list's "- " is not a minus sign
         for chunk in _APPROX.split(_normalise(raw)):  # an approximation is not checked across its sign
             sides = _EQUALS.split(chunk)
             for left_text, right_text in zip(sides, sides[1:]):
@@ -134,16 +144,18 @@ def false_steps(text: str) -> list[str]:
                 right = _parsed_side(head.group(0), from_left=False)
                 if left is None or right is None or not re.search(r"\d\s*[-+*/]\s*[\d(]|\)\s*[-+*/]", left[0]):
                     continue  # only a computed left side is a step ("x = 5" states, it does not compute)
-                if not _holds(left[1], right[0], right[1]):
-                    wrong.append(f"{left[0]} = {right[0]}")
-    return wrong
+                yield left[0], right[0], _holds(left[1], right[0], right[1]), right[1]
 
 
 def _answer_in_steps(text: str, answer: str) -> bool:
-    """The final answer appears as a number in the steps before the answer line."""
+    """The final answer appears as a number in the steps before the answer line, or is what a
+    step computes on the answer line itself ("So 5 + 10 = \\boxed{15} apples")."""
     target = parse_number(answer)
     if target is None:
         return False
+    unboxed = _BOXED.sub(r" \1 ", text.rstrip().splitlines()[-1] if text.strip() else "")
+    if any(holds and value == target for _, _, holds, value in _steps(unboxed)):
+        return True
     for number in _NUMBERS.findall(_normalise(steps_before_answer(text))):
         try:
             if Fraction(number) == target:

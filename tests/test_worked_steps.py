@@ -20,6 +20,10 @@ from agents.worked_steps import false_steps, unsound_reason
     "12 crates \\times 150 oranges = 1800 oranges",  # words on a side: not checked
     "7.5 / 60 ≈ 0.13 hours",  # an approximation is not checked across its sign
     "if a == 3 then 3 <= 4",
+    "- 12 * 3 = 36",  # a list bullet, not a minus sign
+    "\\( 1{,}500 \\times 2 = 3{,}000 \\)",  # LaTeX thousands separators
+    "50 / 3 = 16 full bags with 2 left over",  # whole things: the floor
+    "-5 + 3 = -2",
 ])
 def test_sound_steps_and_unchecked_wording_pass(line):
     assert false_steps(line) == []
@@ -31,6 +35,8 @@ def test_sound_steps_and_unchecked_wording_pass(line):
     ("Time: 4.8 \\text{ books per hour} \\times 3 \\text{ books} = 15.6", "4.8 * 3 = 15.6"),
     ("150 + 250 \\times 12 = 150 + 3000 = 3450", "150 + 3000 = 3450"),
     ("so 2 + 2 = 5 apples", "2 + 2 = 5"),
+    ("**3 + 4 = 8**", "3 + 4 = 8"),  # bold does not hide a step
+    ("- 12 * 3 = 35", "12 * 3 = 35"),
 ])
 def test_false_steps_are_found(line, wrong):
     assert false_steps(line) == [wrong]
@@ -47,6 +53,9 @@ def test_the_answer_must_be_reached_by_a_step():
     assert unsound_reason("3 + 5 = 8 apples, so about 1,200.\nThe answer is 1200.", "1200") is None
     assert unsound_reason("It is 15.6 hours.\nThe answer is 15.", "15") == "the answer 15 appears in none of its steps"
     assert unsound_reason("The answer is 15.", "15") == "the answer 15 appears in none of its steps"
+    # a step on the answer line itself computes the answer; a bare boxed answer does not
+    assert unsound_reason("Tom buys 10 more.\nSo he has 5 + 10 = \\boxed{15} apples.", "15") is None
+    assert unsound_reason("It is 15.6 hours.\n\\boxed{15}", "15") == "the answer 15 appears in none of its steps"
 
 
 @pytest.mark.parametrize("line", [
