@@ -69,12 +69,17 @@ def _last_boxed(text: str) -> str | None:
 _ANSWER_MARKER = re.compile(r"(the\s+(final\s+)?answer\s+is|answer\s*[:=]|####|\\boxed)", re.IGNORECASE)
 
 
-def steps_before_answer(text: str) -> str:
-    """A solution without its answer line: everything before the last line holding an answer
-    marker ('The answer is', 'Answer:', '####', '\\boxed'); the whole text if none does."""
+def split_answer_line(text: str) -> tuple[str, str]:
+    """A solution's steps, and its answer part: from the last line holding an answer marker
+    ('The answer is', 'Answer:', '####', '\\boxed') on; the answer part is empty if none does."""
     lines = text.rstrip().splitlines()
     last = max((i for i, line in enumerate(lines) if _ANSWER_MARKER.search(line)), default=len(lines))
-    return "\n".join(lines[:last]).rstrip()
+    return "\n".join(lines[:last]).rstrip(), "\n".join(lines[last:])
+
+
+def steps_before_answer(text: str) -> str:
+    """A solution without its answer part (split_answer_line)."""
+    return split_answer_line(text)[0]
 
 
 def extract_answer(text: str) -> Extraction:

@@ -97,13 +97,11 @@ def verified_texts(question: str, attempts: Sequence[Attempt], target: str | Non
     """The distinct usable attempts that reach the target with sound steps, as training texts of ``source``."""
     if source not in SOURCES:
         raise ValueError(f"source must be one of {', '.join(SOURCES)}; got {source!r}")
-    reached = distinct([Text(question, as_completion(a.text, a.answer), source) for a in attempts
-                        if matches(a, target) and usable(a, max_new_tokens)])
-    texts, unsound = [], []
-    for text in reached:
-        reason = unsound_reason(text.completion, target)
-        if reason is None:
-            texts.append(text)
-        else:
-            unsound.append({"source": source, "reason": reason})
-    return Verified(texts, unsound)
+    # Judged on the steps as the model wrote them: the completion's normalised answer line drops
+    # a step written on the model's own answer line ("So 5 + 10 = \\boxed{15} apples").
+    judged = [(Text(question, as_completion(a.text, a.answer), source), unsound_reason(a.text, target))
+              for a in attempts if matches(a, target) and usable(a, max_new_tokens)]
+    reason = {id(text): why for text, why in judged}  # distinct() keeps the first of equal texts
+    kept = distinct([text for text, why in judged if why is None])
+    refused = distinct([text for text, why in judged if why is not None])
+    return Verified(kept, [{"source": source, "reason": reason[id(text)]} for text in refused])

@@ -21,7 +21,7 @@ import math
 import re
 from fractions import Fraction
 
-from agents.answers import parse_number, steps_before_answer
+from agents.answers import parse_number, split_answer_line
 
 _CODE_OUTPUT = re.compile(r"```\s*output", re.IGNORECASE)
 _CODE_BLOCK = re.compile(r"```.*?(```|$)", re.DOTALL)
@@ -46,8 +46,8 @@ def _normalise(line: str) -> str:
     # A unit between quantities is dropped ("4.8 \\text{ books} \\times 3"); words holding a number
     # stay, so that side is not read as arithmetic ("\\frac{1}{5} \\text{ of 50 cars}").
     line = _LATEX_TEXT.sub(lambda m: m.group(1) if re.search(r"\d", m.group(1)) else " ", line)
-    for mark, op in (("{,}", ","), ("\\,", ""), ("**", " "), ("\\times", "*"), ("\\cdot", "*"), ("×", "*"), ("·", "*"), ("÷", "/"), ("\\div", "/"),
-                     ("−", "-"), ("–", "-"), ("\\left", ""), ("\\right", ""), ("\\%", "%"), ("\\$", ""), ("$", ""),
+    for mark, op in (("{,}", ","), ("\\,", ""), ("**", " "), ("\\times", "*"), ("\\cdot", "*"), ("×", "*"),
+                     ("·", "*"), ("÷", "/"), ("\\div", "/"), ("−", "-"), ("–", "-"), ("\\left", ""), ("\\right", ""), ("\\%", "%"), ("\\$", ""), ("$", ""),
                      ("\\(", " "), ("\\)", " "), ("\\[", " "), ("\\]", " "), ("{", " "), ("}", " ")):
         line = line.replace(mark, op)
     line = _THOUSANDS.sub("", line)
@@ -153,10 +153,10 @@ def _answer_in_steps(text: str, answer: str) -> bool:
     target = parse_number(answer)
     if target is None:
         return False
-    unboxed = _BOXED.sub(r" \1 ", text.rstrip().splitlines()[-1] if text.strip() else "")
-    if any(holds and value == target for _, _, holds, value in _steps(unboxed)):
+    steps, answer_part = split_answer_line(text)
+    if any(holds and value == target for _, _, holds, value in _steps(_BOXED.sub(r" \1 ", answer_part))):
         return True
-    for number in _NUMBERS.findall(_normalise(steps_before_answer(text))):
+    for number in _NUMBERS.findall(_normalise(steps)):
         try:
             if Fraction(number) == target:
                 return True

@@ -139,3 +139,12 @@ def test_a_right_answer_reached_by_unsound_steps_is_refused_with_its_reason():
     assert reasons[3] == "the answer 220 appears in none of its steps"
     assert {u["source"] for u in found.unsound} == {"rationalization"}
 
+
+
+def test_a_step_on_the_models_own_answer_line_counts_though_the_completion_rewrites_that_line():
+    attempt = Attempt("Tom has 5 apples and buys 10 more.\nSo he has 5 + 10 = \\boxed{15} apples.", "15", "boxed", 20)
+    found = verified_texts("Q?", [attempt], "15", 384, "own_sample")
+    assert found.unsound == [] and [t.completion for t in found.texts] == [
+        "Tom has 5 apples and buys 10 more.\nThe answer is 15."]
+    bare = Attempt("It takes 15.6 hours.\n\\boxed{15}", "15", "boxed", 20)
+    assert verified_texts("Q?", [bare], "15", 384, "own_sample").unsound[0]["reason"].startswith("the answer 15")
