@@ -51,11 +51,9 @@ BACKEND_HELP = ("Generation backend: auto (= torch; bench/bench_generation.py co
                 "scales). Default: auto.")
 
 
-def _check_backend(name: str) -> None:
-    from agents.lm.backend import BACKENDS
-
-    if name not in BACKENDS:
-        raise _fail(ValueError(f"--backend must be one of {', '.join(BACKENDS)}, got {name!r}"))
+def _check_threads(threads: int) -> None:
+    if threads < 0:
+        raise _fail(ValueError(f"--threads must be >= 0, got {threads}"))
 
 
 def _fail(err: Exception) -> typer.Exit:
@@ -217,14 +215,7 @@ def run(
     from graph.loop_run import LoopRun
 
     err = Console(stderr=True, soft_wrap=True)
-    if embedder is not None and embedder not in ("minilm", "hash"):
-        raise _fail(ValueError(f"--embedder must be 'minilm' or 'hash', got {embedder!r}"))
-    if episodes is not None and episodes < 1:
-        raise _fail(ValueError(f"--episodes must be >= 1, got {episodes}"))
-    if round_size is not None and round_size < 1:
-        raise _fail(ValueError(f"--round-size must be >= 1, got {round_size}"))
-    if backend is not None:
-        _check_backend(backend)
+    _check_threads(threads)
     options = {
         "model": model, "data": data, "episodes": episodes, "loop.cycles": cycles, "loop.label_free": label_free,
         "loop.seed": seed, "solver.max_new_tokens": max_new_tokens, "memory_url": memory_url, "backend": backend,
@@ -336,16 +327,7 @@ def eval_command(
     from graph.evaluation.config import ARMS, eval_config
 
     err = Console(stderr=True, soft_wrap=True)
-    if threads < 0:
-        raise _fail(ValueError(f"--threads must be >= 0, got {threads}"))
-    if round_size is not None and round_size < 1:
-        raise _fail(ValueError(f"--round-size must be >= 1, got {round_size}"))
-    if canary_size is not None and canary_size < 0:
-        raise _fail(ValueError(f"--canary-size must be >= 0, got {canary_size}"))
-    if canary_margin is not None and not 0 <= canary_margin <= 1:
-        raise _fail(ValueError(f"--canary-margin must be in [0, 1], got {canary_margin}"))
-    if stress_scale is not None and not stress_scale > 0:
-        raise _fail(ValueError(f"--stress-scale must be > 0, got {stress_scale}"))
+    _check_threads(threads)
     chosen = None if arms is None else (
         ARMS if arms.strip() == "all" else tuple(a.strip() for a in arms.split(",") if a.strip()))
     options = {
@@ -430,6 +412,7 @@ def demo(
     from graph.evaluation.config import eval_config
 
     err = Console(stderr=True, soft_wrap=True)
+    _check_threads(threads)
     if resume and run_dir is None:
         raise _fail(ValueError("--resume needs the --run-dir of the demo to continue"))
     run_dir = run_dir if run_dir is not None else _fresh_dir(Path("runs/demo"))

@@ -21,7 +21,7 @@ from adapters.trainer import TrainerConfig
 from agents.diversifier import DiversifierConfig
 from agents.errors import SelfImproveError
 from agents.files import atomic_write_bytes
-from agents.lm.backend import DEFAULT_BATCH_SIZE
+from agents.lm.backend import BACKENDS, DEFAULT_BATCH_SIZE
 from agents.lm.models import DEFAULT_MODEL
 from agents.lm.precision import PRECISIONS
 from agents.reflector import ReflectorConfig
@@ -29,6 +29,7 @@ from agents.solver import SolverConfig
 from agents.verifier import VerifierConfig
 from graph.context import LoopConfig
 from graph.saved_settings import from_dict, leaf_differences, read_saved, settings_with_options
+from memory_store.embedding import EMBEDDERS
 from memory_store.locks import WriterLock
 
 RUN_FILE = "run.json"
@@ -67,8 +68,13 @@ class RunSettings:
     round_size: int = DEFAULT_ROUND_SIZE
 
     def __post_init__(self) -> None:
-        if self.round_size < 1:
-            raise ValueError(f"round_size must be >= 1, got {self.round_size}")
+        for name in ("episodes", "round_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if self.embedder not in EMBEDDERS:
+            raise ValueError(f"embedder must be one of {', '.join(EMBEDDERS)}; got {self.embedder!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
 

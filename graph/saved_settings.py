@@ -79,29 +79,36 @@ def settings_with_options(
     """Build ``cls`` from saved settings (or its defaults) and the options given; None means not given.
 
     ``options`` maps dotted setting paths ('loop.cycles') to values; ``flags`` maps the same
-    paths to the option names a user typed ('--cycles'), for the error message. With saved
-    settings, a given option that changes a saved value raises SettingsError unless its path
-    is in ``changeable``.
+    paths to the option names a user typed ('--cycles'), for the error messages. A value the
+    class refuses is a SettingsError naming the option that brought it, so the range checks
+    live in the settings classes alone. With saved settings, a given option that changes a
+    saved value raises SettingsError unless its path is in ``changeable``.
     """
     given = {path: value for path, value in options.items() if value is not None}
-    if saved is None:
-        data: dict = {}
-        for path, value in given.items():
-            _set(data, path, value)
-        return from_dict(cls, data)
-    base = from_dict(cls, saved).to_dict()
+    try:
+        base = {} if saved is None else from_dict(cls, saved).to_dict()
+    except (TypeError, ValueError) as err:
+        raise SettingsError(f"{where or 'saved settings'}: the saved settings are not valid ({err})") from None
     data = copy.deepcopy(base)
     for path, value in given.items():
-        trial = copy.deepcopy(base)
-        _set(trial, path, value)
-        wanted = _get(from_dict(cls, trial).to_dict(), path)  # normalised as the class does it
-        if wanted != _get(base, path) and path not in changeable:
+        wanted = _get(_checked(cls, base, path, value, flags).to_dict(), path)  # normalised as the class does it
+        if saved is not None and wanted != _get(base, path) and path not in changeable:
             raise SettingsError(
                 f"{flags.get(path, path)} {_shown(value)} differs from the saved {_shown(_get(base, path))}"
                 f"{f' in {where}' if where else ''}; resume without it, or choose another --run-dir"
             )
         _set(data, path, value)
     return from_dict(cls, data)
+
+
+def _checked(cls, base: Mapping, path: str, value, flags: Mapping[str, str]):
+    """``cls`` from base with one option set; a value it refuses is a SettingsError naming the option."""
+    data = copy.deepcopy(dict(base))
+    _set(data, path, value)
+    try:
+        return from_dict(cls, data)
+    except (TypeError, ValueError) as err:
+        raise SettingsError(f"{flags.get(path, path)} {_shown(value)}: {err}") from None
 
 
 def leaf_differences(saved: Mapping, wanted: Mapping, prefix: str = "") -> list[tuple[str, Any, Any]]:

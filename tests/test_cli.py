@@ -67,9 +67,11 @@ def test_bad_data_line_is_named_and_earlier_episodes_stay_stored(tmp_path):
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
     for args, needle in [
-        (["--episodes", "0"], "--episodes must be >= 1"),
-        (["--embedder", "nope"], "--embedder must be"),
-        (["--backend", "nope"], "--backend must be one of"),
+        (["--episodes", "0"], "--episodes 0: episodes must be >= 1"),
+        (["--round-size", "0"], "--round-size 0: round_size must be >= 1"),
+        (["--threads", "-1"], "--threads must be >= 0"),
+        (["--embedder", "nope"], "--embedder nope: embedder must be one of minilm, hash"),
+        (["--backend", "nope"], "--backend nope: backend must be one of"),
         (["--data", str(tmp_path / "missing.jsonl")], "not found"),
         (["--model", "no-such-model", "--embedder", "hash"], "unknown model spec"),
     ]:
@@ -127,3 +129,9 @@ def test_a_second_ctrl_c_aborts_even_when_sigint_started_ignored():
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the handler it found is back
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_demo_bad_threads_is_a_one_line_error_before_the_run_folder_is_made(tmp_path):
+    result = runner.invoke(app, ["demo", "--threads", "-2", "--run-dir", str(tmp_path / "d")])
+    assert result.exit_code == 1 and "--threads must be >= 0, got -2" in result.output, result.output
+    assert not (tmp_path / "d").exists()

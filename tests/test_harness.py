@@ -382,7 +382,7 @@ def test_eval_command_writes_a_report_and_prints_json(tmp_path):
 @pytest.mark.parametrize("args,needle", [
     (["--protocol", "nope"], "protocol must be one of"),
     (["--arms", "rules,magic"], "arms must be a non-empty subset"),
-    (["--eval-problems", "0"], "eval_problems must be >= 1"),
+    (["--eval-problems", "0"], "--eval-problems 0: eval_problems must be >= 1"),
     (["--eval-data", "/nonexistent/eval.jsonl"], "not found"),
     (["--eval-data", "gsm8k:test"], "cannot load openai/gsm8k test"),
     (["--threads", "-1"], "--threads must be >= 0"),
@@ -485,11 +485,11 @@ def test_a_resumed_evaluation_keeps_the_precision_it_started_in(tmp_path, monkey
     config = _config(tmp_path)
     choices = iter([PrecisionChoice("auto", "float32", "calibrated"), PrecisionChoice("auto", "bfloat16", "calibrated")])
     monkeypatch.setattr(harness, "choose_precision", lambda *_a: next(choices))
-    first = prepare_eval_dir(tmp_path / "e", config, prepare_problems(config), resume=False)
-    again = prepare_eval_dir(tmp_path / "e", config, prepare_problems(config), resume=True)
+    first = prepare_eval_dir(tmp_path / "e", config, prepare_problems(config), resume=False).precision
+    again = prepare_eval_dir(tmp_path / "e", config, prepare_problems(config), resume=True).precision
     assert first.used == again.used == "float32" and "kept since the evaluation started" in again.reason
     assert json.loads((tmp_path / "e" / "eval.json").read_text())["precision"]["used"] == "float32"
-    fresh = prepare_eval_dir(tmp_path / "f", config, prepare_problems(config), resume=False)
+    fresh = prepare_eval_dir(tmp_path / "f", config, prepare_problems(config), resume=False).precision
     assert fresh.used == "bfloat16"  # a new evaluation calibrates afresh
 
 
@@ -566,9 +566,10 @@ def test_folders_saved_before_a_setting_existed_resume_with_its_default(tmp_path
 
 
 def test_bad_canary_and_stress_options_are_one_line_errors(tmp_path):
-    for args, needle in [(["--canary-margin", "2"], "--canary-margin must be in [0, 1]"),
-                         (["--canary-size", "-1"], "--canary-size must be >= 0"),
-                         (["--stress-scale", "0"], "--stress-scale must be > 0"),
+    for args, needle in [(["--canary-margin", "2"], "--canary-margin 2.0: canary_margin must be in [0, 1]"),
+                         (["--canary-size", "-1"], "--canary-size -1: canary_size must be >= 0"),
+                         (["--stress-scale", "0"], "--stress-scale 0.0: loss_scale must be > 0"),
+                         (["--round-size", "0"], "--round-size 0: round_size must be >= 1"),
                          (["--train-sources", "own_sample,reference"], "--train-sources 'own_sample,reference'")]:
         result = CliRunner().invoke(app, ["eval", *args, "--run-dir", str(tmp_path / "e")])
         assert result.exit_code == 1 and needle in result.output, (args, result.output)

@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from adapters.bank import ExpertBank
 from adapters.trainer import TrainingExample
@@ -59,7 +59,14 @@ def _fixed_settings(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in RESUMABLE_EVAL_CHANGES}
 
 
-def prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resume: bool) -> PrecisionChoice:
+class EvalDir(NamedTuple):
+    """What eval.json fixes for every arm: the precision they run in, and the code versions that ran them."""
+
+    precision: PrecisionChoice
+    code_versions: list[str]
+
+
+def prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resume: bool) -> EvalDir:
     """eval.json checked against the saved one on resume and written; the precision every arm runs in.
 
     The precision 'auto' resolves to is fixed when the evaluation starts and kept in eval.json:
@@ -101,7 +108,7 @@ def prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resum
         versions.append(code_version())
     atomic_write_bytes(path, json.dumps({**wanted, "precision": kept, "data_sources": sets.sources,
                                          "code_versions": versions}, indent=2).encode())
-    return precision
+    return EvalDir(precision, versions)
 
 
 def evaluate(
@@ -136,7 +143,7 @@ def evaluate(
         check_disjoint(sets.learn, sets.scored)
     elif [p.id for p in sets.learn] != [p.id for p in sets.scored]:
         raise DataError(f"protocol {config.protocol} learns on the scored problems themselves: learn must equal scored")
-    precision = prepare_eval_dir(run_dir, config, sets, resume)
+    precision, code_versions = prepare_eval_dir(run_dir, config, sets, resume)
     status = on_status or (lambda _line: None)
     status(f"precision: {precision.used} ({precision.requested}: {precision.reason})")
     status(f"backend: {config.backend} for every arm's scoring and learning "
@@ -147,7 +154,7 @@ def evaluate(
                     loader=loader, backend=backend, on_progress=on_progress, stop=stop)
 
     arms: dict[str, ArmResult] = {}
-    extra: dict = {"precision": precision.to_dict(), "code_versions": read_saved(run_dir / EVAL_FILE)["code_versions"]}
+    extra: dict = {"precision": precision.to_dict(), "code_versions": code_versions}
 
     def once(arm: str, compute):
         """An arm computed, or read back when an earlier process of this evaluation finished it."""
