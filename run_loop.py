@@ -162,6 +162,11 @@ SamplesOption = Annotated[Optional[int], typer.Option(
 TrainSourcesOption = Annotated[Optional[str], typer.Option(
     help="Comma-separated verified texts that reach the gradient: own_sample, rule_conditioned, variant, "
          "rationalization (default: all), e.g. for a per-source ablation.")]
+RoundGateOption = Annotated[Optional[bool], typer.Option(
+    "--round-gate/--episode-gate",
+    help="--round-gate (default): a round's updates run in turn, then their re-evaluations and one shared canary "
+         "check go to the model as one call, and a broken canary undoes the round's updates together. "
+         "--episode-gate: each update is re-evaluated and gated alone.")]
 PrecisionOption = Annotated[Optional[str], typer.Option(
     help="Frozen weights: auto (default: bfloat16 on CUDA; on CPU what a cached calibration measures faster), "
          "float32 or bfloat16. Adapters stay float32.")]
@@ -201,6 +206,7 @@ def run(
     samples: SamplesOption = None,
     round_size: RoundSizeOption = None,
     train_sources: TrainSourcesOption = None,
+    round_gate: RoundGateOption = None,
 ) -> None:
     """Run the self-improvement loop over a stream of problems, resumably.
 
@@ -220,7 +226,7 @@ def run(
         "model": model, "data": data, "episodes": episodes, "loop.cycles": cycles, "loop.label_free": label_free,
         "loop.seed": seed, "solver.max_new_tokens": max_new_tokens, "memory_url": memory_url, "backend": backend,
         "batch_size": batch_size, "embedder": embedder, "precision": precision, "verifier.samples": samples,
-        "round_size": round_size, "loop.train_sources": _sources(train_sources),
+        "round_size": round_size, "loop.train_sources": _sources(train_sources), "loop.round_gate": round_gate,
     }
     try:
         loop = LoopRun.setup(run_dir, resume, options, threads=threads, on_status=lambda line: _status(err, line))
@@ -306,6 +312,7 @@ def eval_command(
     samples: SamplesOption = None,
     round_size: RoundSizeOption = None,
     train_sources: TrainSourcesOption = None,
+    round_gate: RoundGateOption = None,
     canary_size: Annotated[Optional[int], typer.Option(
         help="Learning problems solved at the first try that every update is checked against. Default: 4.")] = None,
     canary_margin: Annotated[Optional[float], typer.Option(
@@ -337,7 +344,7 @@ def eval_command(
         "embedder": embedder, "bank.n_experts": experts, "trainer.steps_per_update": steps, "plots": plots,
         "precision": precision, "verifier.samples": samples, "round_size": round_size,
         "canary_size": canary_size, "canary_margin": canary_margin, "stress.loss_scale": stress_scale,
-        "train_sources": _sources(train_sources),
+        "train_sources": _sources(train_sources), "round_gate": round_gate,
     }
     try:
         config = eval_config(run_dir, resume, options)

@@ -15,6 +15,7 @@ per precision and round size:
 
     python bench/bench_episode.py                              # 20 failed episodes per setting
     python bench/bench_episode.py --failed 6 --precisions bfloat16 --round-sizes 1,8
+    python bench/bench_episode.py --precisions bfloat16 --round-sizes 8 --gates episode,round --max-episodes 8
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def run_precision(args) -> dict:
     loaded, choice = load_in_precision(args.model, args.precision)
     source = open_source(args.data)
     problems = source.take(min(args.max_episodes, source.size))
-    config = EvalConfig(model=args.model, cycles=1, precision=args.precision, arms=("full",))
+    config = EvalConfig(model=args.model, cycles=1, precision=args.precision, arms=("full",),
+                        round_gate=args.gate == "round")
     settings = arm_settings(config, "full", len(problems))
     node_seconds: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,7 +113,7 @@ def run_precision(args) -> dict:
                              "first_correct": bool(state["first_try"]["correct"]), "outcome": state["outcome"],
                              "seconds": seconds[index], "updates": len(state.get("updates") or [])})
             failed = [e for e in episodes if not e["first_correct"]]
-            print(f"  {choice.used}, rounds of {args.round_size}: episode {len(episodes)}: "
+            print(f"  {choice.used}, rounds of {args.round_size}, {args.gate} gate: episode {len(episodes)}: "
                   f"{'right' if episodes[-1]['first_correct'] else 'wrong'} at first, {episodes[-1]['seconds']:.1f} s "
                   f"({len(failed)}/{args.failed} failed)", flush=True)
             if len(failed) >= args.failed:
@@ -122,7 +124,7 @@ def run_precision(args) -> dict:
     failed_ids = {e["episode"] for e in episodes if not e["first_correct"]}
     return {
         "precision": choice.used, "reason": choice.reason, "backend": ctx.backend.description,
-        "round_size": args.round_size, "wall_seconds": wall, "episodes": episodes,
+        "round_size": args.round_size, "gate": args.gate, "wall_seconds": wall, "episodes": episodes,
         "node_seconds": {str(k): dict(v) for k, v in node_seconds.items() if k in failed_ids},
         "calls": calls.calls,
         "updates": updates,
@@ -160,6 +162,9 @@ def main() -> None:
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
     parser.add_argument("--round-sizes", default="1,8", help="episodes per round (graph/episodes.run_episodes)")
     parser.add_argument("--round-size", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--gates", default="round", help="'round' (a round's re-evaluations pooled and gated together), "
+                        "'episode' (each update re-evaluated alone), or both, comma-separated")
+    parser.add_argument("--gate", default="round", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", type=Path, help="write every measurement here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -170,17 +175,20 @@ def main() -> None:
         return
 
     results = {}
-    for precision in args.precisions.split(","):
-        for round_size in args.round_sizes.split(","):
-            cmd = [sys.executable, __file__, "--child", precision, "--round-size", round_size, "--model", args.model,
-                   "--data", args.data, "--failed", str(args.failed), "--max-episodes", str(args.max_episodes),
-                   "--threads", str(args.threads)]
-            print(f"{precision}, rounds of {round_size}: running up to {args.failed} failed episodes", flush=True)
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
-            lines = proc.stdout.splitlines()
-            print("\n".join(line for line in lines if not line.startswith("RESULT ")))
-            results[f"{precision}, rounds of {round_size}"] = json.loads(
-                next(line for line in lines if line.startswith("RESULT "))[7:])
+    settings = [(p, r, g) for p in args.precisions.split(",") for r in args.round_sizes.split(",")
+                for g in args.gates.split(",")]
+    for precision, round_size, gate in settings:
+        if gate not in ("round", "episode"):
+            parser.error(f"--gates: {gate!r} is neither 'round' nor 'episode'")
+        cmd = [sys.executable, __file__, "--child", precision, "--round-size", round_size, "--gate", gate,
+               "--model", args.model, "--data", args.data, "--failed", str(args.failed),
+               "--max-episodes", str(args.max_episodes), "--threads", str(args.threads)]
+        name = f"{precision}, rounds of {round_size}, {gate} gate"
+        print(f"{name}: running up to {args.failed} failed episodes", flush=True)
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
+        lines = proc.stdout.splitlines()
+        print("\n".join(line for line in lines if not line.startswith("RESULT ")))
+        results[name] = json.loads(next(line for line in lines if line.startswith("RESULT "))[7:])
     summaries = {name: summarize(r) for name, r in results.items()}
     print("\nsetting | episodes (failed) | failed median s | p90 s | right-first median s | wall s | episodes/hour | "
           "generation s | update s | calls/episode | mean rows/call")

@@ -49,6 +49,11 @@ class LoopConfig:
     # Which verified texts reach the gradient (agents.trajectories.SOURCES), e.g. for a per-source
     # ablation; a source left out is not produced at all where producing it costs a call.
     train_sources: tuple[str, ...] = SOURCES
+    # The round gate: a round's updates run one after another, then their re-evaluations (each
+    # problem and one canary set shared by the round) go to the backend as one call, and a broken
+    # canary undoes the round's updates together (graph/episodes.py). Off: each update is
+    # re-evaluated and gated alone, a narrow call per episode.
+    round_gate: bool = True
 
     def __post_init__(self) -> None:
         if self.cycles < 1:
@@ -66,6 +71,9 @@ class LoopConfig:
         if self.validate_min_gain < 1:
             raise ValueError(f"validate_min_gain must be >= 1, got {self.validate_min_gain}")
         self.train_sources = chosen_sources(self.train_sources)
+        if self.round_gate and not self.keep_unfixed_updates:
+            raise ValueError("round_gate needs keep_unfixed_updates: the gate undoes a round's updates together, "
+                             "never one episode's alone")
         if self.replay < 0 or self.replay_keep < self.replay:
             raise ValueError(f"need 0 <= replay <= replay_keep, got {self.replay} and {self.replay_keep}")
 

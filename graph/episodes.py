@@ -2,8 +2,9 @@
 
 Each problem is one episode with its own thread id (``<run_id>-epNNNNN``) in a SqliteSaver
 in the run directory. A round's episodes run their sampling nodes together, their generation
-calls pooled (graph/pooling.py); then each in turn runs the nodes that change the bank and
-the memory. On resume, finished episodes are read back, a half-sampled round samples again
+calls pooled (graph/pooling.py); under the round gate (LoopConfig.round_gate) their updates
+then run in turn and their re-evaluations together, one canary verdict for the round; then
+each in turn runs the nodes left (the rest of its cycles without the gate; rollback, commit). On resume, finished episodes are read back, a half-sampled round samples again
 from its start (its event lines dropped), a half-done episode continues from its last
 finished node, and the bank is aligned with the checkpointed state. What one episode hands
 to the next (the canary set, expert usage, replay) is part of its state, so it is
@@ -30,7 +31,7 @@ from graph.builder import build_graph, recursion_limit
 from graph.context import RunContext
 from graph.pooling import Lockstep
 from graph.run_dir import CHECKPOINTS, RunDirError, run_id_for
-from graph.snapshots import align_bank, prune_snapshots
+from graph.snapshots import align_bank, prune_snapshots, snapshot_name
 from graph.state import EpisodeCarryOver, EpisodeInput, LoopState, ProblemData
 
 EVENTS = "events.jsonl"
@@ -127,58 +128,110 @@ class _Driver:
         ``restart``: a half-sampled round (killed or stopped in an earlier process) samples again
         from its start, its events since the round began dropped, so that every call pools with
         the same others as before (bank and memory are unchanged until sampling is done). A
-        one-episode round pools with nobody and continues where it stopped.
+        one-episode round pools with nobody and continues where it stopped. Under the round gate
+        the round's updates and re-evaluations belong to its sampling too (``learn``): a round
+        stopped in them starts again from its beginning, the bank set back to before its first update.
         """
+        if restart:
+            self.restart(episodes)
+        self.mark_sampled(episodes[0].index)
+        if not self.together(episodes, carry, AFTER_SAMPLING):
+            return False
+        if self.ctx.config.round_gate and not self.learn(episodes, carry):
+            return False
+        self.mark_sampled(episodes[-1].index + 1)
+        return True
+
+    def restart(self, episodes: list[_Episode]) -> None:
+        """A round not finished sampling goes back to its start: its threads deleted, and under the round
+        gate the bank as it was before the round's first update, the round's snapshots removed."""
+        if self.ctx.config.round_gate:
+            store = self.ctx.bank_store
+            ours = [n for n in store.snapshots() if any(n.startswith(f"ep{e.index:05d}-") for e in episodes)]
+            starts = [snapshot_name(e.index, 0) for e in episodes if snapshot_name(e.index, 0) in ours]
+            if starts:
+                store.rollback(starts[0])  # taken before the round's first update
+            for name in ours:
+                store.delete_snapshot(name)
+        for episode in episodes:
+            self.checkpointer.delete_thread(episode.thread["configurable"]["thread_id"])
+
+    def together(self, episodes: list[_Episode], carry: EpisodeCarryOver, interrupt: tuple[str, ...]) -> bool:
+        """Episodes run side by side up to the ``interrupt`` nodes, their generation calls pooled; False if stopped."""
         lockstep = Lockstep(self.ctx.backend)
         pooled = self.ctx.with_backend(lockstep.pooled_backend())
-        if restart:
-            for episode in episodes:
-                self.checkpointer.delete_thread(episode.thread["configurable"]["thread_id"])
-        self.mark_sampled(episodes[0].index)
 
         def job(episode: _Episode):
             def run() -> bool:
                 start = None if self.app.get_state(episode.thread).values else EpisodeInput(
                     run_id=self.run_id, episode=episode.index, problem=episode.problem, learning=self.learning,
                     carry=carry, rules=[], updates=[], canary_checks=[])
-                turn = lockstep.current()
-                mark = turn.seconds()
-                for chunk in self.app.stream(start, episode.thread, context=pooled, stream_mode="updates",
-                                             interrupt_before=list(AFTER_SAMPLING)):
-                    now = turn.seconds()
-                    seconds, mark = round(now - mark, 3), now
-                    for node, update in chunk.items():
-                        if node != "__interrupt__":
-                            self.write(episode.index, node, update or {}, seconds)
-                    if self.stop:
-                        return False
-                return True
+                return self.advance(episode, start, pooled, interrupt, clock=lockstep.current().seconds)
             return run
 
         turns = lockstep.run([job(e) for e in episodes], stop=lambda: bool(self.stop))
-        if not all(t.done and t.result is True for t in turns):
-            return False
-        self.mark_sampled(episodes[-1].index + 1)
+        return all(t.done and t.result is True for t in turns)
+
+    def learn(self, episodes: list[_Episode], carry: EpisodeCarryOver) -> bool:
+        """The round gate: the round's updates one after another, then its re-evaluations together.
+
+        Each update gets the carry as the updates before it in the round left it (expert usage,
+        for the pick) and the gate: the snapshot before the phase's first update, which a broken
+        canary restores, and the round's problems right at the first try that train, which join
+        the canary. The re-evaluations (and a further cycle's reflect and diversify) then run side
+        by side, and any episode sent back to update starts another phase. False if stopped.
+        """
+        first_states = [self.app.get_state(e.thread) for e in episodes]
+        canary = [{"id": s.values["problem"]["id"], "question": s.values["problem"]["question"], "label": s.values["target"]}
+                  for s in first_states if s.next == ("update",) and s.values["first_try"]["correct"]]
+        running = carry
+        while waiting := [e for e in episodes if self.app.get_state(e.thread).next == ("update",)]:
+            cycle = self.app.get_state(waiting[0].thread).values.get("cycle", 0)
+            gate = {"rollback_to": snapshot_name(waiting[0].index, cycle), "canary": canary}
+            for episode in waiting:
+                if not self.advance(episode, Command(update={"carry": running, "gate": gate}), self.ctx, ("reevaluate",)):
+                    return False
+                running = self.app.get_state(episode.thread).values["carry"]
+            if not self.together(waiting, carry, AFTER_SAMPLING):
+                return False
+        return True
+
+    def advance(self, episode: _Episode, start, context: RunContext, interrupt: tuple[str, ...] = (),
+                clock: Callable[[], float] = time.perf_counter) -> bool:
+        """One episode's nodes from ``start`` up to the ``interrupt`` nodes or its end; False if stopped.
+
+        Each node's seconds are read off ``clock`` (in a pooled round, the episode's own share of
+        the pooled calls), from the end of the node before: the node and its checkpoint write.
+        """
+        mark = clock()
+        for chunk in self.app.stream(start, episode.thread, context=context, stream_mode="updates",
+                                     interrupt_before=list(interrupt)):
+            now = clock()
+            seconds, mark = round(now - mark, 3), now
+            for node, update in chunk.items():
+                if node != "__interrupt__":
+                    self.write(episode.index, node, update or {}, seconds)
+            if self.stop:
+                return False
         return True
 
     def finish(self, episode: _Episode, carry: EpisodeCarryOver) -> LoopState | None:
         """The episode's nodes after sampling, with the carry of the episode before it; None if stopped."""
         values = self.app.get_state(episode.thread).values
-        # A killed earlier try may have changed the bank before any checkpoint.
-        align_bank(self.ctx, values)
-        # Sampled before the episode before it ended: its carry comes in with the resume (no update
-        # has run yet, so nothing of this episode has read or changed the carry).
-        handed = not values.get("updates") and values.get("carry") != carry
+        if self.ctx.config.round_gate:
+            # The round learned before any of its episodes finishes, and nothing from here changes the
+            # bank; the carry comes from the episode before, whatever this one's updates wrote into
+            # its own (commit counts them).
+            handed = values.get("carry") != carry
+        else:
+            # A killed earlier try may have changed the bank before any checkpoint.
+            align_bank(self.ctx, values)
+            # Sampled before the episode before it ended: its carry comes in with the resume (no update
+            # has run yet, so nothing of this episode has read or changed the carry).
+            handed = not values.get("updates") and values.get("carry") != carry
         resume = Command(update={"carry": carry}) if handed else None
-        mark = time.perf_counter()
-        for chunk in self.app.stream(resume, episode.thread, context=self.ctx, stream_mode="updates"):
-            # wall seconds since the previous node ended: the node and its checkpoint write
-            now = time.perf_counter()
-            seconds, mark = round(now - mark, 3), now
-            for node, update in chunk.items():
-                self.write(episode.index, node, update or {}, seconds)
-            if self.stop:
-                return None
+        if not self.advance(episode, resume, self.ctx):
+            return None
         final = self.app.get_state(episode.thread).values
         prune_snapshots(self.ctx, episode.index)
         return final
@@ -224,7 +277,7 @@ def run_episodes(
             # Sampled in an earlier process: counted in the mark, or (older runs) checkpointed at all.
             done = [e.index < mark["episodes"] if mark is not None else bool(v) for e, v in zip(episodes, states)]
             if not all(done):
-                restart = round_size > 1 and any(v for v, d in zip(states, done) if not d)
+                restart = (round_size > 1 or ctx.config.round_gate) and any(v for v, d in zip(states, done) if not d)
                 if restart and mark is not None:
                     driver.truncate_events(mark["events_bytes"])
                 if not driver.sample([e for e, d in zip(episodes, done) if not d], carry, restart):

@@ -292,29 +292,55 @@ def update(state: LoopState, runtime: Runtime[RunContext]) -> dict:
                for e, t in zip(examples, texts + [{**r, "source": "replay"} for r in replayed])],
         rule=(state.get("rule") or {}).get("text"),
     )
+    if state.get("gate") is not None:
+        info["gate_rollback_to"] = state["gate"]["rollback_to"]  # what the round's canary undoes it to
     return {"updates": [info], "cycle": cycle + 1, "carry": carry, "texts": []}
 
 
 def reevaluate(state: LoopState, runtime: Runtime[RunContext]) -> dict:
-    """The problem again and the canary set, greedy, in one call; a regression rolls the update back."""
-    ctx, problem = runtime.context, state["problem"]
-    canary = [c for c in (state.get("carry") or {}).get("canary", []) if c["id"] != problem["id"]]
-    questions = [problem["question"]] + [c["question"] for c in canary]
-    routed = [_route(ctx, q, state) for q in questions]
-    weights = torch.cat([r.weights for r in routed])  # (1 + n_canary, n_experts)
-    attempt, *attempts = ctx.solver.solve(questions, [r.rules for r in routed], weights=weights)
+    """The problem again and the canary set, greedy, in one call; a regression rolls the update back.
+
+    Under the round gate the canary is the round's (the run's canary set and the round's problems
+    right at the first try), asked as a request of its own that is the same for every episode of the
+    round, so the pooled call computes it once and every episode reads the same verdict; a broken
+    canary undoes the round's updates, back to the bank before its first one.
+    """
+    ctx, problem, gate = runtime.context, state["problem"], state.get("gate")
+    carried = (state.get("carry") or {}).get("canary", [])
+    if gate is None:
+        canary = [c for c in carried if c["id"] != problem["id"]]
+        questions = [problem["question"]] + [c["question"] for c in canary]
+        routed = [_route(ctx, q, state) for q in questions]
+        weights = torch.cat([r.weights for r in routed])  # (1 + n_canary, n_experts)
+        attempt, *attempts = ctx.solver.solve(questions, [r.rules for r in routed], weights=weights)
+    else:
+        canary = list({c["id"]: c for c in [*carried, *gate["canary"]]}.values())
+        own = _route(ctx, problem["question"], state)
+        asks = [ctx.solver.ask([problem["question"]], [own.rules], weights=own.weights)]
+        if canary:
+            # Routed blind to no problem (none of the round's is in memory yet), so that the
+            # request is the same in every episode of the round.
+            routed = route(ctx, [c["question"] for c in canary], with_rules=ctx.config.rules_in_prompt)
+            asks.append(ctx.solver.ask([c["question"] for c in canary], [r.rules for r in routed],
+                                       weights=torch.cat([r.weights for r in routed])))  # (n_canary, n_experts)
+        (attempt,), *rest = ask_together(ctx.backend, asks)
+        attempts = rest[0] if rest else []
     verdict = {"attempt": asdict(attempt), **asdict(check(attempt, state["target"]))}
     result = {"checked": len(canary), "correct": len(canary), "broke": [], "canary_rolled_back": False}
+    last = state["updates"][-1]
+    undo = last.get("gate_rollback_to") or last["snapshot"]
     if canary:
         broke = [c["id"] for c, a in zip(canary, attempts) if not matches(a, c["label"])]
         accuracy = 1 - len(broke) / len(canary)
         result.update(correct=len(canary) - len(broke), broke=broke, accuracy=accuracy)
         if 1.0 - accuracy > ctx.config.canary_margin:
-            last = state["updates"][-1]
-            ctx.bank_store.rollback(last["snapshot"])
+            ctx.bank_store.rollback(undo)
             result["canary_rolled_back"] = True
-            result["update_id"] = last["update_id"]
             log.info("canary check failed (%d of %d broke): update %s rolled back", len(broke), len(canary), last["update_id"])
+    if gate is not None and not result["canary_rolled_back"] and ctx.bank_store.rolled_back_to() == undo:
+        result["canary_rolled_back"] = True  # an earlier episode of the round read the same verdict and undid it
+    if result["canary_rolled_back"]:
+        result["update_id"] = last["update_id"]
     return {"attempt": asdict(attempt), "verdict": verdict, "canary_checks": [result]}
 
 
@@ -328,8 +354,9 @@ def rollback(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     ctx = runtime.context
     start = snapshot_name(state["episode"], 0)
     restored = None
-    # An update that made a problem answered right at first wrong is undone whatever the setting.
-    undo = not ctx.config.keep_unfixed_updates or state["first_try"]["correct"]
+    # An update that made a problem answered right at first wrong is undone whatever the setting;
+    # under the round gate that problem is in the round's canary, which undoes the round's updates.
+    undo = state.get("gate") is None and (not ctx.config.keep_unfixed_updates or state["first_try"]["correct"])
     if undo and start in ctx.bank_store.snapshots():
         ctx.bank_store.rollback(start)
         restored = start
@@ -356,6 +383,13 @@ def commit(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     if ctx.memory is not None:
         remember(ctx, state, problem, outcome, updates)
     carry = dict(state.get("carry") or {})
+    if state.get("gate") is not None:
+        # Under the round gate the carry was handed on from the episode before after this one's
+        # updates ran (graph/episodes.py): its updates are counted here instead.
+        usage = list(carry.get("expert_updates") or [0] * ctx.bank.n_experts)
+        for u in updates:
+            usage[u["expert"]] += 1
+        carry["expert_updates"] = usage
     carry["episodes"] = carry.get("episodes", 0) + 1
     carry["solved_first"] = carry.get("solved_first", 0) + int(state["first_try"]["correct"])
     carry["solved_final"] = carry.get("solved_final", 0) + int(outcome in ("correct", "fixed"))

@@ -50,6 +50,26 @@ class _Turn:
         return self.clock + running
 
 
+def _distinct(requests: list[Request]) -> tuple[list[Request], list[int]]:
+    """The requests with repeated greedy ones left out, and where each request's completions are in them."""
+    unique: list[Request] = []
+    index: list[int] = []
+    seen: dict[tuple, int] = {}
+    for request in requests:
+        key = None
+        if request.sampling.greedy:
+            mixture = None if request.weights is None else (tuple(request.weights.shape), tuple(request.weights.flatten().tolist()))
+            key = (request.prompts, mixture, request.max_new_tokens, request.stop_at_answer)
+        if key is not None and key in seen:
+            index.append(seen[key])
+            continue
+        if key is not None:
+            seen[key] = len(unique)
+        index.append(len(unique))
+        unique.append(request)
+    return unique, index
+
+
 class PooledBackend:
     """The backend a round's episodes generate through: each call waits for the round's pooled call."""
 
@@ -141,10 +161,16 @@ class Lockstep:
                 thread.join()
 
     def _pooled_call(self, waiting: list[_Turn]) -> None:
-        """One backend call for every waiting turn's requests; each turn is charged its share by rows."""
+        """One backend call for every waiting turn's requests; each turn is charged its share by rows.
+
+        A greedy request asked by several turns (the round's canary, under the round gate) is
+        generated once and each asker gets the same completions.
+        """
         requests = [r for t in waiting for r in t.requests]
+        unique, index = _distinct(requests)
         started = time.perf_counter()
-        outputs = generate_together(self.backend, requests)
+        generated = generate_together(self.backend, unique)
+        outputs = [generated[i] for i in index]
         seconds = time.perf_counter() - started
         rows = sum(len(r.prompts) for r in requests) or 1
         at = 0

@@ -94,6 +94,7 @@ LEGACY_SETTINGS = {
     "embedder": "minilm", "precision": "float32", "round_size": 1,
     "reflector": {"max_attempts": 3, "max_chars": 300, "max_sentences": 2, "max_new_tokens": 96, "temperature": 0.7},
     "diversifier": {"kinds": ["paraphrase", "rename"], "per_kind": 1, "max_new_tokens": 200, "temperature": 0.7},
+    "loop": {"round_gate": False},
 }
 # The layout of the loop state in a run's checkpoints: 2 named the first try `first_try` and the
 # three rollbacks apart (stress_rolled_back, canary_rolled_back, episode_rolled_back_to).
@@ -104,14 +105,18 @@ RUN_FLAGS = {
     "loop.label_free": "--label-free", "loop.seed": "--seed", "solver.max_new_tokens": "--max-new-tokens",
     "memory_url": "--memory-url", "backend": "--backend", "batch_size": "--batch-size", "embedder": "--embedder",
     "precision": "--precision", "verifier.samples": "--samples", "round_size": "--round-size",
-    "loop.train_sources": "--train-sources",
+    "loop.train_sources": "--train-sources", "loop.round_gate": "--round-gate",
 }
 
 
 def saved_run_settings(run_dir: Path) -> dict | None:
     """run.json of a run folder (older runs completed with LEGACY_SETTINGS), or None when there is none."""
     saved = read_saved(Path(run_dir) / RUN_FILE)
-    return None if saved is None else {**LEGACY_SETTINGS, **saved}
+    if saved is None:
+        return None
+    # A group of settings saved without a later member reads that member's legacy value.
+    return {**LEGACY_SETTINGS, **saved, **{key: {**legacy, **saved[key]} for key, legacy in LEGACY_SETTINGS.items()
+                                           if isinstance(legacy, dict) and isinstance(saved.get(key), dict)}}
 
 
 def run_settings(run_dir: Path, resume: bool, options: dict) -> RunSettings:

@@ -135,3 +135,13 @@ def test_demo_bad_threads_is_a_one_line_error_before_the_run_folder_is_made(tmp_
     result = runner.invoke(app, ["demo", "--threads", "-2", "--run-dir", str(tmp_path / "d")])
     assert result.exit_code == 1 and "--threads must be >= 0, got -2" in result.output, result.output
     assert not (tmp_path / "d").exists()
+
+
+def test_the_gate_flag_is_saved_with_the_run_and_kept_on_resume(tmp_path):
+    data = _data(tmp_path / "d.jsonl", GOOD)
+    run_dir = tmp_path / "run"
+    result = _run(["--data", str(data), "--episodes", "1", "--episode-gate", "--run-dir", str(run_dir), *TINY])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run_dir / "run.json").read_text())["loop"]["round_gate"] is False
+    again = _run(["--episodes", "2", "--round-gate", "--run-dir", str(run_dir), "--resume", *TINY])
+    assert again.exit_code == 1 and "--round-gate True differs from the saved False" in again.output

@@ -271,13 +271,18 @@ def test_right_but_rarely_learns_from_its_own_verified_samples(make_run, tmp_pat
     assert {t["source"] for t in update["texts"]} == {"own_sample"} and len(update["texts"]) == 1  # distinct
 
 
-def test_learning_that_breaks_a_problem_answered_right_is_undone(make_run, tmp_path):
+@pytest.mark.parametrize("round_gate", [False, True])
+def test_learning_that_breaks_a_problem_answered_right_is_undone(make_run, tmp_path, round_gate):
     world = World()
     world.rarely_right = {"p-cakes"}
     world.broken_after = {"p-cakes"}  # once trained, the greedy answer turns wrong
-    ctx, _ = make_run(world)
+    ctx, _ = make_run(world, settings=_settings(round_gate=round_gate))
     (final,) = _run(ctx, [CAKES], tmp_path / "run")
-    assert final["updates"] and final["episode_rolled_back_to"] == "ep00000-c0" and not trained(ctx)
+    assert final["updates"] and not trained(ctx)
+    if round_gate:  # the problem is in its round's canary, which undoes the round's update
+        assert final["canary_checks"][-1]["canary_rolled_back"] and final["canary_checks"][-1]["broke"] == ["p-cakes"]
+    else:
+        assert final["episode_rolled_back_to"] == "ep00000-c0"
     assert final["carry"]["replay"] == {}
 
 
@@ -327,7 +332,7 @@ def test_unfixed_problem_keeps_its_verified_updates_by_default(make_run, tmp_pat
 def test_unfixed_problem_uses_all_cycles_then_rolls_back(make_run, tmp_path):
     world = World()
     world.right_after = set()
-    ctx, backend = make_run(world, settings=_settings(keep_unfixed_updates=False))
+    ctx, backend = make_run(world, settings=_settings(keep_unfixed_updates=False, round_gate=False))
     before = BankSnapshot.capture(ctx.bank, ctx.router)
     (final,) = _run(ctx, [CAKES], tmp_path / "run")
     assert final["outcome"] == "unfixed" and len(final["updates"]) == 2
@@ -396,13 +401,13 @@ def _state_of(ctx, finals):
     return bank, rules, results
 
 
-def _kill_then_resume(make_run, tmp_path, monkeypatch, problems, owner, name, kill_at, why, **run_kw):
+def _kill_then_resume(make_run, tmp_path, monkeypatch, problems, owner, name, kill_at, why, settings=None, **run_kw):
     """An uninterrupted run in a/, and in b/ a run whose ``owner.name`` raises on its kill_at-th call, then resumed.
 
     Returns the uninterrupted state and the resumed run's context and final states.
-    ``run_kw`` go to every ``run_episodes`` call (``round_size``, say).
+    ``run_kw`` go to every ``run_episodes`` call (``round_size``, say); ``settings`` to every context.
     """
-    ctx, _ = make_run(World(), run_dir=tmp_path / "a")
+    ctx, _ = make_run(World(), run_dir=tmp_path / "a", settings=settings)
     want = _state_of(ctx, _run(ctx, problems, tmp_path / "a", **run_kw))
     ctx.memory.close()
     real = getattr(owner, name)
@@ -414,14 +419,14 @@ def _kill_then_resume(make_run, tmp_path, monkeypatch, problems, owner, name, ki
             raise KeyboardInterrupt(why)
         return real(self, *args, **kwargs)
 
-    ctx_b, _ = make_run(World(), run_dir=tmp_path / "b")
+    ctx_b, _ = make_run(World(), run_dir=tmp_path / "b", settings=settings)
     monkeypatch.setattr(owner, name, dying)
     with pytest.raises(KeyboardInterrupt):
         _run(ctx_b, problems, tmp_path / "b", **run_kw)
     ctx_b.memory.close()
     monkeypatch.setattr(owner, name, real)
     assert calls["n"] == kill_at  # the kill happened
-    resumed, _ = make_run(World(), run_dir=tmp_path / "b")  # a new process: fresh model, bank from disk
+    resumed, _ = make_run(World(), run_dir=tmp_path / "b", settings=settings)  # a new process: fresh model, bank from disk
     return want, resumed, _run(resumed, problems, tmp_path / "b", **run_kw)
 
 

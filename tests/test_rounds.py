@@ -6,12 +6,12 @@ import threading
 import pytest
 
 from adapters.trainer import TestTimeTrainer
-from agents.lm.generation import Generation, Request
+from agents.lm.generation import Generation, Request, Sampling
 from graph.episodes import EVENTS, StopFlag
 from graph.pooling import Lockstep
 from tests import test_loop
 from tests.fakes import ScriptedBackend
-from tests.test_loop import APPLES, CAKES, PENS, World, _run, _state_of, trained
+from tests.test_loop import APPLES, CAKES, PENS, World, _run, _settings, _state_of, trained
 
 make_run = test_loop.make_run  # the loop tests' fixture: a scripted model over the tiny model's bank
 
@@ -46,7 +46,7 @@ def test_a_rounds_episodes_sample_from_the_bank_as_the_round_found_it(make_run, 
 
 
 def test_each_episode_of_a_round_gets_the_carry_of_the_episode_before_it(make_run, tmp_path):
-    ctx, _ = make_run(World())
+    ctx, _ = make_run(World(), settings=_settings(round_gate=False))  # each update gated alone
     apples, pens, cakes = _run(ctx, [APPLES, PENS, CAKES], tmp_path / "run", round_size=3)
     assert apples["outcome"] == "correct" and apples["carry"]["canary"][0]["id"] == "p-apples"
     # PENS sampled with APPLES at the same time, but its update is checked against APPLES's canary
@@ -56,27 +56,34 @@ def test_each_episode_of_a_round_gets_the_carry_of_the_episode_before_it(make_ru
     assert sum(cakes["carry"]["expert_updates"]) == sum(usage_after_pens) + len(cakes["updates"])
 
 
-def _kill_then_resume(make_run, tmp_path, monkeypatch, owner, name, kill_at):
+def _kill_then_resume(make_run, tmp_path, monkeypatch, owner, name, kill_at, round_gate):
     """test_loop's kill-and-resume, over two rounds of 3 (the second a round of one)."""
     problems = [APPLES, PENS, CAKES, PENS | {"id": "p-pens-2"}]
     want, resumed, finals = test_loop._kill_then_resume(make_run, tmp_path, monkeypatch, problems, owner, name, kill_at,
-                                                        "killed", round_size=3)
+                                                        "killed", settings=_settings(round_gate=round_gate), round_size=3)
     return want, _state_of(resumed, finals)
 
 
-def test_a_kill_while_a_round_samples_resumes_to_the_uninterrupted_run(make_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("round_gate", [False, True])
+@pytest.mark.parametrize("kill_at", [4, 6])
+def test_a_kill_while_a_round_samples_resumes_to_the_uninterrupted_run(make_run, tmp_path, monkeypatch, kill_at,
+                                                                       round_gate):
     # the 4th pooled call of the first round (diversify's): solve, verify and reflect are checkpointed for every
-    # episode that got so far, APPLES waits before its commit, and the round must sample again from its start
-    want, got = _kill_then_resume(make_run, tmp_path, monkeypatch, ScriptedBackend, "generate_requests", 4)
+    # episode that got so far, APPLES waits before its commit, and the round must sample again from its start;
+    # the 6th: under the round gate, the round's re-evaluations, after its updates changed the bank
+    want, got = _kill_then_resume(make_run, tmp_path, monkeypatch, ScriptedBackend, "generate_requests", kill_at,
+                                  round_gate)
     assert got[1:] == want[1:]
     assert all((want[0][k] == got[0][k]).all() for k in want[0])
     assert _events(tmp_path / "b") == _events(tmp_path / "a")  # the half-sampled round's lines were dropped
 
 
-def test_a_kill_inside_a_rounds_updates_resumes_to_the_uninterrupted_run(make_run, tmp_path, monkeypatch):
-    want, got = _kill_then_resume(make_run, tmp_path, monkeypatch, TestTimeTrainer, "step", 3)
+@pytest.mark.parametrize("round_gate", [False, True])
+def test_a_kill_inside_a_rounds_updates_resumes_to_the_uninterrupted_run(make_run, tmp_path, monkeypatch, round_gate):
+    want, got = _kill_then_resume(make_run, tmp_path, monkeypatch, TestTimeTrainer, "step", 3, round_gate)
     assert got[1:] == want[1:]
     assert all((want[0][k] == got[0][k]).all() for k in want[0])
+    assert _events(tmp_path / "b") == _events(tmp_path / "a")
 
 
 def test_a_stop_while_a_round_samples_resumes_to_the_uninterrupted_run(make_run, tmp_path):
@@ -100,6 +107,77 @@ def test_a_stop_while_a_round_samples_resumes_to_the_uninterrupted_run(make_run,
     assert got[1:] == want[1:]
     assert all((want[0][k] == got[0][k]).all() for k in want[0])
     assert _events(tmp_path / "b") == _events(tmp_path / "a")
+
+
+# ---------------------------------------------------------------- the round gate
+
+
+def _rarely_right_apples() -> World:
+    world = World()
+    world.rarely_right = {"p-apples"}  # right greedily, rarely sampled: it trains, and joins its round's canary
+    return world
+
+
+def test_the_round_gate_re_evaluates_a_rounds_updates_in_one_call_with_one_canary(make_run, tmp_path):
+    ctx, backend = make_run(_rarely_right_apples(), settings=_settings(cycles=1))
+    apples, pens, cakes = _run(ctx, [APPLES, PENS, CAKES], tmp_path / "run", round_size=3)
+    assert all(f["updates"] for f in (apples, pens, cakes))
+    # Every update ran before any re-evaluation, in episode order, from the bank before the first one.
+    assert [f["updates"][0]["gate_rollback_to"] for f in (apples, pens, cakes)] == ["ep00000-c0"] * 3
+    # One call: each problem again, and the round's canary (APPLES) asked by all three; the canary
+    # request equals APPLES's own re-solve, so it is generated once (6 requests without the merge).
+    assert backend.together[-1] == [1, 1, 1]
+    checks = [f["canary_checks"][0] for f in (apples, pens, cakes)]
+    assert all(c["checked"] == 1 and c["broke"] == [] and not c["canary_rolled_back"] for c in checks)
+    assert trained(ctx)
+    # The carry is handed on episode by episode; each counts its own update once.
+    usage = [sum(f["carry"]["expert_updates"]) for f in (apples, pens, cakes)]
+    assert usage == [1, 2, 3]
+    assert cakes["carry"]["canary"][0]["id"] == "p-apples"
+
+
+def test_a_broken_round_canary_undoes_every_update_of_the_round(make_run, tmp_path):
+    world = _rarely_right_apples()
+    world.broken_after = {"p-apples"}  # once trained, APPLES's greedy answer turns wrong
+    ctx, _ = make_run(world, settings=_settings(cycles=1))
+    finals = _run(ctx, [APPLES, PENS, CAKES], tmp_path / "run", round_size=3)
+    checks = [f["canary_checks"][-1] for f in finals]
+    assert all(c["broke"] == ["p-apples"] and c["canary_rolled_back"] for c in checks)
+    assert all(c["update_id"] == f["updates"][-1]["update_id"] for c, f in zip(checks, finals))
+    assert not trained(ctx)  # back to the bank before the round's first update
+    assert all(f["carry"]["replay"] == {} for f in finals)  # nothing undone is replayed
+
+
+def test_a_run_saved_before_the_round_gate_resumes_with_each_update_gated_alone(tmp_path):
+    from graph.run_dir import RUN_FILE, RunSettings, run_settings
+    from graph.saved_settings import SettingsError
+
+    old = RunSettings(model="tiny-random", data="train", episodes=2).to_dict()
+    del old["loop"]["round_gate"]
+    (tmp_path / RUN_FILE).write_text(json.dumps(old))
+    assert run_settings(tmp_path, True, {}).loop.round_gate is False
+    assert RunSettings().loop.round_gate is True
+    with pytest.raises(SettingsError, match="--round-gate True differs from the saved False"):
+        run_settings(tmp_path, True, {"loop.round_gate": True})  # it changes what the run learns
+
+
+def test_an_evaluation_may_switch_the_round_gate_of_arms_not_started(tmp_path):
+    from graph.evaluation.config import EVAL_FILE, EvalConfig, arm_settings, eval_config
+
+    saved = EvalConfig(model="tiny-random").to_dict()
+    del saved["round_gate"]  # saved before the gate existed
+    (tmp_path / EVAL_FILE).write_text(json.dumps({"config": saved}))
+    assert eval_config(tmp_path, True, {}).round_gate is False
+    config = eval_config(tmp_path, True, {"round_gate": True})
+    assert config.round_gate is True and arm_settings(config, "full", 2).loop.round_gate is True
+
+
+def test_the_round_gate_needs_kept_updates():
+    from graph.context import LoopConfig
+
+    with pytest.raises(ValueError, match="round_gate needs keep_unfixed_updates"):
+        LoopConfig(keep_unfixed_updates=False)
+    assert LoopConfig(keep_unfixed_updates=False, round_gate=False).round_gate is False
 
 
 def test_round_size_must_be_positive(make_run, tmp_path):
@@ -185,8 +263,9 @@ def test_a_stop_cancels_the_waiting_jobs():
     backend = _Echo()
     lockstep = Lockstep(backend)
     pooled = lockstep.pooled_backend()
-    turns = lockstep.run([lambda: _ask(pooled, "a") + _ask(pooled, "b")] * 2, stop=lambda: len(backend.calls) == 1)
-    assert backend.calls == [["a", "a"]]
+    jobs = [lambda: _ask(pooled, "a1") + _ask(pooled, "b1"), lambda: _ask(pooled, "a2") + _ask(pooled, "b2")]
+    turns = lockstep.run(jobs, stop=lambda: len(backend.calls) == 1)
+    assert backend.calls == [["a1", "a2"]]
     assert all(t.done and t.result is None for t in turns)
 
 
@@ -217,6 +296,20 @@ def test_an_evaluation_may_change_the_round_size_of_arms_not_started(tmp_path):
     assert eval_config(tmp_path, True, {"round_size": 8}).round_size == 8
     with pytest.raises(ValueError, match="round_size must be >= 1"):
         EvalConfig(round_size=0)
+
+
+def test_a_greedy_request_asked_by_several_jobs_is_generated_once():
+    backend = _Echo()
+    lockstep = Lockstep(backend)
+    pooled = lockstep.pooled_backend()
+    sampled = Request(("s",), None, 8, False, Sampling(temperature=0.8, seed=1))
+    jobs = [lambda: (_ask(pooled, "own-a"), _ask(pooled, "canary")),
+            lambda: (_ask(pooled, "own-b"), _ask(pooled, "canary")),
+            lambda: (_ask(pooled, "own-c"), pooled.generate_requests([sampled])),
+            lambda: (_ask(pooled, "own-d"), pooled.generate_requests([sampled]))]
+    turns = lockstep.run(jobs)
+    assert backend.calls == [["own-a", "own-b", "own-c", "own-d"], ["canary", "s", "s"]]  # sampled: never merged
+    assert turns[0].result[1] == turns[1].result[1] == ["canary"]
 
 
 def test_a_lockstep_runs_once():

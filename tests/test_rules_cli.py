@@ -60,7 +60,8 @@ def run_dir(tmp_path_factory):
             return rules[2] if "These rules were tried" in prompt else rules[1]
         raise AssertionError(prompt[:200])
 
-    settings = RunSettings(model="tiny-random", data="inline", episodes=2, loop=LoopConfig(cycles=2, canary_size=2, keep_unfixed_updates=False),
+    loop = LoopConfig(cycles=2, canary_size=2, keep_unfixed_updates=False, round_gate=False)
+    settings = RunSettings(model="tiny-random", data="inline", episodes=2, loop=loop,
                            bank=BankConfig(n_experts=4), trainer=TrainerConfig(steps_per_update=2),
                            solver=SolverConfig(max_new_tokens=16))
     SharedSystemClient.clear_system_cache()

@@ -89,6 +89,7 @@ class EvalConfig:
     canary_margin: float = 0.0  # allowed drop in canary accuracy before an update is rolled back
     round_size: int = DEFAULT_ROUND_SIZE  # learning episodes that sample together (graph/episodes.run_episodes)
     train_sources: tuple[str, ...] = SOURCES  # verified texts that reach the gradient (a per-source ablation)
+    round_gate: bool = True  # a round's updates re-evaluated and gated together (graph.context.LoopConfig.round_gate)
     plots: bool = True  # write the PNG plots with the report
 
     def __post_init__(self) -> None:
@@ -123,10 +124,10 @@ class EvalConfig:
 
 
 # Settings added after evaluations were first saved, with the values those evaluations ran with.
-LEGACY_CONFIG = {"backend": "torch", "precision": "float32", "round_size": 1}
-# Settings a resumed evaluation may change. The round size changes only learning arms not yet
-# started: a started one keeps its own, saved in its run folder and checked there.
-RESUMABLE_EVAL_CHANGES = ("plots", "round_size")
+LEGACY_CONFIG = {"backend": "torch", "precision": "float32", "round_size": 1, "round_gate": False}
+# Settings a resumed evaluation may change. The round size and gate change only learning arms not
+# yet started: a started one keeps its own, saved in its run folder and checked there.
+RESUMABLE_EVAL_CHANGES = ("plots", "round_size", "round_gate")
 # The command-line option of each setting, for messages about them.
 EVAL_FLAGS = {
     "model": "--model", "protocol": "--protocol", "arms": "--arms", "learn_data": "--learn-data",
@@ -136,6 +137,7 @@ EVAL_FLAGS = {
     "trainer.steps_per_update": "--steps", "plots": "--plots", "precision": "--precision",
     "verifier.samples": "--samples", "round_size": "--round-size", "canary_size": "--canary-size",
     "canary_margin": "--canary-margin", "stress.loss_scale": "--stress-scale", "train_sources": "--train-sources",
+    "round_gate": "--round-gate",
 }
 
 
@@ -157,7 +159,7 @@ def arm_settings(config: EvalConfig, arm: str, episodes: int) -> RunSettings:
         episodes=episodes,
         loop=LoopConfig(cycles=config.cycles, label_free=config.label_free, seed=config.seed,
                         canary_size=config.canary_size, canary_margin=config.canary_margin,
-                        train_sources=config.train_sources, **switches),
+                        train_sources=config.train_sources, round_gate=config.round_gate, **switches),
         bank=replace(config.bank, seed=config.seed),
         router=replace(config.router, seed=config.seed),
         trainer=config.trainer,

@@ -84,7 +84,8 @@ def render_markdown(report) -> str:
         sources = cfg.get("train_sources") or SOURCES
         lines.append(f"- learning settings: {cfg['cycles']} cycle(s), {cfg.get('verifier', {}).get('samples', '?')} samples "
                      f"per problem, round size {cfg.get('round_size', 1)}, canary {cfg.get('canary_size', 4)} problems "
-                     f"with margin {cfg.get('canary_margin', 0.0)}, stress loss scale "
+                     f"with margin {cfg.get('canary_margin', 0.0)} "
+                     f"({'gated per round' if cfg.get('round_gate') else 'each update gated alone'}), stress loss scale "
                      f"{cfg.get('stress', {}).get('loss_scale', 1.0)}, {cfg.get('trainer', {}).get('steps_per_update', '?')} "
                      f"steps per update; trained on texts from: {', '.join(sources)}")
     for role, source in report.data_sources.items():
