@@ -242,12 +242,6 @@ class BankStore:
         os.replace(path, doomed)
         shutil.rmtree(doomed)
 
-    def rolled_back_to(self) -> str | None:
-        """The snapshot the live bank on disk was last rolled back to, if nothing was saved over it since."""
-        if not self.exists():
-            return None
-        return read_manifest(self.current).get("extra", {}).get("rolled_back_to")
-
     def rollback(self, name: str) -> dict:
         """Restore a named snapshot into the live parts and make it the current one on disk."""
         if name not in self.snapshots():

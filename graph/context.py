@@ -7,7 +7,7 @@ one process and are rebuilt (and the bank reloaded from disk) when a run resumes
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -96,6 +96,10 @@ class RunContext:
     trainer: TestTimeTrainer
     bank_store: BankStore
     memory: MemoryStore | None = None
+    # The round gate's verdict per phase of a round, keyed by the snapshot it undoes to: the first
+    # episode of the phase to re-evaluate decides (and rolls back), the others record the same
+    # verdict. graph/episodes.py empties it before each phase; copies of the context share it.
+    round_verdicts: dict[str, bool] = field(default_factory=dict)
 
     def with_backend(self, backend: GenerationBackend) -> RunContext:
         """The same run context with every agent generating through ``backend``."""

@@ -3,11 +3,13 @@
 Each problem is one episode with its own thread id (``<run_id>-epNNNNN``) in a SqliteSaver
 in the run directory. A round's episodes run their sampling nodes together, their generation
 calls pooled (graph/pooling.py); under the round gate (LoopConfig.round_gate) their updates
-then run in turn and their re-evaluations together, one canary verdict for the round; then
-each in turn runs the nodes left (the rest of its cycles without the gate; rollback, commit). On resume, finished episodes are read back, a half-sampled round samples again
-from its start (its event lines dropped), a half-done episode continues from its last
-finished node, and the bank is aligned with the checkpointed state. What one episode hands
-to the next (the canary set, expert usage, replay) is part of its state, so it is
+then run in turn and their re-evaluations together, one canary verdict for the round. Then
+each in turn runs the nodes left (rollback and commit; without the gate, its updates and
+re-evaluations too). On resume, finished episodes are read back, a round not done sampling
+(under the gate: not done learning) samples again from its start (its event lines dropped),
+a half-done episode continues from its last finished node, and without the gate the bank is
+aligned with the checkpointed state. What one episode hands to the next (the canary set,
+expert usage, replay) is part of its state, so it is
 checkpointed too. Every node's summary goes to ``events.jsonl``.
 """
 
@@ -127,10 +129,11 @@ class _Driver:
 
         ``restart``: a half-sampled round (killed or stopped in an earlier process) samples again
         from its start, its events since the round began dropped, so that every call pools with
-        the same others as before (bank and memory are unchanged until sampling is done). A
-        one-episode round pools with nobody and continues where it stopped. Under the round gate
-        the round's updates and re-evaluations belong to its sampling too (``learn``): a round
-        stopped in them starts again from its beginning, the bank set back to before its first update.
+        the same others as before (bank and memory are unchanged until sampling is done). Without
+        the round gate a one-episode round pools with nobody and continues where it stopped. Under
+        the round gate the round's updates and re-evaluations belong to its sampling too (``learn``):
+        a round stopped in them starts again from its beginning, the bank set back to before its
+        first update.
         """
         if restart:
             self.restart(episodes)
@@ -151,7 +154,8 @@ class _Driver:
             starts = [snapshot_name(e.index, 0) for e in episodes if snapshot_name(e.index, 0) in ours]
             if starts:
                 store.rollback(starts[0])  # taken before the round's first update
-            for name in ours:
+            # The round's start goes last: a kill in between finds it again on the next resume.
+            for name in sorted(ours, key=lambda n: n == starts[0]) if starts else ours:
                 store.delete_snapshot(name)
         for episode in episodes:
             self.checkpointer.delete_thread(episode.thread["configurable"]["thread_id"])
@@ -177,22 +181,28 @@ class _Driver:
 
         Each update gets the carry as the updates before it in the round left it (expert usage,
         for the pick) and the gate: the snapshot before the phase's first update, which a broken
-        canary restores, and the round's problems right at the first try that train, which join
-        the canary. The re-evaluations (and a further cycle's reflect and diversify) then run side
+        canary restores, and the round's problems right at the first try, which join the canary. The re-evaluations (and a further cycle's reflect and diversify) then run side
         by side, and any episode sent back to update starts another phase. False if stopped.
         """
-        first_states = [self.app.get_state(e.thread) for e in episodes]
-        canary = [{"id": s.values["problem"]["id"], "question": s.values["problem"]["question"], "label": s.values["target"]}
-                  for s in first_states if s.next == ("update",) and s.values["first_try"]["correct"]]
+        sampled = [self.app.get_state(e.thread) for e in episodes]
+        right = [s for s in sampled if s.values["first_try"]["correct"] and not s.values.get("unverifiable")]
+        # The round's problems right at the first try join the canary, as each would have for the
+        # episodes after it without the gate (with canary_size 0, only those that train, whose
+        # own update must not break them); any that trains undoes the round if broken.
+        trained = [s.values["problem"]["id"] for s in right if s.next == ("update",)]
+        canary = [{"id": v["problem"]["id"], "question": v["problem"]["question"], "label": v["target"]}
+                  for v in (s.values for s in right) if self.ctx.config.canary_size > 0 or v["problem"]["id"] in trained]
         running = carry
         while waiting := [e for e in episodes if self.app.get_state(e.thread).next == ("update",)]:
             cycle = self.app.get_state(waiting[0].thread).values.get("cycle", 0)
-            gate = {"rollback_to": snapshot_name(waiting[0].index, cycle), "canary": canary}
+            gate = {"rollback_to": snapshot_name(waiting[0].index, cycle), "canary": canary, "trained": trained}
+            self.ctx.round_verdicts.clear()  # decided anew by this phase's first re-evaluation
             for episode in waiting:
-                if not self.advance(episode, Command(update={"carry": running, "gate": gate}), self.ctx, ("reevaluate",)):
+                handed = Command(update={"carry": running, "gate": gate})
+                if not self.advance(episode, handed, self.ctx, ("reevaluate",)):
                     return False
                 running = self.app.get_state(episode.thread).values["carry"]
-            if not self.together(waiting, carry, AFTER_SAMPLING):
+            if not self.together(waiting, running, AFTER_SAMPLING):
                 return False
         return True
 

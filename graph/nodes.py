@@ -302,8 +302,8 @@ def reevaluate(state: LoopState, runtime: Runtime[RunContext]) -> dict:
 
     Under the round gate the canary is the round's (the run's canary set and the round's problems
     right at the first try), asked as a request of its own that is the same for every episode of the
-    round, so the pooled call computes it once and every episode reads the same verdict; a broken
-    canary undoes the round's updates, back to the bank before its first one.
+    round, so the pooled call computes it once; the round's first episode to re-evaluate decides for
+    all, and a broken canary undoes the round's updates, back to the bank before its first one.
     """
     ctx, problem, gate = runtime.context, state["problem"], state.get("gate")
     carried = (state.get("carry") or {}).get("canary", [])
@@ -328,19 +328,28 @@ def reevaluate(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     verdict = {"attempt": asdict(attempt), **asdict(check(attempt, state["target"]))}
     result = {"checked": len(canary), "correct": len(canary), "broke": [], "canary_rolled_back": False}
     last = state["updates"][-1]
-    undo = last.get("gate_rollback_to") or last["snapshot"]
+    undo = last["snapshot"] if gate is None else gate["rollback_to"]
+    broke: list[str] = []
     if canary:
         broke = [c["id"] for c, a in zip(canary, attempts) if not matches(a, c["label"])]
         accuracy = 1 - len(broke) / len(canary)
         result.update(correct=len(canary) - len(broke), broke=broke, accuracy=accuracy)
-        if 1.0 - accuracy > ctx.config.canary_margin:
+    regressed = bool(canary) and 1.0 - result["accuracy"] > ctx.config.canary_margin
+    if gate is not None:
+        # A round's own problem that it trained on, broken by the round, undoes it at any margin (the
+        # episode gate's rollback node does so per episode). One verdict per phase: the first
+        # episode to re-evaluate decides, the others of the phase record the same.
+        regressed = regressed or bool(set(broke) & set(gate["trained"]))
+        decided = undo in ctx.round_verdicts
+        regressed = ctx.round_verdicts.setdefault(undo, regressed)
+        if decided:
+            undo = None  # rolled back already, if at all
+    if regressed:
+        if undo is not None:
             ctx.bank_store.rollback(undo)
-            result["canary_rolled_back"] = True
-            log.info("canary check failed (%d of %d broke): update %s rolled back", len(broke), len(canary), last["update_id"])
-    if gate is not None and not result["canary_rolled_back"] and ctx.bank_store.rolled_back_to() == undo:
-        result["canary_rolled_back"] = True  # an earlier episode of the round read the same verdict and undid it
-    if result["canary_rolled_back"]:
+        result["canary_rolled_back"] = True
         result["update_id"] = last["update_id"]
+        log.info("canary check failed (%d of %d broke): update %s rolled back", len(broke), len(canary), last["update_id"])
     return {"attempt": asdict(attempt), "verdict": verdict, "canary_checks": [result]}
 
 

@@ -75,7 +75,9 @@ def remember(ctx: RunContext, state: LoopState, problem: ProblemData, outcome: s
     if state.get("memory_rule_ids"):
         memory.record_retrieved(state["memory_rule_ids"], episode_id=update_id(state, 0))
     memory.add_episode(episode.model_copy(update={"rule_ids": list(dict.fromkeys(rule_ids))}))
-    questions = {c["id"]: c["question"] for c in (state.get("carry") or {}).get("canary", [])}
+    # The run's canary set, and under the round gate the round's own problems that joined it.
+    canary = [*(state.get("carry") or {}).get("canary", []), *(state.get("gate") or {}).get("canary", [])]
+    questions = {c["id"]: c["question"] for c in canary}
     for check_result in state.get("canary_checks") or []:
         for broke_id in check_result["broke"] if check_result.get("update_id") else []:
             # A canary episode gives the graph its 'broke' edge from the rolled-back update.

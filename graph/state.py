@@ -86,8 +86,8 @@ class LoopState(TypedDict, total=False):
     canary_checks: Annotated[list[dict], operator.add]  # every regression check of this episode
     episode_rolled_back_to: str | None  # the snapshot the rollback node undid the episode's updates to, if any
     # Round gate (graph/episodes.py): handed by the driver before each update. rollback_to: the bank
-    # snapshot before this phase's first update of the round; canary: the round's problems that were
-    # right at the first try and train, guarded with the run's canary set.
+    # snapshot before this phase's first update of the round; canary: the round's problems right at
+    # the first try, guarded with the run's canary set; trained: those of them that train.
     gate: dict | None
     outcome: str  # correct | fixed | unfixed | not_learned | failed | skipped
     committed: bool  # set by commit alone: the episode is finished (graph/episodes.py resumes any other)

@@ -136,6 +136,17 @@ def test_the_round_gate_re_evaluates_a_rounds_updates_in_one_call_with_one_canar
     assert cakes["carry"]["canary"][0]["id"] == "p-apples"
 
 
+@pytest.mark.parametrize("canary_size", [2, 0])
+def test_the_rounds_problems_right_at_the_first_try_join_its_canary(make_run, tmp_path, canary_size):
+    ctx, _ = make_run(World(), settings=_settings(cycles=1, canary_size=canary_size))
+    apples, pens, cakes = _run(ctx, [APPLES, PENS, CAKES], tmp_path / "run", round_size=3)
+    assert not apples["updates"] and pens["updates"] and cakes["updates"]
+    # APPLES, right at once and not trained on, guards the round as it would the episodes after it
+    # without the gate; with no canary asked for, only a round's own trained problems are guarded.
+    want = 1 if canary_size else 0
+    assert pens["canary_checks"][0]["checked"] == cakes["canary_checks"][0]["checked"] == want
+
+
 def test_a_broken_round_canary_undoes_every_update_of_the_round(make_run, tmp_path):
     world = _rarely_right_apples()
     world.broken_after = {"p-apples"}  # once trained, APPLES's greedy answer turns wrong
@@ -146,6 +157,17 @@ def test_a_broken_round_canary_undoes_every_update_of_the_round(make_run, tmp_pa
     assert all(c["update_id"] == f["updates"][-1]["update_id"] for c, f in zip(checks, finals))
     assert not trained(ctx)  # back to the bank before the round's first update
     assert all(f["carry"]["replay"] == {} for f in finals)  # nothing undone is replayed
+    broken = [e for e in ctx.memory.list_episodes() if e.split == "canary"]
+    assert broken and all(e.problem_text == APPLES["question"] for e in broken)  # the graph's 'broke' edges
+
+
+def test_a_round_that_breaks_a_problem_it_trained_on_is_undone_at_any_canary_margin(make_run, tmp_path):
+    world = _rarely_right_apples()
+    world.broken_after = {"p-apples"}
+    ctx, _ = make_run(world, settings=_settings(cycles=1, canary_margin=1.0))
+    finals = _run(ctx, [APPLES, PENS, CAKES], tmp_path / "run", round_size=3)
+    assert all(f["canary_checks"][-1]["canary_rolled_back"] for f in finals)
+    assert not trained(ctx)
 
 
 def test_a_run_saved_before_the_round_gate_resumes_with_each_update_gated_alone(tmp_path):

@@ -220,7 +220,7 @@ class ArmRunner:
         if len(states) < len(stream):
             raise EvalInterrupted(f"stopped while the {arm} arm was learning (episode {len(states) + 1} of {len(stream)})")
         learning = {**learning_summary(states), **episode_timing(list(seconds.values())), "round_size": round_size,
-                    "backend": ctx.backend.description}
+                    "round_gate": ctx.config.round_gate, "backend": ctx.backend.description}
         return states, learning, time.perf_counter() - start
 
     @staticmethod

@@ -79,15 +79,20 @@ def render_markdown(report) -> str:
     precision = report.extra.get("precision")
     if precision:
         lines.append(f"- precision of the frozen weights: {precision['used']} ({precision['requested']}: {precision['reason']})")
-    if any(a.learning.get("episodes") for a in report.arms.values()):
+    learned = {name: a.learning for name, a in report.arms.items() if a.learning.get("episodes")}
+    if learned:
         # Old reports lack the newer settings: each is shown at the value those runs used, the default.
+        # Round size and gate are per arm: an evaluation may change them for arms not yet started.
         sources = cfg.get("train_sources") or SOURCES
+        rounds = "; ".join(
+            f"{name}: rounds of {rec.get('round_size', cfg.get('round_size', 1))}, "
+            f"{'gated per round' if rec.get('round_gate', cfg.get('round_gate')) else 'each update gated alone'}"
+            for name, rec in learned.items())
         lines.append(f"- learning settings: {cfg['cycles']} cycle(s), {cfg.get('verifier', {}).get('samples', '?')} samples "
-                     f"per problem, round size {cfg.get('round_size', 1)}, canary {cfg.get('canary_size', 4)} problems "
-                     f"with margin {cfg.get('canary_margin', 0.0)} "
-                     f"({'gated per round' if cfg.get('round_gate') else 'each update gated alone'}), stress loss scale "
-                     f"{cfg.get('stress', {}).get('loss_scale', 1.0)}, {cfg.get('trainer', {}).get('steps_per_update', '?')} "
-                     f"steps per update; trained on texts from: {', '.join(sources)}")
+                     f"per problem, canary {cfg.get('canary_size', 4)} problems with margin {cfg.get('canary_margin', 0.0)}, "
+                     f"stress loss scale {cfg.get('stress', {}).get('loss_scale', 1.0)}, "
+                     f"{cfg.get('trainer', {}).get('steps_per_update', '?')} steps per update; trained on texts from: "
+                     f"{', '.join(sources)}; {rounds}")
     for role, source in report.data_sources.items():
         lines.append(f"- {role} data `{source['spec']}`: {source['kind']} {source['location']} ({source['size']} problems)")
     if protocol == "holdout":
