@@ -58,7 +58,8 @@ def _distinct(requests: list[Request]) -> tuple[list[Request], list[int]]:
     for request in requests:
         key = None
         if request.sampling.greedy:
-            mixture = None if request.weights is None else (tuple(request.weights.shape), tuple(request.weights.flatten().tolist()))
+            weights = request.weights
+            mixture = None if weights is None else (tuple(weights.shape), tuple(weights.flatten().tolist()))
             key = (request.prompts, mixture, request.max_new_tokens, request.stop_at_answer)
         if key is not None and key in seen:
             index.append(seen[key])
