@@ -65,12 +65,13 @@ def _kill_then_resume(make_run, tmp_path, monkeypatch, owner, name, kill_at, rou
 
 
 @pytest.mark.parametrize("round_gate", [False, True])
-@pytest.mark.parametrize("kill_at", [4, 6])
+@pytest.mark.parametrize("kill_at", [4, 5, 6])
 def test_a_kill_while_a_round_samples_resumes_to_the_uninterrupted_run(make_run, tmp_path, monkeypatch, kill_at,
                                                                        round_gate):
     # the 4th pooled call of the first round (diversify's): solve, verify and reflect are checkpointed for every
-    # episode that got so far, APPLES waits before its commit, and the round must sample again from its start;
-    # the 6th: under the round gate, the round's re-evaluations, after its updates changed the bank
+    # episode that got so far, APPLES waits before its commit, and the round must sample again from its start.
+    # Under the round gate the 5th is the round's pooled re-evaluation, after its updates changed the bank,
+    # and the 6th a second cycle's reflect, after the gate's verdict.
     want, got = _kill_then_resume(make_run, tmp_path, monkeypatch, ScriptedBackend, "generate_requests", kill_at,
                                   round_gate)
     assert got[1:] == want[1:]
