@@ -9,8 +9,8 @@ re-evaluations too). On resume, finished episodes are read back, a round not don
 (under the gate: not done learning) samples again from its start (its event lines dropped),
 a half-done episode continues from its last finished node, and without the gate the bank is
 aligned with the checkpointed state. What one episode hands to the next (the canary set,
-expert usage, replay) is part of its state, so it is
-checkpointed too. Every node's summary goes to ``events.jsonl``.
+expert usage, replay) is part of its state, so it is checkpointed too. Every node's summary
+goes to ``events.jsonl``.
 """
 
 from __future__ import annotations
@@ -181,8 +181,9 @@ class _Driver:
 
         Each update gets the carry as the updates before it in the round left it (expert usage,
         for the pick) and the gate: the snapshot before the phase's first update, which a broken
-        canary restores, and the round's problems right at the first try, which join the canary. The re-evaluations (and a further cycle's reflect and diversify) then run side
-        by side, and any episode sent back to update starts another phase. False if stopped.
+        canary restores, and the round's problems right at the first try, which join the canary.
+        The re-evaluations (and a further cycle's reflect and diversify) then run side by side,
+        and any episode sent back to update starts another phase. False if stopped.
         """
         sampled = [self.app.get_state(e.thread) for e in episodes]
         right = [s for s in sampled if s.values["first_try"]["correct"] and not s.values.get("unverifiable")]
@@ -190,8 +191,10 @@ class _Driver:
         # episodes after it without the gate (with canary_size 0, only those that train, whose
         # own update must not break them); any that trains undoes the round if broken.
         trained = [s.values["problem"]["id"] for s in right if s.next == ("update",)]
+        guarded = [s.values for s in right
+                   if self.ctx.config.canary_size > 0 or s.values["problem"]["id"] in trained]
         canary = [{"id": v["problem"]["id"], "question": v["problem"]["question"], "label": v["target"]}
-                  for v in (s.values for s in right) if self.ctx.config.canary_size > 0 or v["problem"]["id"] in trained]
+                  for v in guarded]
         running = carry
         while waiting := [e for e in episodes if self.app.get_state(e.thread).next == ("update",)]:
             cycle = self.app.get_state(waiting[0].thread).values.get("cycle", 0)
