@@ -167,6 +167,10 @@ RoundGateOption = Annotated[Optional[bool], typer.Option(
     help="--round-gate (default): a round's updates run in turn, then their re-evaluations and one shared canary "
          "check go to the model as one call, and a broken canary undoes the round's updates together. "
          "--episode-gate: each update is re-evaluated and gated alone.")]
+CanaryTestOption = Annotated[Optional[str], typer.Option(
+    help="How a broken canary is judged: 'margin' (default: accuracy may drop by the margin) or 'binomial' "
+         "(undone only when that many breaks are unlikely by chance, given how many of each canary "
+         "problem's samples were right at its first try).")]
 PrecisionOption = Annotated[Optional[str], typer.Option(
     help="Frozen weights: auto (default: bfloat16 on CUDA; on CPU what a cached calibration measures faster), "
          "float32 or bfloat16. Adapters stay float32.")]
@@ -207,6 +211,7 @@ def run(
     round_size: RoundSizeOption = None,
     train_sources: TrainSourcesOption = None,
     round_gate: RoundGateOption = None,
+    canary_test: CanaryTestOption = None,
 ) -> None:
     """Run the self-improvement loop over a stream of problems, resumably.
 
@@ -227,6 +232,7 @@ def run(
         "loop.seed": seed, "solver.max_new_tokens": max_new_tokens, "memory_url": memory_url, "backend": backend,
         "batch_size": batch_size, "embedder": embedder, "precision": precision, "verifier.samples": samples,
         "round_size": round_size, "loop.train_sources": _sources(train_sources), "loop.round_gate": round_gate,
+        "loop.canary_test": canary_test,
     }
     try:
         loop = LoopRun.setup(run_dir, resume, options, threads=threads, on_status=lambda line: _status(err, line))
@@ -316,7 +322,12 @@ def eval_command(
     canary_size: Annotated[Optional[int], typer.Option(
         help="Learning problems solved at the first try that every update is checked against. Default: 4.")] = None,
     canary_margin: Annotated[Optional[float], typer.Option(
-        help="Drop in canary accuracy (0-1) an update may cause before it is rolled back. Default: 0.")] = None,
+        help="Drop in canary accuracy (0-1) an update may cause before it is rolled back (--canary-test margin). "
+             "Default: 0.")] = None,
+    canary_test: CanaryTestOption = None,
+    canary_alpha: Annotated[Optional[float], typer.Option(
+        help="The binomial canary test's level: an update is rolled back when its canary breaks are less likely "
+             "than this by chance. Default: 0.05.")] = None,
     stress_scale: Annotated[Optional[float], typer.Option(
         help="The stress controller's loss scale: phi = L/(L + scale) for the loss EMA L; below 0.3 an update trains "
              "the shared expert, above 0.7 it is guarded (Mirror). Default: 1.")] = None,
@@ -344,7 +355,8 @@ def eval_command(
         "embedder": embedder, "bank.n_experts": experts, "trainer.steps_per_update": steps, "plots": plots,
         "precision": precision, "verifier.samples": samples, "round_size": round_size,
         "canary_size": canary_size, "canary_margin": canary_margin, "stress.loss_scale": stress_scale,
-        "train_sources": _sources(train_sources), "round_gate": round_gate,
+        "train_sources": _sources(train_sources), "round_gate": round_gate, "canary_test": canary_test,
+        "canary_alpha": canary_alpha,
     }
     try:
         config = eval_config(run_dir, resume, options)

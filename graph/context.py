@@ -23,6 +23,7 @@ from agents.reflector import Reflector
 from agents.solver import Solver
 from agents.trajectories import SOURCES, chosen_sources
 from agents.verifier import VerifierConfig
+from graph.canary import CANARY_TESTS
 from memory_store.store import MemoryStore
 
 
@@ -34,6 +35,11 @@ class LoopConfig:
     adapters: bool = True  # train the bank; False = rules only, no gradient
     canary_size: int = 4  # problems solved earlier that every update must not break
     canary_margin: float = 0.0  # allowed drop in canary accuracy before an update is rolled back
+    # How a broken canary is judged (graph/canary.py): "margin" (accuracy may drop by canary_margin)
+    # or "binomial" (undone only when the breaks are unlikely, p < canary_alpha, given how firmly
+    # each canary problem's samples were right at its first try).
+    canary_test: Literal["margin", "binomial"] = "margin"
+    canary_alpha: float = 0.05
     # how the update picks its expert: "router" (argmax if confident, else a fresh slot) or "fresh"
     expert_policy: Literal["router", "fresh"] = "router"
     router_confidence: float = 0.5  # router probability needed to reuse its argmax expert
@@ -62,6 +68,10 @@ class LoopConfig:
             raise ValueError(f"canary_size must be >= 0, got {self.canary_size}")
         if not 0 <= self.canary_margin <= 1:
             raise ValueError(f"canary_margin must be in [0, 1], got {self.canary_margin}")
+        if self.canary_test not in CANARY_TESTS:
+            raise ValueError(f"canary_test must be one of {', '.join(CANARY_TESTS)}; got {self.canary_test!r}")
+        if not 0 < self.canary_alpha < 1:
+            raise ValueError(f"canary_alpha must be in (0, 1), got {self.canary_alpha}")
         if self.expert_policy not in ("router", "fresh"):
             raise ValueError(f"expert_policy must be 'router' or 'fresh', got {self.expert_policy!r}")
         if not 0 < self.router_confidence <= 1:

@@ -30,6 +30,7 @@ from langgraph.types import Command
 
 from agents.files import atomic_write_bytes
 from graph.builder import build_graph, recursion_limit
+from graph.canary import canary_entry
 from graph.context import RunContext
 from graph.pooling import Lockstep
 from graph.run_dir import CHECKPOINTS, RunDirError, run_id_for
@@ -193,8 +194,7 @@ class _Driver:
         trained = [s.values["problem"]["id"] for s in right if s.next == ("update",)]
         guarded = [s.values for s in right
                    if self.ctx.config.canary_size > 0 or s.values["problem"]["id"] in trained]
-        canary = [{"id": v["problem"]["id"], "question": v["problem"]["question"], "label": v["target"]}
-                  for v in guarded]
+        canary = [canary_entry(v) for v in guarded]
         running = carry
         while waiting := [e for e in episodes if self.app.get_state(e.thread).next == ("update",)]:
             cycle = self.app.get_state(waiting[0].thread).values.get("cycle", 0)

@@ -41,6 +41,7 @@ from agents.rationalizer import ask_rationalizations
 from agents.solver import Attempt
 from agents.trajectories import Text, as_completion, distinct, matches, verified_share, verified_texts
 from agents.verifier import check, vote
+from graph.canary import canary_entry, canary_regressed
 from graph.context import RunContext
 from graph.remember import remember, update_id, update_survived
 from graph.routing import Route, route
@@ -334,12 +335,17 @@ def reevaluate(state: LoopState, runtime: Runtime[RunContext]) -> dict:
         broke = [c["id"] for c, a in zip(canary, attempts) if not matches(a, c["label"])]
         accuracy = 1 - len(broke) / len(canary)
         result.update(correct=len(canary) - len(broke), broke=broke, accuracy=accuracy)
-    regressed = bool(canary) and 1.0 - result["accuracy"] > ctx.config.canary_margin
+    regressed, p_value = canary_regressed(ctx.config.canary_test, canary, broke, margin=ctx.config.canary_margin,
+                                          alpha=ctx.config.canary_alpha)
+    if p_value is not None:
+        result["p_value"] = round(p_value, 6)
     if gate is not None:
-        # A round's own problem that it trained on, broken by the round, undoes it at any margin (the
-        # episode gate's rollback node does so per episode). One verdict per phase: the first
-        # episode to re-evaluate decides, the others of the phase record the same.
-        regressed = regressed or bool(set(broke) & set(gate["trained"]))
+        # Under the margin test a round's own problem that it trained on, broken by the round, undoes
+        # it at any margin (the episode gate's rollback node does so per episode); the binomial test
+        # weighs it by its samples like any other. One verdict per phase: the first episode to
+        # re-evaluate decides, the others of the phase record the same.
+        if ctx.config.canary_test == "margin":
+            regressed = regressed or bool(set(broke) & set(gate["trained"]))
         decided = undo in ctx.round_verdicts
         regressed = ctx.round_verdicts.setdefault(undo, regressed)
         if decided:
@@ -405,7 +411,7 @@ def commit(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     canary = list(carry.get("canary") or [])
     if state["first_try"]["correct"] and ctx.config.canary_size > 0:
         # Label-free runs guard with the confident majority answer as the canary's label.
-        canary = (canary + [{"id": problem["id"], "question": problem["question"], "label": state["target"]}])[-ctx.config.canary_size:]
+        canary = (canary + [canary_entry(state)])[-ctx.config.canary_size:]
     carry["canary"] = canary
     # Replay only texts whose update is still in the bank (not undone by stress, canary or episode).
     replay = {k: list(v) for k, v in (carry.get("replay") or {}).items()}

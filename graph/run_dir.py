@@ -94,7 +94,7 @@ LEGACY_SETTINGS = {
     "embedder": "minilm", "precision": "float32", "round_size": 1,
     "reflector": {"max_attempts": 3, "max_chars": 300, "max_sentences": 2, "max_new_tokens": 96, "temperature": 0.7},
     "diversifier": {"kinds": ["paraphrase", "rename"], "per_kind": 1, "max_new_tokens": 200, "temperature": 0.7},
-    "loop": {"round_gate": False},
+    "loop": {"round_gate": False, "canary_test": "margin"},
 }
 # The layout of the loop state in a run's checkpoints: 2 named the first try `first_try` and the
 # three rollbacks apart (stress_rolled_back, canary_rolled_back, episode_rolled_back_to).
@@ -105,7 +105,7 @@ RUN_FLAGS = {
     "loop.label_free": "--label-free", "loop.seed": "--seed", "solver.max_new_tokens": "--max-new-tokens",
     "memory_url": "--memory-url", "backend": "--backend", "batch_size": "--batch-size", "embedder": "--embedder",
     "precision": "--precision", "verifier.samples": "--samples", "round_size": "--round-size",
-    "loop.train_sources": "--train-sources", "loop.round_gate": "--round-gate",
+    "loop.train_sources": "--train-sources", "loop.round_gate": "--round-gate", "loop.canary_test": "--canary-test",
 }
 
 

@@ -38,7 +38,9 @@ class VerdictData(TypedDict):
 class EpisodeCarryOver(TypedDict, total=False):
     """What one episode hands to the next: kept in the checkpoint, so a resumed run has it too."""
 
-    canary: list[ProblemData]  # problems solved at the first try, re-solved after every update
+    # Problems solved at the first try, re-solved after every update (graph/canary.canary_entry):
+    # id, question, label, and the share of how many samples that verified then.
+    canary: list[dict]
     expert_updates: list[int]  # updates each expert has received
     replay: dict[str, list[dict]]  # per expert (as a string key): its latest verified training texts
     solved_first: int  # episodes right at the first try so far

@@ -137,11 +137,15 @@ def test_demo_bad_threads_is_a_one_line_error_before_the_run_folder_is_made(tmp_
     assert not (tmp_path / "d").exists()
 
 
-def test_the_gate_flag_is_saved_with_the_run_and_kept_on_resume(tmp_path):
+def test_the_gate_flags_are_saved_with_the_run_and_kept_on_resume(tmp_path):
     data = _data(tmp_path / "d.jsonl", GOOD)
     run_dir = tmp_path / "run"
-    result = _run(["--data", str(data), "--episodes", "1", "--episode-gate", "--run-dir", str(run_dir), *TINY])
+    result = _run(["--data", str(data), "--episodes", "1", "--episode-gate", "--canary-test", "binomial",
+                   "--run-dir", str(run_dir), *TINY])
     assert result.exit_code == 0, result.output
-    assert json.loads((run_dir / "run.json").read_text())["loop"]["round_gate"] is False
+    loop = json.loads((run_dir / "run.json").read_text())["loop"]
+    assert loop["round_gate"] is False and loop["canary_test"] == "binomial"
     again = _run(["--episodes", "2", "--round-gate", "--run-dir", str(run_dir), "--resume", *TINY])
     assert again.exit_code == 1 and "--round-gate True differs from the saved False" in again.output
+    again = _run(["--episodes", "2", "--canary-test", "margin", "--run-dir", str(run_dir), "--resume", *TINY])
+    assert again.exit_code == 1 and "--canary-test margin differs from the saved binomial" in again.output

@@ -171,6 +171,34 @@ def test_a_round_that_breaks_a_problem_it_trained_on_is_undone_at_any_canary_mar
     assert not trained(ctx)
 
 
+def test_the_binomial_canary_test_keeps_a_round_that_broke_a_problem_right_by_luck(make_run, tmp_path):
+    world = _rarely_right_apples()  # one sample of three right: a chance of breaking of (2 + 1) / (3 + 2)
+    world.broken_after = {"p-apples"}
+    ctx, _ = make_run(world, settings=_settings(cycles=1, canary_test="binomial"))
+    finals = _run(ctx, [APPLES, PENS, CAKES], tmp_path / "run", round_size=3)
+    checks = [f["canary_checks"][-1] for f in finals]
+    # The margin test undoes this round (the two tests above); the binomial one sees a likely break.
+    assert all(c["broke"] == ["p-apples"] and not c["canary_rolled_back"] for c in checks)
+    assert all(c["p_value"] == pytest.approx(0.6) for c in checks)
+    assert trained(ctx)
+
+
+@pytest.mark.parametrize("round_gate", [True, False])
+@pytest.mark.parametrize("alpha, undone", [(0.05, False), (0.25, True)])
+def test_the_binomial_canary_test_undoes_a_break_less_likely_than_its_level(make_run, tmp_path, round_gate, alpha,
+                                                                            undone):
+    world = World()
+    world.broken_after = {"p-apples"}  # every sample right at first: a chance of breaking of 1 / (3 + 2)
+    ctx, _ = make_run(world, settings=_settings(cycles=1, canary_test="binomial", canary_alpha=alpha,
+                                                round_gate=round_gate))
+    apples, pens, cakes = _run(ctx, [APPLES, PENS, CAKES], tmp_path / "run", round_size=3)
+    assert pens["updates"] and cakes["updates"]
+    check = pens["canary_checks"][-1]
+    assert check["broke"] == ["p-apples"] and check["p_value"] == pytest.approx(0.2)
+    assert check["canary_rolled_back"] is undone
+    assert trained(ctx) is not undone
+
+
 def test_a_run_saved_before_the_round_gate_resumes_with_each_update_gated_alone(tmp_path):
     from graph.run_dir import RUN_FILE, RunSettings, run_settings
     from graph.saved_settings import SettingsError

@@ -38,6 +38,7 @@ from agents.lm.precision import PRECISIONS
 from agents.solver import SolverConfig
 from agents.trajectories import SOURCES, chosen_sources
 from agents.verifier import VerifierConfig
+from graph.canary import CANARY_TESTS
 from graph.context import LoopConfig
 from graph.run_dir import DEFAULT_ROUND_SIZE, RunSettings
 from graph.saved_settings import read_saved, settings_with_options
@@ -87,6 +88,8 @@ class EvalConfig:
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     canary_size: int = 4  # solved learning problems every update must not break
     canary_margin: float = 0.0  # allowed drop in canary accuracy before an update is rolled back
+    canary_test: str = "margin"  # how a broken canary is judged: 'margin' or 'binomial' (graph/canary.py)
+    canary_alpha: float = 0.05  # the binomial test's level: breaks less likely than this undo the update
     round_size: int = DEFAULT_ROUND_SIZE  # learning episodes that sample together (graph/episodes.run_episodes)
     train_sources: tuple[str, ...] = SOURCES  # verified texts that reach the gradient (a per-source ablation)
     round_gate: bool = True  # a round's updates re-evaluated and gated together (graph.context.LoopConfig.round_gate)
@@ -115,6 +118,10 @@ class EvalConfig:
             raise ValueError(f"canary_size must be >= 0, got {self.canary_size}")
         if not 0 <= self.canary_margin <= 1:
             raise ValueError(f"canary_margin must be in [0, 1], got {self.canary_margin}")
+        if self.canary_test not in CANARY_TESTS:
+            raise ValueError(f"canary_test must be one of {', '.join(CANARY_TESTS)}; got {self.canary_test!r}")
+        if not 0 < self.canary_alpha < 1:
+            raise ValueError(f"canary_alpha must be in (0, 1), got {self.canary_alpha}")
         self.train_sources = chosen_sources(self.train_sources)
 
     def to_dict(self) -> dict:
@@ -124,10 +131,13 @@ class EvalConfig:
 
 
 # Settings added after evaluations were first saved, with the values those evaluations ran with.
-LEGACY_CONFIG = {"backend": "torch", "precision": "float32", "round_size": 1, "round_gate": False}
-# Settings a resumed evaluation may change. The round size and gate change only learning arms not
-# yet started: a started one keeps its own, saved in its run folder and checked there.
-RESUMABLE_EVAL_CHANGES = ("plots", "round_size", "round_gate")
+LEGACY_CONFIG = {"backend": "torch", "precision": "float32", "round_size": 1, "round_gate": False,
+                 "canary_test": "margin"}
+# Settings a resumed evaluation may change. The round size, the gate and the canary's settings change
+# only learning arms not yet started: a started one keeps its own, saved in its run folder and
+# checked there (frozen and vote never learn, so none of them changes their answers).
+CANARY_SETTINGS = ("canary_size", "canary_margin", "canary_test", "canary_alpha")
+RESUMABLE_EVAL_CHANGES = ("plots", "round_size", "round_gate", *CANARY_SETTINGS)
 # The command-line option of each setting, for messages about them.
 EVAL_FLAGS = {
     "model": "--model", "protocol": "--protocol", "arms": "--arms", "learn_data": "--learn-data",
@@ -137,7 +147,7 @@ EVAL_FLAGS = {
     "trainer.steps_per_update": "--steps", "plots": "--plots", "precision": "--precision",
     "verifier.samples": "--samples", "round_size": "--round-size", "canary_size": "--canary-size",
     "canary_margin": "--canary-margin", "stress.loss_scale": "--stress-scale", "train_sources": "--train-sources",
-    "round_gate": "--round-gate",
+    "round_gate": "--round-gate", "canary_test": "--canary-test", "canary_alpha": "--canary-alpha",
 }
 
 
@@ -159,6 +169,7 @@ def arm_settings(config: EvalConfig, arm: str, episodes: int) -> RunSettings:
         episodes=episodes,
         loop=LoopConfig(cycles=config.cycles, label_free=config.label_free, seed=config.seed,
                         canary_size=config.canary_size, canary_margin=config.canary_margin,
+                        canary_test=config.canary_test, canary_alpha=config.canary_alpha,
                         train_sources=config.train_sources, round_gate=config.round_gate, **switches),
         bank=replace(config.bank, seed=config.seed),
         router=replace(config.router, seed=config.seed),

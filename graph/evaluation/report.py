@@ -47,6 +47,15 @@ def _p(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def _canary_line(canary: dict) -> str:
+    """An arm's canary settings in words; an old record without them shows the values it ran with."""
+    size = 4 if canary.get("size") is None else canary["size"]
+    if canary.get("test") == "binomial":
+        return f"canary of {size} problems, binomial test at alpha {canary.get('alpha', 0.05)}"
+    margin = 0.0 if canary.get("margin") is None else canary["margin"]
+    return f"canary of {size} problems, margin {margin}"
+
+
 def render_markdown(report) -> str:
     cfg = report.config
     protocol = report.protocol
@@ -86,11 +95,11 @@ def render_markdown(report) -> str:
         sources = cfg.get("train_sources") or SOURCES
         rounds = "; ".join(
             f"{name}: rounds of {rec.get('round_size', cfg.get('round_size', 1))}, "
-            f"{'gated per round' if rec.get('round_gate', cfg.get('round_gate')) else 'each update gated alone'}"
+            f"{'gated per round' if rec.get('round_gate', cfg.get('round_gate')) else 'each update gated alone'}, "
+            f"{_canary_line(rec.get('canary') or {k: cfg.get(f'canary_{k}') for k in ('size', 'test', 'margin', 'alpha')})}"
             for name, rec in learned.items())
         lines.append(f"- learning settings: {cfg['cycles']} cycle(s), {cfg.get('verifier', {}).get('samples', '?')} samples "
-                     f"per problem, canary {cfg.get('canary_size', 4)} problems with margin {cfg.get('canary_margin', 0.0)}, "
-                     f"stress loss scale {cfg.get('stress', {}).get('loss_scale', 1.0)}, "
+                     f"per problem, stress loss scale {cfg.get('stress', {}).get('loss_scale', 1.0)}, "
                      f"{cfg.get('trainer', {}).get('steps_per_update', '?')} steps per update; trained on texts from: "
                      f"{', '.join(sources)}; {rounds}")
     for role, source in report.data_sources.items():

@@ -1,0 +1,66 @@
+"""The canary gate's test: did an update break more of the canary than chance would?
+
+Two tests, chosen by ``LoopConfig.canary_test``:
+
+- ``margin``: the canary's accuracy may drop by at most ``canary_margin``; at 0, any broken
+  problem undoes the update.
+- ``binomial``: each canary problem was right greedily at its first try, and its sampled answers
+  then say how firmly: one whose greedy answer was right while most samples were wrong is
+  re-rolled by any change of the weights, not forgotten. Each problem's chance of breaking by
+  chance is estimated from its samples by Laplace's rule of succession, (wrong + 1) / (samples + 2),
+  and the update is undone when at least as many breaks as seen have a probability below
+  ``canary_alpha`` under those chances: the upper tail of a Poisson-binomial distribution.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+CANARY_TESTS = ("margin", "binomial")
+
+
+def canary_entry(values: dict) -> dict:
+    """A loop state's problem, right at its first try, as a canary: its label (label-free: the
+    confident majority) and how firmly its samples were right then, which the binomial test weighs."""
+    problem = values["problem"]
+    return {"id": problem["id"], "question": problem["question"], "label": values["target"],
+            "share": values.get("verified_share", 0.0), "samples": len(values.get("samples") or [])}
+
+
+def chance_of_breaking(share: float, samples: int) -> float:
+    """Laplace's rule of succession for a problem right greedily with ``share`` of ``samples`` samples also right."""
+    wrong = samples - round(share * samples)
+    return (wrong + 1) / (samples + 2)
+
+
+def tail_at_least(chances: Sequence[float], k: int) -> float:
+    """P(X >= k) for X the number of successes of independent trials with the given chances.
+
+    The distribution by the textbook recursion over trials (Poisson-binomial; e.g. Hong 2013,
+    Computational Statistics & Data Analysis 59, section 2), exact up to float rounding.
+    """
+    if k <= 0:
+        return 1.0
+    dist = [1.0]  # dist[j] = P(j successes among the trials so far)
+    for p in chances:
+        dist = [(dist[j] if j < len(dist) else 0.0) * (1 - p) + (dist[j - 1] * p if j else 0.0)
+                for j in range(len(dist) + 1)]
+    return min(1.0, sum(dist[k:]))
+
+
+def canary_regressed(test: str, canary: Sequence[dict], broke: Sequence[str], *, margin: float,
+                     alpha: float) -> tuple[bool, float | None]:
+    """Whether the broken canary problems undo the update, and the binomial test's p-value (None for margin).
+
+    Each canary entry carries the ``share`` of its samples that verified at its first try and
+    how many ``samples`` there were (entries saved without them count as 0 samples: a chance of 1/2).
+    """
+    if not canary:
+        return False, None
+    if test == "margin":
+        return len(broke) / len(canary) > margin, None
+    if test != "binomial":
+        raise ValueError(f"canary_test must be one of {', '.join(CANARY_TESTS)}; got {test!r}")
+    chances = [chance_of_breaking(c.get("share", 0.0), c.get("samples", 0)) for c in canary]
+    p_value = tail_at_least(chances, len(broke))
+    return bool(broke) and p_value < alpha, p_value

@@ -1,0 +1,70 @@
+"""The canary gate's tests: the margin, and the binomial test weighed by each problem's samples."""
+
+import itertools
+import math
+
+import pytest
+
+from graph.canary import canary_entry, canary_regressed, chance_of_breaking, tail_at_least
+
+
+def _brute_tail(chances, k):
+    """P(X >= k) by summing over every outcome of the trials."""
+    total = 0.0
+    for outcome in itertools.product((0, 1), repeat=len(chances)):
+        if sum(outcome) >= k:
+            total += math.prod(p if o else 1 - p for p, o in zip(chances, outcome))
+    return total
+
+
+@pytest.mark.parametrize("chances", [[0.5], [0.125, 0.25, 0.875], [0.1, 0.2, 0.3, 0.4, 0.9, 0.05], []])
+def test_the_tail_equals_the_sum_over_every_outcome(chances):
+    for k in range(len(chances) + 2):
+        assert tail_at_least(chances, k) == pytest.approx(_brute_tail(chances, k), abs=1e-12), k
+
+
+def test_the_chance_of_breaking_is_laplaces_rule_over_the_samples():
+    assert chance_of_breaking(1.0, 6) == 1 / 8  # every sample right: (0 + 1) / (6 + 2)
+    assert chance_of_breaking(5 / 6, 6) == 2 / 8
+    assert chance_of_breaking(0.0, 6) == 7 / 8  # right greedily by luck
+    assert chance_of_breaking(1.0, 0) == 1 / 2  # nothing sampled: nothing known
+
+
+def _canary(*shares, samples=6):
+    return [{"id": f"c{i}", "share": s, "samples": samples} for i, s in enumerate(shares)]
+
+
+def test_the_margin_test_allows_its_share_of_broken_problems():
+    canary = _canary(1.0, 1.0, 1.0, 1.0)
+    assert canary_regressed("margin", canary, [], margin=0.0, alpha=0.05) == (False, None)
+    assert canary_regressed("margin", canary, ["c0"], margin=0.0, alpha=0.05) == (True, None)
+    assert canary_regressed("margin", canary, ["c0"], margin=0.25, alpha=0.05) == (False, None)
+    assert canary_regressed("margin", canary, ["c0", "c1"], margin=0.25, alpha=0.05) == (True, None)
+    assert canary_regressed("margin", [], [], margin=0.0, alpha=0.05) == (False, None)
+
+
+def test_the_binomial_test_undoes_only_breaks_unlikely_by_chance():
+    # Problems right by luck (no sample right): three of four breaking is what chance predicts.
+    lucky = _canary(0.0, 0.0, 0.0, 0.0)
+    regressed, p = canary_regressed("binomial", lucky, ["c0", "c1", "c2"], margin=0.0, alpha=0.05)
+    assert not regressed and p == pytest.approx(_brute_tail([7 / 8] * 4, 3))
+    # Problems every sample solved: three of four breaking is not chance.
+    firm = _canary(1.0, 1.0, 1.0, 1.0)
+    regressed, p = canary_regressed("binomial", firm, ["c0", "c1", "c2"], margin=0.0, alpha=0.05)
+    assert regressed and p == pytest.approx(_brute_tail([1 / 8] * 4, 3)) and p < 0.05
+    # One firm problem broken alone stays above the level (p = 1 - (7/8)^4), unless the level is high.
+    assert canary_regressed("binomial", firm, ["c0"], margin=0.0, alpha=0.05)[0] is False
+    assert canary_regressed("binomial", firm, ["c0"], margin=0.0, alpha=0.5)[0] is True
+    # Nothing broken is never a regression, whatever the level.
+    assert canary_regressed("binomial", firm, [], margin=0.0, alpha=0.99) == (False, 1.0)
+
+
+def test_an_unknown_canary_test_is_refused():
+    with pytest.raises(ValueError, match="canary_test must be one of margin, binomial; got 'vote'"):
+        canary_regressed("vote", _canary(1.0), ["c0"], margin=0.0, alpha=0.05)
+
+
+def test_a_canary_entry_keeps_how_firmly_its_samples_were_right():
+    values = {"problem": {"id": "p", "question": "q?", "label": "3"}, "target": "3", "verified_share": 0.5,
+              "samples": [{}, {}, {}, {}]}
+    assert canary_entry(values) == {"id": "p", "question": "q?", "label": "3", "share": 0.5, "samples": 4}
