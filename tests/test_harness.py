@@ -217,6 +217,19 @@ def test_holdout_arms_score_as_scripted_with_flips_and_tests(holdout):
     assert len(usage["mean_weight"]) == 4 and sum(usage["updates"]) >= 1
 
 
+def test_a_learning_arm_asks_its_problems_right_at_the_first_try_again_after_learning(tmp_path):
+    # One problem at a time: once an expert is trained, the scripted model answers the later learning
+    # problems right at the first try through the bank (and the frozen model never does).
+    model = Model()
+    report = _evaluate(_config(tmp_path, arms=("adapters",), round_size=1, plots=False), tmp_path / "run", model)
+    learning = report.arms["adapters"].learning
+    right_first = sum(point["first_correct"] for point in report.arms["adapters"].curve)
+    assert right_first >= 1
+    assert learning["forgetting"] == {"checked": right_first, "right_after": right_first, "right_frozen": 0, "lost": []}
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert f"| {right_first} / 0 of {right_first} |" in md
+
+
 def test_holdout_evaluation_problems_never_reach_reflect_diversify_or_training(holdout):
     report, model, trained_texts, _ = holdout
     reflect_prompts = model.prompts(REFLECT_SYSTEM[:30])

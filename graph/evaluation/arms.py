@@ -21,7 +21,7 @@ from adapters.stack import build_adapters
 from adapters.trainer import TrainingExample
 from agents.files import atomic_write_bytes
 from agents.gsm8k import Problem
-from agents.lm.backend import GenerationBackend, close_backend, make_backend, opened
+from agents.lm.backend import GenerationBackend, ask_together, close_backend, make_backend, opened
 from agents.lm.generation import Sampling
 from agents.lm.models import LoadedModel, load_model
 from agents.lm.precision import PrecisionChoice
@@ -188,6 +188,7 @@ class ArmRunner:
                 with self.backend_for(loaded, ctx.bank) as backend:
                     solver = Solver(backend, ctx.solver.config)
                     result = self.score(arm, solver, scored, lambda qs: self._route(ctx, solver, arm, qs))
+                    learning["forgetting"] = self._forgetting(arm, ctx, solver, states)
                 scored_by = backend.description
             arm_result = ArmResult(arm, result.scores, {"learn": learn_seconds, "score": result.seconds}, learning,
                                    learning_curve(states, sets.learn), backend=scored_by)
@@ -224,6 +225,27 @@ class ArmRunner:
                     "canary": {"size": ctx.config.canary_size, "test": ctx.config.canary_test,
                                "margin": ctx.config.canary_margin, "alpha": ctx.config.canary_alpha}}
         return states, learning, time.perf_counter() - start
+
+    def _forgetting(self, arm: str, ctx: RunContext, solver: Solver, states: list[dict]) -> dict:
+        """The learning problems right at their first try, asked again greedily after learning.
+
+        Each is asked as the arm answers (its rules and mixture) and by the frozen model, in one
+        call: how many the arm lost is set against how many the frozen model gets wrong too,
+        since a greedy answer right at the first try may have been right by a narrow margin.
+        """
+        labels = {p.id: p.label for p in self.sets.learn}
+        right = [s["problem"] for s in states if labels.get(s["problem"]["id"]) is not None
+                 and check(Attempt(**s["first_try"]["attempt"]), labels[s["problem"]["id"]]).correct]
+        if not right:
+            return {"checked": 0, "right_after": 0, "right_frozen": 0, "lost": []}
+        questions = [p["question"] for p in right]
+        rules, weights = self._route(ctx, solver, arm, questions)
+        after, frozen = ask_together(solver.backend, [solver.ask(questions, rules, weights=weights),
+                                                      solver.ask(questions, weights=None)])
+        kept = [check(a, labels[p["id"]]).correct for p, a in zip(right, after)]
+        return {"checked": len(right), "right_after": sum(kept),
+                "right_frozen": sum(check(a, labels[p["id"]]).correct for p, a in zip(right, frozen)),
+                "lost": [p["id"] for p, ok in zip(right, kept) if not ok]}
 
     @staticmethod
     def _route(ctx: RunContext, solver: Solver, arm: str, questions: list[str]):

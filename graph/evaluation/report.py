@@ -56,6 +56,14 @@ def _canary_line(canary: dict) -> str:
     return f"canary of {size} problems, margin {margin}"
 
 
+def _forgetting(learning: dict) -> str:
+    """The arm's learning problems right at their first try: right again after learning, and by the frozen model."""
+    f = learning.get("forgetting")
+    if not f:
+        return "—"  # stream arms, and arms scored before the check existed
+    return f"{f['right_after']} / {f['right_frozen']} of {f['checked']}"
+
+
 def render_markdown(report) -> str:
     cfg = report.config
     protocol = report.protocol
@@ -157,8 +165,9 @@ def render_markdown(report) -> str:
             "",
             "| arm | episodes | right first try | fixed | unfixed | nothing verified | learned from | "
             "rules proposed / validated / refuted / refused | updates kept / rolled back | "
-            "texts: own / rule-conditioned / variant / rationalization (replayed) | episode s median / p90 |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "texts: own / rule-conditioned / variant / rationalization (replayed) | episode s median / p90 | "
+            "right at first try, again after learning / frozen |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, l in learning.items():
             by = l.get("texts_by_source") or {}
@@ -170,7 +179,10 @@ def render_markdown(report) -> str:
                 f"{l.get('rules_refuted', '—')} / {l.get('rules_refused', '—')} | "
                 f"{l.get('updates_kept', '—')} / {l.get('updates_rolled_back', '—')} | "
                 f"{by.get('own_sample', 0)} / {by.get('rule_conditioned', 0)} / {by.get('variant', 0)} / "
-                f"{by.get('rationalization', 0)} ({l.get('texts_replayed', 0)}) | {timing} |")
+                f"{by.get('rationalization', 0)} ({l.get('texts_replayed', 0)}) | {timing} | {_forgetting(l)} |")
+        lines += ["", "'right at first try, again after learning / frozen': the learning problems answered right at "
+                      "their first try, asked again greedily once learning is over, as the arm answers and by the "
+                      "frozen model (an answer right by a narrow margin can flip without any forgetting)."]
         for name, l in learning.items():
             unsound = l.get("unsound_by_source")
             if unsound is not None:
