@@ -167,6 +167,9 @@ RoundGateOption = Annotated[Optional[bool], typer.Option(
     help="--round-gate (default): a round's updates run in turn, then their re-evaluations and one shared canary "
          "check go to the model as one call, and a broken canary undoes the round's updates together. "
          "--episode-gate: each update is re-evaluated and gated alone.")]
+CanaryAlphaOption = Annotated[Optional[float], typer.Option(
+    help="The binomial canary test's level: an update is rolled back when its canary breaks are less likely "
+         "than this by chance. Default: 0.05.")]
 CanaryTestOption = Annotated[Optional[str], typer.Option(
     help="How a broken canary is judged: 'margin' (default: accuracy may drop by the margin) or 'binomial' "
          "(undone only when that many breaks are unlikely by chance, given how many of each canary "
@@ -212,6 +215,7 @@ def run(
     train_sources: TrainSourcesOption = None,
     round_gate: RoundGateOption = None,
     canary_test: CanaryTestOption = None,
+    canary_alpha: CanaryAlphaOption = None,
 ) -> None:
     """Run the self-improvement loop over a stream of problems, resumably.
 
@@ -232,7 +236,7 @@ def run(
         "loop.seed": seed, "solver.max_new_tokens": max_new_tokens, "memory_url": memory_url, "backend": backend,
         "batch_size": batch_size, "embedder": embedder, "precision": precision, "verifier.samples": samples,
         "round_size": round_size, "loop.train_sources": _sources(train_sources), "loop.round_gate": round_gate,
-        "loop.canary_test": canary_test,
+        "loop.canary_test": canary_test, "loop.canary_alpha": canary_alpha,
     }
     try:
         loop = LoopRun.setup(run_dir, resume, options, threads=threads, on_status=lambda line: _status(err, line))
@@ -325,9 +329,7 @@ def eval_command(
         help="Drop in canary accuracy (0-1) an update may cause before it is rolled back (--canary-test margin). "
              "Default: 0.")] = None,
     canary_test: CanaryTestOption = None,
-    canary_alpha: Annotated[Optional[float], typer.Option(
-        help="The binomial canary test's level: an update is rolled back when its canary breaks are less likely "
-             "than this by chance. Default: 0.05.")] = None,
+    canary_alpha: CanaryAlphaOption = None,
     stress_scale: Annotated[Optional[float], typer.Option(
         help="The stress controller's loss scale: phi = L/(L + scale) for the loss EMA L; below 0.3 an update trains "
              "the shared expert, above 0.7 it is guarded (Mirror). Default: 1.")] = None,

@@ -14,12 +14,15 @@ Two tests, chosen by ``LoopConfig.canary_test``:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
+
+from graph.state import CanaryData
 
 CANARY_TESTS = ("margin", "binomial")
 
 
-def canary_entry(values: dict) -> dict:
+def canary_entry(values: dict) -> CanaryData:
     """A loop state's problem, right at its first try, as a canary: its label (label-free: the
     confident majority) and how firmly its samples were right then, which the binomial test weighs."""
     problem = values["problem"]
@@ -48,19 +51,28 @@ def tail_at_least(chances: Sequence[float], k: int) -> float:
     return min(1.0, sum(dist[k:]))
 
 
-def canary_regressed(test: str, canary: Sequence[dict], broke: Sequence[str], *, margin: float,
-                     alpha: float) -> tuple[bool, float | None]:
-    """Whether the broken canary problems undo the update, and the binomial test's p-value (None for margin).
+@dataclass(frozen=True)
+class CanaryVerdict:
+    regressed: bool  # the update (or round) is to be undone
+    p_value: float | None  # the binomial test's P(at least this many breaks by chance); None under margin
 
-    Each canary entry carries the ``share`` of its samples that verified at its first try and
-    how many ``samples`` there were (entries saved without them count as 0 samples: a chance of 1/2).
+
+def canary_regressed(test: str, canary: Sequence[CanaryData], broke: Sequence[str], *, margin: float,
+                     alpha: float) -> CanaryVerdict:
+    """Whether the broken canary problems undo the update, by the margin or the binomial test.
+
+    Under the binomial test each canary entry must carry the ``share`` of its samples that
+    verified at its first try and how many ``samples`` there were (``canary_entry``).
     """
     if not canary:
-        return False, None
+        return CanaryVerdict(False, None)
     if test == "margin":
-        return len(broke) / len(canary) > margin, None
+        return CanaryVerdict(len(broke) / len(canary) > margin, None)
     if test != "binomial":
         raise ValueError(f"canary_test must be one of {', '.join(CANARY_TESTS)}; got {test!r}")
-    chances = [chance_of_breaking(c.get("share", 0.0), c.get("samples", 0)) for c in canary]
-    p_value = tail_at_least(chances, len(broke))
-    return bool(broke) and p_value < alpha, p_value
+    missing = [c["id"] for c in canary if "share" not in c or "samples" not in c]
+    if missing:
+        raise ValueError(f"canary problem {missing[0]} has no record of its first try's samples; "
+                         "the binomial canary test needs one")
+    p_value = tail_at_least([chance_of_breaking(c["share"], c["samples"]) for c in canary], len(broke))
+    return CanaryVerdict(bool(broke) and p_value < alpha, p_value)

@@ -41,7 +41,7 @@ from agents.rationalizer import ask_rationalizations
 from agents.solver import Attempt
 from agents.trajectories import Text, as_completion, distinct, matches, verified_share, verified_texts
 from agents.verifier import check, vote
-from graph.canary import canary_entry, canary_regressed
+from graph.canary import CanaryVerdict, canary_entry, canary_regressed
 from graph.context import RunContext
 from graph.remember import remember, update_id, update_survived
 from graph.routing import Route, route
@@ -335,10 +335,10 @@ def reevaluate(state: LoopState, runtime: Runtime[RunContext]) -> dict:
         broke = [c["id"] for c, a in zip(canary, attempts) if not matches(a, c["label"])]
         accuracy = 1 - len(broke) / len(canary)
         result.update(correct=len(canary) - len(broke), broke=broke, accuracy=accuracy)
-    regressed, p_value = canary_regressed(ctx.config.canary_test, canary, broke, margin=ctx.config.canary_margin,
-                                          alpha=ctx.config.canary_alpha)
-    if p_value is not None:
-        result["p_value"] = round(p_value, 6)
+    test = _canary_test(ctx, canary, broke)
+    regressed = test.regressed
+    if test.p_value is not None:
+        result["p_value"] = float(f"{test.p_value:.6g}")
     if gate is not None:
         # Under the margin test a round's own problem that it trained on, broken by the round, undoes
         # it at any margin (the episode gate's rollback node does so per episode); the binomial test
@@ -359,6 +359,11 @@ def reevaluate(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     return {"attempt": asdict(attempt), "verdict": verdict, "canary_checks": [result]}
 
 
+def _canary_test(ctx: RunContext, canary: list[dict], broke: list[str]) -> CanaryVerdict:
+    config = ctx.config
+    return canary_regressed(config.canary_test, canary, broke, margin=config.canary_margin, alpha=config.canary_alpha)
+
+
 def rollback(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     """Out of cycles (or nothing verified to learn from): undo this episode's updates, unless kept.
 
@@ -369,9 +374,13 @@ def rollback(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     ctx = runtime.context
     start = snapshot_name(state["episode"], 0)
     restored = None
-    # An update that made a problem answered right at first wrong is undone whatever the setting;
-    # under the round gate that problem is in the round's canary, which undoes the round's updates.
-    undo = state.get("gate") is None and (not ctx.config.keep_unfixed_updates or state["first_try"]["correct"])
+    # An update that made a problem answered right at first wrong is undone whatever the setting
+    # (the binomial canary test weighs that break by the problem's samples, as a canary of one);
+    # under the round gate that problem is in the round's canary, which judges the round's updates.
+    broken = state["first_try"]["correct"]
+    if broken and ctx.config.canary_test == "binomial":
+        broken = _canary_test(ctx, [canary_entry(state)], [state["problem"]["id"]]).regressed
+    undo = state.get("gate") is None and (not ctx.config.keep_unfixed_updates or broken)
     if undo and start in ctx.bank_store.snapshots():
         ctx.bank_store.rollback(start)
         restored = start

@@ -106,6 +106,7 @@ RUN_FLAGS = {
     "memory_url": "--memory-url", "backend": "--backend", "batch_size": "--batch-size", "embedder": "--embedder",
     "precision": "--precision", "verifier.samples": "--samples", "round_size": "--round-size",
     "loop.train_sources": "--train-sources", "loop.round_gate": "--round-gate", "loop.canary_test": "--canary-test",
+    "loop.canary_alpha": "--canary-alpha",
 }
 
 

@@ -14,6 +14,16 @@ class ProblemData(TypedDict, total=False):
     solution: str | None  # only for problems the loop may learn from; never for evaluation problems
 
 
+class CanaryData(TypedDict):
+    """A problem right at its first try, guarding later updates (graph/canary.canary_entry)."""
+
+    id: str
+    question: str
+    label: str | None  # label-free: the confident majority answer
+    share: float  # share of its first try's samples that verified: how firmly it was right
+    samples: int  # how many samples that share is of
+
+
 class AttemptData(TypedDict):
     """``agents.solver.Attempt`` as state: one answer of the model."""
 
@@ -38,9 +48,7 @@ class VerdictData(TypedDict):
 class EpisodeCarryOver(TypedDict, total=False):
     """What one episode hands to the next: kept in the checkpoint, so a resumed run has it too."""
 
-    # Problems solved at the first try, re-solved after every update (graph/canary.canary_entry):
-    # id, question, label, and the share of how many samples that verified then.
-    canary: list[dict]
+    canary: list[CanaryData]  # problems solved at the first try, re-solved after every update
     expert_updates: list[int]  # updates each expert has received
     replay: dict[str, list[dict]]  # per expert (as a string key): its latest verified training texts
     solved_first: int  # episodes right at the first try so far

@@ -2,10 +2,11 @@
 
 import itertools
 import math
+from dataclasses import astuple
 
 import pytest
 
-from graph.canary import canary_entry, canary_regressed, chance_of_breaking, tail_at_least
+from graph.canary import CanaryVerdict, canary_entry, canary_regressed, chance_of_breaking, tail_at_least
 
 
 def _brute_tail(chances, k):
@@ -36,27 +37,40 @@ def _canary(*shares, samples=6):
 
 def test_the_margin_test_allows_its_share_of_broken_problems():
     canary = _canary(1.0, 1.0, 1.0, 1.0)
-    assert canary_regressed("margin", canary, [], margin=0.0, alpha=0.05) == (False, None)
-    assert canary_regressed("margin", canary, ["c0"], margin=0.0, alpha=0.05) == (True, None)
-    assert canary_regressed("margin", canary, ["c0"], margin=0.25, alpha=0.05) == (False, None)
-    assert canary_regressed("margin", canary, ["c0", "c1"], margin=0.25, alpha=0.05) == (True, None)
-    assert canary_regressed("margin", [], [], margin=0.0, alpha=0.05) == (False, None)
+    assert canary_regressed("margin", canary, [], margin=0.0, alpha=0.05) == CanaryVerdict(False, None)
+    assert canary_regressed("margin", canary, ["c0"], margin=0.0, alpha=0.05) == CanaryVerdict(True, None)
+    assert canary_regressed("margin", canary, ["c0"], margin=0.25, alpha=0.05) == CanaryVerdict(False, None)
+    assert canary_regressed("margin", canary, ["c0", "c1"], margin=0.25, alpha=0.05) == CanaryVerdict(True, None)
+    assert canary_regressed("margin", [], [], margin=0.0, alpha=0.05) == CanaryVerdict(False, None)
 
 
 def test_the_binomial_test_undoes_only_breaks_unlikely_by_chance():
     # Problems right by luck (no sample right): three of four breaking is what chance predicts.
     lucky = _canary(0.0, 0.0, 0.0, 0.0)
-    regressed, p = canary_regressed("binomial", lucky, ["c0", "c1", "c2"], margin=0.0, alpha=0.05)
+    regressed, p = astuple(canary_regressed("binomial", lucky, ["c0", "c1", "c2"], margin=0.0, alpha=0.05))
     assert not regressed and p == pytest.approx(_brute_tail([7 / 8] * 4, 3))
     # Problems every sample solved: three of four breaking is not chance.
     firm = _canary(1.0, 1.0, 1.0, 1.0)
-    regressed, p = canary_regressed("binomial", firm, ["c0", "c1", "c2"], margin=0.0, alpha=0.05)
+    regressed, p = astuple(canary_regressed("binomial", firm, ["c0", "c1", "c2"], margin=0.0, alpha=0.05))
     assert regressed and p == pytest.approx(_brute_tail([1 / 8] * 4, 3)) and p < 0.05
     # One firm problem broken alone stays above the level (p = 1 - (7/8)^4), unless the level is high.
-    assert canary_regressed("binomial", firm, ["c0"], margin=0.0, alpha=0.05)[0] is False
-    assert canary_regressed("binomial", firm, ["c0"], margin=0.0, alpha=0.5)[0] is True
+    assert canary_regressed("binomial", firm, ["c0"], margin=0.0, alpha=0.05).regressed is False
+    assert canary_regressed("binomial", firm, ["c0"], margin=0.0, alpha=0.5).regressed is True
     # Nothing broken is never a regression, whatever the level.
-    assert canary_regressed("binomial", firm, [], margin=0.0, alpha=0.99) == (False, 1.0)
+    assert canary_regressed("binomial", firm, [], margin=0.0, alpha=0.99) == CanaryVerdict(False, 1.0)
+
+
+def test_the_binomial_test_has_little_power_over_a_small_canary():
+    # Every sample right still leaves a chance of 1/8 with 6 samples: of a canary of 4 such
+    # problems, 3 must break before the default level of 0.05 undoes the update.
+    firm = _canary(1.0, 1.0, 1.0, 1.0)
+    assert not canary_regressed("binomial", firm, ["c0", "c1"], margin=0.0, alpha=0.05).regressed
+    assert canary_regressed("binomial", firm, ["c0", "c1", "c2"], margin=0.0, alpha=0.05).regressed
+
+
+def test_the_binomial_test_refuses_a_canary_without_its_samples():
+    with pytest.raises(ValueError, match="canary problem c0 has no record of its first try's samples"):
+        canary_regressed("binomial", [{"id": "c0"}], ["c0"], margin=0.0, alpha=0.05)
 
 
 def test_an_unknown_canary_test_is_refused():

@@ -141,10 +141,10 @@ def test_the_gate_flags_are_saved_with_the_run_and_kept_on_resume(tmp_path):
     data = _data(tmp_path / "d.jsonl", GOOD)
     run_dir = tmp_path / "run"
     result = _run(["--data", str(data), "--episodes", "1", "--episode-gate", "--canary-test", "binomial",
-                   "--run-dir", str(run_dir), *TINY])
+                   "--canary-alpha", "0.1", "--run-dir", str(run_dir), *TINY])
     assert result.exit_code == 0, result.output
     loop = json.loads((run_dir / "run.json").read_text())["loop"]
-    assert loop["round_gate"] is False and loop["canary_test"] == "binomial"
+    assert loop["round_gate"] is False and loop["canary_test"] == "binomial" and loop["canary_alpha"] == 0.1
     again = _run(["--episodes", "2", "--round-gate", "--run-dir", str(run_dir), "--resume", *TINY])
     assert again.exit_code == 1 and "--round-gate True differs from the saved False" in again.output
     again = _run(["--episodes", "2", "--canary-test", "margin", "--run-dir", str(run_dir), "--resume", *TINY])

@@ -171,15 +171,18 @@ def test_a_round_that_breaks_a_problem_it_trained_on_is_undone_at_any_canary_mar
     assert not trained(ctx)
 
 
-def test_the_binomial_canary_test_keeps_a_round_that_broke_a_problem_right_by_luck(make_run, tmp_path):
+@pytest.mark.parametrize("round_gate", [True, False])
+def test_the_binomial_canary_test_keeps_updates_that_broke_a_problem_right_by_luck(make_run, tmp_path, round_gate):
     world = _rarely_right_apples()  # one sample of three right: a chance of breaking of (2 + 1) / (3 + 2)
     world.broken_after = {"p-apples"}
-    ctx, _ = make_run(world, settings=_settings(cycles=1, canary_test="binomial"))
-    finals = _run(ctx, [APPLES, PENS, CAKES], tmp_path / "run", round_size=3)
-    checks = [f["canary_checks"][-1] for f in finals]
-    # The margin test undoes this round (the two tests above); the binomial one sees a likely break.
+    ctx, _ = make_run(world, settings=_settings(cycles=1, canary_test="binomial", round_gate=round_gate))
+    apples, *others = _run(ctx, [APPLES, PENS, CAKES], tmp_path / "run", round_size=3)
+    # The margin test undoes these updates (the two tests above); the binomial one sees a likely
+    # break, in the round's canary or (each update gated alone) as APPLES's own problem broken.
+    checks = [f["canary_checks"][-1] for f in (others if not round_gate else [apples, *others])]
     assert all(c["broke"] == ["p-apples"] and not c["canary_rolled_back"] for c in checks)
     assert all(c["p_value"] == pytest.approx(0.6) for c in checks)
+    assert apples["updates"] and apples["episode_rolled_back_to"] is None
     assert trained(ctx)
 
 

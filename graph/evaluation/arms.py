@@ -226,26 +226,31 @@ class ArmRunner:
                                "margin": ctx.config.canary_margin, "alpha": ctx.config.canary_alpha}}
         return states, learning, time.perf_counter() - start
 
-    def _forgetting(self, arm: str, ctx: RunContext, solver: Solver, states: list[dict]) -> dict:
-        """The learning problems right at their first try, asked again greedily after learning.
+    def _forgetting(self, arm: str, ctx: RunContext, solver: Solver, states: list[dict]) -> dict | None:
+        """The learning problems right at their first try (by their labels), asked again greedily after learning.
 
         Each is asked as the arm answers (its rules and mixture) and by the frozen model, in one
-        call: how many the arm lost is set against how many the frozen model gets wrong too,
-        since a greedy answer right at the first try may have been right by a narrow margin.
+        call per scoring chunk: how many the arm lost is set against how many the frozen model
+        gets wrong too, since a greedy answer right at the first try may have been right by a
+        narrow margin. None when the learning problems have no labels.
         """
-        labels = {p.id: p.label for p in self.sets.learn}
-        right = [s["problem"] for s in states if labels.get(s["problem"]["id"]) is not None
+        labels = {p.id: p.label for p in self.sets.learn if p.label is not None}
+        if not labels:
+            return None
+        right = [s["problem"] for s in states if s["problem"]["id"] in labels
                  and check(Attempt(**s["first_try"]["attempt"]), labels[s["problem"]["id"]]).correct]
-        if not right:
-            return {"checked": 0, "right_after": 0, "right_frozen": 0, "lost": []}
-        questions = [p["question"] for p in right]
-        rules, weights = self._route(ctx, solver, arm, questions)
-        after, frozen = ask_together(solver.backend, [solver.ask(questions, rules, weights=weights),
-                                                      solver.ask(questions, weights=None)])
-        kept = [check(a, labels[p["id"]]).correct for p, a in zip(right, after)]
-        return {"checked": len(right), "right_after": sum(kept),
-                "right_frozen": sum(check(a, labels[p["id"]]).correct for p, a in zip(right, frozen)),
-                "lost": [p["id"] for p, ok in zip(right, kept) if not ok]}
+        start = time.perf_counter()
+        kept, frozen = [], []
+        for chunk in _chunks(right, SCORE_CALL_BATCHES * self.config.batch_size):
+            questions = [p["question"] for p in chunk]
+            rules, weights = self._route(ctx, solver, arm, questions)
+            after, bare = ask_together(solver.backend, [solver.ask(questions, rules, weights=weights),
+                                                        solver.ask(questions, weights=None)])
+            kept += [check(a, labels[p["id"]]).correct for p, a in zip(chunk, after)]
+            frozen += [check(a, labels[p["id"]]).correct for p, a in zip(chunk, bare)]
+        return {"checked": len(right), "right_after": sum(kept), "right_frozen": sum(frozen),
+                "lost": [p["id"] for p, ok in zip(right, kept) if not ok],
+                "seconds": round(time.perf_counter() - start, 3)}
 
     @staticmethod
     def _route(ctx: RunContext, solver: Solver, arm: str, questions: list[str]):

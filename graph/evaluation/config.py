@@ -88,7 +88,7 @@ class EvalConfig:
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
     canary_size: int = 4  # solved learning problems every update must not break
     canary_margin: float = 0.0  # allowed drop in canary accuracy before an update is rolled back
-    canary_test: str = "margin"  # how a broken canary is judged: 'margin' or 'binomial' (graph/canary.py)
+    canary_test: Literal["margin", "binomial"] = "margin"  # how a broken canary is judged: 'margin' or 'binomial' (graph/canary.py)
     canary_alpha: float = 0.05  # the binomial test's level: breaks less likely than this undo the update
     round_size: int = DEFAULT_ROUND_SIZE  # learning episodes that sample together (graph/episodes.run_episodes)
     train_sources: tuple[str, ...] = SOURCES  # verified texts that reach the gradient (a per-source ablation)

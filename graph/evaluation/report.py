@@ -47,20 +47,21 @@ def _p(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def _canary_line(canary: dict) -> str:
-    """An arm's canary settings in words; an old record without them shows the values it ran with."""
-    size = 4 if canary.get("size") is None else canary["size"]
-    if canary.get("test") == "binomial":
-        return f"canary of {size} problems, binomial test at alpha {canary.get('alpha', 0.05)}"
-    margin = 0.0 if canary.get("margin") is None else canary["margin"]
-    return f"canary of {size} problems, margin {margin}"
+def _canary_line(canary: dict | None) -> str:
+    """An arm's canary settings in words. An arm finished before they were recorded ran the margin
+    test, with settings the evaluation may have changed since for arms not yet started."""
+    if canary is None:
+        return "canary settings not recorded (the margin test)"
+    if canary["test"] == "binomial":
+        return f"canary of {canary['size']} problems, binomial test at alpha {canary['alpha']}"
+    return f"canary of {canary['size']} problems, margin {canary['margin']}"
 
 
 def _forgetting(learning: dict) -> str:
     """The arm's learning problems right at their first try: right again after learning, and by the frozen model."""
     f = learning.get("forgetting")
     if not f:
-        return "—"  # stream arms, and arms scored before the check existed
+        return "—"  # stream arms, unlabelled learning problems, and arms scored before the check existed
     return f"{f['right_after']} / {f['right_frozen']} of {f['checked']}"
 
 
@@ -104,7 +105,7 @@ def render_markdown(report) -> str:
         rounds = "; ".join(
             f"{name}: rounds of {rec.get('round_size', cfg.get('round_size', 1))}, "
             f"{'gated per round' if rec.get('round_gate', cfg.get('round_gate')) else 'each update gated alone'}, "
-            f"{_canary_line(rec.get('canary') or {k: cfg.get(f'canary_{k}') for k in ('size', 'test', 'margin', 'alpha')})}"
+            f"{_canary_line(rec.get('canary'))}"
             for name, rec in learned.items())
         lines.append(f"- learning settings: {cfg['cycles']} cycle(s), {cfg.get('verifier', {}).get('samples', '?')} samples "
                      f"per problem, stress loss scale {cfg.get('stress', {}).get('loss_scale', 1.0)}, "
@@ -181,7 +182,7 @@ def render_markdown(report) -> str:
                 f"{by.get('own_sample', 0)} / {by.get('rule_conditioned', 0)} / {by.get('variant', 0)} / "
                 f"{by.get('rationalization', 0)} ({l.get('texts_replayed', 0)}) | {timing} | {_forgetting(l)} |")
         lines += ["", "'right at first try, again after learning / frozen': the learning problems answered right at "
-                      "their first try, asked again greedily once learning is over, as the arm answers and by the "
+                      "their first try (against their labels), asked again greedily once learning is over, as the arm answers and by the "
                       "frozen model (an answer right by a narrow margin can flip without any forgetting)."]
         for name, l in learning.items():
             unsound = l.get("unsound_by_source")
