@@ -351,6 +351,8 @@ def _summary(update: dict) -> dict:
     if update.get("canary_checks"):
         c = update["canary_checks"][-1]
         out.update(canary_checked=c["checked"], canary_broke=c["broke"], canary_rolled_back=c["canary_rolled_back"])
+        if "p_value" in c:  # the binomial canary test's
+            out["canary_p_value"] = c["p_value"]
     if "outcome" in update:
         out["outcome"] = update["outcome"]
     if update.get("error"):

@@ -182,6 +182,8 @@ def test_the_binomial_canary_test_keeps_updates_that_broke_a_problem_right_by_lu
     checks = [f["canary_checks"][-1] for f in (others if not round_gate else [apples, *others])]
     assert all(c["broke"] == ["p-apples"] and not c["canary_rolled_back"] for c in checks)
     assert all(c["p_value"] == pytest.approx(0.6) for c in checks)
+    logged = [e for e in _events(tmp_path / "run") if e["node"] == "reevaluate" and e["canary_broke"]]
+    assert logged and all(e["canary_p_value"] == pytest.approx(0.6) for e in logged)
     assert apples["updates"] and apples["episode_rolled_back_to"] is None
     assert trained(ctx)
 
