@@ -22,6 +22,23 @@ from graph.state import CanaryData
 CANARY_TESTS = ("margin", "binomial")
 
 
+def unused_canary_settings(test: str) -> tuple[str, ...]:
+    """The canary settings a test never reads: a run may change them on resume."""
+    return {"margin": ("canary_alpha",), "binomial": ("canary_margin",)}.get(test, ())
+
+
+def check_canary_settings(size: int, margin: float, test: str, alpha: float) -> None:
+    """ValueError naming the first canary setting out of range (the loop's and the evaluation's)."""
+    if size < 0:
+        raise ValueError(f"canary_size must be >= 0, got {size}")
+    if not 0 <= margin <= 1:
+        raise ValueError(f"canary_margin must be in [0, 1], got {margin}")
+    if test not in CANARY_TESTS:
+        raise ValueError(f"canary_test must be one of {', '.join(CANARY_TESTS)}; got {test!r}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"canary_alpha must be in (0, 1), got {alpha}")
+
+
 def canary_entry(values: dict) -> CanaryData:
     """A loop state's problem, right at its first try, as a canary: its label (label-free: the
     confident majority) and how firmly its samples were right then, which the binomial test weighs."""
@@ -76,3 +93,20 @@ def canary_regressed(test: str, canary: Sequence[CanaryData], broke: Sequence[st
                          "the binomial canary test needs one")
     p_value = tail_at_least([chance_of_breaking(c["share"], c["samples"]) for c in canary], len(broke))
     return CanaryVerdict(bool(broke) and p_value < alpha, p_value)
+
+
+def trained_break_undoes(test: str, broken: Sequence[CanaryData], *, alpha: float, in_canary: bool) -> bool:
+    """Whether breaking problems an update trained on, each right at its first try, undoes it by itself.
+
+    The one rule of both gates. The margin test undoes at any such break. The binomial test weighs
+    the broken problems by their samples: within the canary when they are part of it (the round
+    gate, whose canary holds the round's problems: nothing more to decide here), else as a canary
+    of their own (the episode gate's rollback node).
+    """
+    if not broken:
+        return False
+    if test == "margin":
+        return True
+    if in_canary:
+        return False
+    return canary_regressed(test, broken, [c["id"] for c in broken], margin=0.0, alpha=alpha).regressed

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from agents.reflector import Reflector
 from agents.solver import Solver
 from agents.trajectories import SOURCES, chosen_sources
 from agents.verifier import VerifierConfig
-from graph.canary import CANARY_TESTS
+from graph.canary import check_canary_settings
 from memory_store.store import MemoryStore
 
 
@@ -64,14 +64,7 @@ class LoopConfig:
     def __post_init__(self) -> None:
         if self.cycles < 1:
             raise ValueError(f"cycles must be >= 1, got {self.cycles}")
-        if self.canary_size < 0:
-            raise ValueError(f"canary_size must be >= 0, got {self.canary_size}")
-        if not 0 <= self.canary_margin <= 1:
-            raise ValueError(f"canary_margin must be in [0, 1], got {self.canary_margin}")
-        if self.canary_test not in CANARY_TESTS:
-            raise ValueError(f"canary_test must be one of {', '.join(CANARY_TESTS)}; got {self.canary_test!r}")
-        if not 0 < self.canary_alpha < 1:
-            raise ValueError(f"canary_alpha must be in (0, 1), got {self.canary_alpha}")
+        check_canary_settings(self.canary_size, self.canary_margin, self.canary_test, self.canary_alpha)
         if self.expert_policy not in ("router", "fresh"):
             raise ValueError(f"expert_policy must be 'router' or 'fresh', got {self.expert_policy!r}")
         if not 0 < self.router_confidence <= 1:
@@ -133,16 +126,19 @@ class RunContext:
 
     # ------------------------------------------------------------ routing
 
-    def memory_vectors(self, questions: list[str], exclude_problem: str | None = None
+    def memory_vectors(self, questions: list[str], exclude: Sequence[str | None] | None = None
                        ) -> tuple[torch.Tensor | None, torch.Tensor | None, list[list[str]], list[list[str]]]:
         """Memory features, priors, rule texts and rule ids for each question (None without memory).
 
-        ``exclude_problem``: the episode's own problem, whose memories it must not see.
+        ``exclude``: per question, a problem id whose memories it must not see (its own problem).
         """
         if self.memory is None or self.router.config.memory_dim == 0:
             empty = [[] for _ in questions]
             return None, None, empty, empty
-        feats = [self.memory.memory_features(q, exclude_problem=exclude_problem) for q in questions]
+        excluded = list(exclude) if exclude is not None else [None] * len(questions)
+        if len(excluded) != len(questions):
+            raise ValueError(f"exclude names {len(excluded)} problems for {len(questions)} questions")
+        feats = [self.memory.memory_features(q, exclude_problem=x) for q, x in zip(questions, excluded)]
         vectors = torch.from_numpy(np.stack([f.vector for f in feats]))  # (batch, feature_dim)
         priors = torch.from_numpy(np.stack([f.prior for f in feats]))  # (batch, n_experts)
         return vectors, priors, [f.rules for f in feats], [f.rule_ids for f in feats]

@@ -41,7 +41,7 @@ from agents.rationalizer import ask_rationalizations
 from agents.solver import Attempt
 from agents.trajectories import Text, as_completion, distinct, matches, verified_share, verified_texts
 from agents.verifier import check, vote
-from graph.canary import CanaryVerdict, canary_entry, canary_regressed
+from graph.canary import CanaryVerdict, canary_entry, canary_regressed, trained_break_undoes
 from graph.context import RunContext
 from graph.remember import remember, update_id, update_survived
 from graph.routing import Route, route
@@ -57,7 +57,7 @@ def _seed(ctx: RunContext, state: LoopState, salt: int = 0) -> int:
 
 def _route(ctx: RunContext, question: str, state: LoopState) -> Route:
     """The question routed on its own, blind to the episode's own problem in memory."""
-    (routed,) = route(ctx, [question], exclude_problem=state["problem"]["id"], with_rules=ctx.config.rules_in_prompt)
+    (routed,) = route(ctx, [question], exclude=[state["problem"]["id"]], with_rules=ctx.config.rules_in_prompt)
     return routed
 
 
@@ -340,12 +340,11 @@ def reevaluate(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     if test.p_value is not None:
         result["p_value"] = float(f"{test.p_value:.6g}")
     if gate is not None:
-        # Under the margin test a round's own problem that it trained on, broken by the round, undoes
-        # it at any margin (the episode gate's rollback node does so per episode); the binomial test
-        # weighs it by its samples like any other. One verdict per phase: the first episode to
-        # re-evaluate decides, the others of the phase record the same.
-        if ctx.config.canary_test == "margin":
-            regressed = regressed or bool(set(broke) & set(gate["trained"]))
+        # A round's own problem that it trained on and broke (graph/canary.trained_break_undoes). One
+        # verdict per phase: the first episode to re-evaluate decides, the others record the same.
+        trained_broken = [c for c in canary if c["id"] in broke and c["id"] in gate["trained"]]
+        regressed = regressed or trained_break_undoes(ctx.config.canary_test, trained_broken,
+                                                      alpha=ctx.config.canary_alpha, in_canary=True)
         decided = undo in ctx.round_verdicts
         regressed = ctx.round_verdicts.setdefault(undo, regressed)
         if decided:
@@ -374,12 +373,10 @@ def rollback(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     ctx = runtime.context
     start = snapshot_name(state["episode"], 0)
     restored = None
-    # An update that made a problem answered right at first wrong is undone whatever the setting
-    # (the binomial canary test weighs that break by the problem's samples, as a canary of one);
+    # Updates that made a problem answered right at first wrong (graph/canary.trained_break_undoes);
     # under the round gate that problem is in the round's canary, which judges the round's updates.
-    broken = state["first_try"]["correct"]
-    if broken and ctx.config.canary_test == "binomial":
-        broken = _canary_test(ctx, [canary_entry(state)], [state["problem"]["id"]]).regressed
+    own = [canary_entry(state)] if state["first_try"]["correct"] else []
+    broken = trained_break_undoes(ctx.config.canary_test, own, alpha=ctx.config.canary_alpha, in_canary=False)
     undo = state.get("gate") is None and (not ctx.config.keep_unfixed_updates or broken)
     if undo and start in ctx.bank_store.snapshots():
         ctx.bank_store.rollback(start)

@@ -10,6 +10,7 @@ time gets that question's own call.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -26,15 +27,15 @@ class Route:
     memory: torch.Tensor | None  # (1, feature_dim) the memory features the router read; None without memory
 
 
-def route(ctx: RunContext, questions: list[str], *, exclude_problem: str | None = None, with_rules: bool = True,
+def route(ctx: RunContext, questions: list[str], *, exclude: Sequence[str | None] | None = None, with_rules: bool = True,
           with_adapters: bool = True, solver: Solver | None = None) -> list[Route]:
     """One Route per question, from one memory lookup and one router call for all of them.
 
-    ``exclude_problem``: the episode's own problem, whose memories it must not see. ``solver``
+    ``exclude``: per question, a problem whose memories it must not see (its own). ``solver``
     writes the prompts the router reads (default: the loop's).
     """
     solver = solver or ctx.solver
-    memory, prior, rule_texts, rule_ids = ctx.memory_vectors(questions, exclude_problem=exclude_problem)
+    memory, prior, rule_texts, rule_ids = ctx.memory_vectors(questions, exclude=exclude)
     rules = [solver.rules_in_prompt(texts) if with_rules else [] for texts in rule_texts]
     ids = [found[: len(used)] for found, used in zip(rule_ids, rules)]
     if not with_adapters:

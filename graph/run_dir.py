@@ -27,6 +27,7 @@ from agents.lm.precision import PRECISIONS
 from agents.reflector import ReflectorConfig
 from agents.solver import SolverConfig
 from agents.verifier import VerifierConfig
+from graph.canary import unused_canary_settings
 from graph.context import LoopConfig
 from graph.saved_settings import from_dict, leaf_differences, read_saved, settings_with_options
 from memory_store.embedding import EMBEDDERS
@@ -169,11 +170,20 @@ def check_run_dir(run_dir: Path, settings: RunSettings, resume: bool) -> None:
         saved = {**saved, **from_dict(RunSettings, saved).to_dict()}
     except (TypeError, ValueError) as err:
         raise RunDirError(f"{Path(run_dir) / RUN_FILE}: the saved settings are not valid ({err})") from None
-    differs = leaf_differences({k: saved.get(k) for k in wanted if k not in RESUMABLE_CHANGES},
-                               {k: v for k, v in wanted.items() if k not in RESUMABLE_CHANGES})
+    differs = leaf_differences(_compared(saved, wanted), _compared(wanted, wanted))
     if differs:
         shown = "; ".join(f"{path}: saved {a!r}, now {b!r}" for path, a, b in differs)
         raise RunDirError(f"{run_dir} holds a run with different settings ({shown}); use another --run-dir")
+
+
+def _compared(settings: dict, wanted: dict) -> dict:
+    """The settings a resume must keep: all of ``wanted``'s keys but RESUMABLE_CHANGES, less the
+    canary settings the run's canary test never reads (graph/canary.unused_canary_settings)."""
+    kept = {k: settings.get(k) for k in wanted if k not in RESUMABLE_CHANGES}
+    loop = dict(kept.get("loop") or {})
+    for name in unused_canary_settings(loop.get("canary_test", "")):
+        loop.pop(name, None)
+    return {**kept, "loop": loop} if "loop" in kept else kept
 
 
 def _has_checkpoints(run_dir: Path) -> bool:

@@ -9,6 +9,7 @@ import json
 import re
 import sys
 import types
+from dataclasses import replace
 
 import pytest
 from chromadb.api.client import SharedSystemClient
@@ -25,6 +26,8 @@ from agents.verifier import VerifierConfig
 from graph.episodes import StopFlag
 from graph.evaluation.config import EvalConfig, EvalInterrupted
 from graph.evaluation.harness import evaluate, prepare_eval_dir
+from graph.evaluation.results import finished_arm
+from graph.routing import route
 from graph.evaluation.problems import prepare_problems
 from graph.inspection.expert_export import export_expert
 from graph.run_dir import RunDirError
@@ -221,13 +224,27 @@ def test_a_learning_arm_asks_its_problems_right_at_the_first_try_again_after_lea
     # One problem at a time: once an expert is trained, the scripted model answers the later learning
     # problems right at the first try through the bank (and the frozen model never does).
     model = Model()
-    report = _evaluate(_config(tmp_path, arms=("adapters",), round_size=1, plots=False), tmp_path / "run", model)
+    routed: list[tuple[list[str], list | None]] = []
+
+    def spy(ctx, questions, **kwargs):
+        routed.append((list(questions), kwargs.get("exclude")))
+        return route(ctx, questions, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("graph.evaluation.arms.route", spy)
+        report = _evaluate(_config(tmp_path, arms=("adapters",), round_size=1, plots=False), tmp_path / "run", model)
     learning = report.arms["adapters"].learning
     right_first = sum(point["first_correct"] for point in report.arms["adapters"].curve)
     assert right_first >= 1
     forgetting = learning["forgetting"]
     assert forgetting.pop("seconds") >= 0
     assert forgetting == {"checked": right_first, "right_after": right_first, "right_frozen": 0, "lost": []}
+    # Each learning problem is asked again blind to its own episode in memory; scored problems exclude none.
+    _, states = finished_arm(tmp_path / "run", "adapters")
+    by_question = {s["problem"]["question"]: s["problem"]["id"] for s in states}
+    asked_again = [(qs, ex) for qs, ex in routed if ex is not None]
+    assert len(asked_again) == 1 and len(asked_again[0][0]) == right_first
+    assert asked_again[0][1] == [by_question[q] for q in asked_again[0][0]]
     md = (tmp_path / "run" / "report.md").read_text()
     assert f"| {right_first} / 0 of {right_first} |" in md
 
@@ -573,6 +590,18 @@ def test_an_evaluation_may_change_the_canary_of_learning_arms_not_started(tmp_pa
     write_run_settings(started, arm_settings(eval_config(tmp_path, True, {}), "adapters", 10))
     with pytest.raises(RunDirError, match="canary_test"):
         check_run_dir(started, settings, resume=True)
+    # It may change a canary setting its own test never reads, and no other.
+    margin_arm = arm_settings(eval_config(tmp_path, True, {}), "adapters", 10)
+    check_run_dir(started, replace(margin_arm, loop=replace(margin_arm.loop, canary_alpha=0.2)), resume=True)
+    with pytest.raises(RunDirError, match="canary_margin"):
+        check_run_dir(started, replace(margin_arm, loop=replace(margin_arm.loop, canary_margin=0.5)), resume=True)
+    binomial_arm = tmp_path / "arms" / "full"
+    binomial_arm.mkdir()
+    write_run_settings(binomial_arm, arm_settings(config, "full", 10))
+    full = arm_settings(config, "full", 10)
+    check_run_dir(binomial_arm, replace(full, loop=replace(full.loop, canary_margin=0.0)), resume=True)
+    with pytest.raises(RunDirError, match="canary_alpha"):
+        check_run_dir(binomial_arm, replace(full, loop=replace(full.loop, canary_alpha=0.01)), resume=True)
 
 
 def test_folders_saved_before_a_setting_existed_resume_with_its_default(tmp_path):

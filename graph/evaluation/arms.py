@@ -243,7 +243,8 @@ class ArmRunner:
         kept, frozen = [], []
         for chunk in _chunks(right, SCORE_CALL_BATCHES * self.config.batch_size):
             questions = [p["question"] for p in chunk]
-            rules, weights = self._route(ctx, solver, arm, questions)
+            # Each blind to its own episode in memory, as the loop routes an episode's own problem.
+            rules, weights = self._route(ctx, solver, arm, questions, exclude=[p["id"] for p in chunk])
             after, bare = ask_together(solver.backend, [solver.ask(questions, rules, weights=weights),
                                                         solver.ask(questions, weights=None)])
             kept += [check(a, labels[p["id"]]).correct for p, a in zip(chunk, after)]
@@ -253,10 +254,15 @@ class ArmRunner:
                 "seconds": round(time.perf_counter() - start, 3)}
 
     @staticmethod
-    def _route(ctx: RunContext, solver: Solver, arm: str, questions: list[str]):
-        """The arm's prompt rules and mixture weights (batch, n_experts), as the loop's solve node routes."""
+    def _route(ctx: RunContext, solver: Solver, arm: str, questions: list[str],
+               exclude: list[str] | None = None):
+        """The arm's prompt rules and mixture weights (batch, n_experts), as the loop's solve node routes.
+
+        ``exclude``: per question, a problem whose memories it must not see (graph.routing.route).
+        """
         use_adapters = arm in ("adapters", "full")
-        routes = route(ctx, questions, with_rules=arm in ("rules", "full"), with_adapters=use_adapters, solver=solver)
+        routes = route(ctx, questions, exclude=exclude, with_rules=arm in ("rules", "full"),
+                       with_adapters=use_adapters, solver=solver)
         weights = torch.cat([r.weights for r in routes]) if use_adapters else None  # None: the bare model
         return [r.rules for r in routes], weights
 

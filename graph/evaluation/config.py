@@ -38,7 +38,7 @@ from agents.lm.precision import PRECISIONS
 from agents.solver import SolverConfig
 from agents.trajectories import SOURCES, chosen_sources
 from agents.verifier import VerifierConfig
-from graph.canary import CANARY_TESTS
+from graph.canary import check_canary_settings
 from graph.context import LoopConfig
 from graph.run_dir import DEFAULT_ROUND_SIZE, RunSettings
 from graph.saved_settings import read_saved, settings_with_options
@@ -114,14 +114,7 @@ class EvalConfig:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
         if self.embedder not in EMBEDDERS:
             raise ValueError(f"embedder must be one of {', '.join(EMBEDDERS)}; got {self.embedder!r}")
-        if self.canary_size < 0:
-            raise ValueError(f"canary_size must be >= 0, got {self.canary_size}")
-        if not 0 <= self.canary_margin <= 1:
-            raise ValueError(f"canary_margin must be in [0, 1], got {self.canary_margin}")
-        if self.canary_test not in CANARY_TESTS:
-            raise ValueError(f"canary_test must be one of {', '.join(CANARY_TESTS)}; got {self.canary_test!r}")
-        if not 0 < self.canary_alpha < 1:
-            raise ValueError(f"canary_alpha must be in (0, 1), got {self.canary_alpha}")
+        check_canary_settings(self.canary_size, self.canary_margin, self.canary_test, self.canary_alpha)
         self.train_sources = chosen_sources(self.train_sources)
 
     def to_dict(self) -> dict:
