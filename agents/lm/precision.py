@@ -21,6 +21,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 from agents.files import atomic_write_text, cache_root
 
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "float32", "bfloat16")
 BFLOAT16_MIN_SPEEDUP = 1.5  # below this, float32's exactness is worth more than the time
 CALIBRATION_SHAPE = (64, 896, 4864)  # rows, in, out: Qwen2.5-0.5B's MLP up-projection at 64 decode slots
-CALIBRATION_FORMAT = 1
+CALIBRATION_FORMAT = 2  # 2: the dtypes timed in alternation (1 timed them one after the other)
 
 
 @dataclass(frozen=True)
@@ -74,9 +75,9 @@ def cpu_calibration(cache_dir: Path | None = None) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         pass
+    measured = measure_gflops((torch.float32, torch.bfloat16), *CALIBRATION_SHAPE)
     result = {"cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "shape": list(CALIBRATION_SHAPE),
-              **{f"{name}_gflops": measure_gflops(getattr(torch, name), *CALIBRATION_SHAPE) for name in ("float32", "bfloat16")}}
+              "shape": list(CALIBRATION_SHAPE), **{f"{name}_gflops": gflops for name, gflops in measured.items()}}
     try:
         atomic_write_text(path, json.dumps(result))
     except OSError as err:  # an unwritable cache costs a re-measure next time, nothing else
@@ -85,20 +86,29 @@ def cpu_calibration(cache_dir: Path | None = None) -> dict:
     return result
 
 
-def measure_gflops(dtype, rows: int, n_in: int, n_out: int, seconds: float = 0.25) -> float:
-    """GFLOP/s of ``linear((rows, n_in), (n_out, n_in))`` in dtype, the best of repeated timings."""
+def measure_gflops(dtypes: Sequence, rows: int, n_in: int, n_out: int, seconds: float = 0.5) -> dict[str, float]:
+    """GFLOP/s of ``linear((rows, n_in), (n_out, n_in))`` per dtype (keyed 'float32', ...), the best of repeated timings.
+
+    The dtypes are timed in alternation, one product each in turn, so that a load they share
+    (another job on the cores, a clock still ramping up) slows them alike: their ratio, which
+    ``choose_precision`` decides by, holds even when the absolute figures do not.
+    """
     import torch
 
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, n_in, generator=generator).to(dtype)
-    weight = torch.randn(n_out, n_in, generator=generator).to(dtype)
-    torch.nn.functional.linear(x, weight)  # warm-up: kernel selection, packing
-    best, deadline = float("inf"), time.perf_counter() + seconds
+    x = torch.randn(rows, n_in, generator=generator)
+    weight = torch.randn(n_out, n_in, generator=generator)
+    operands = {str(d).removeprefix("torch."): (x.to(d), weight.to(d)) for d in dtypes}
+    for a, w in operands.values():
+        torch.nn.functional.linear(a, w)  # warm-up: kernel selection, packing
+    best = dict.fromkeys(operands, float("inf"))
+    deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        torch.nn.functional.linear(x, weight)
-        best = min(best, time.perf_counter() - start)
-    return 2 * rows * n_in * n_out / best / 1e9
+        for name, (a, w) in operands.items():
+            start = time.perf_counter()
+            torch.nn.functional.linear(a, w)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: 2 * rows * n_in * n_out / t / 1e9 for name, t in best.items()}
 
 
 def cpu_name() -> str:
