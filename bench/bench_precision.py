@@ -67,7 +67,9 @@ def flops_per_token(model, context: float) -> float:
 def peak_gflops(dtype, shapes, rows: int) -> dict:
     from agents.lm.precision import measure_gflops
 
-    measured = {f"{i}x{o}": measure_gflops([dtype], rows, i, o)[str(dtype).removeprefix("torch.")] for i, o in shapes}
+    measured = {}
+    for i, o in shapes:
+        (measured[f"{i}x{o}"],) = measure_gflops([dtype], rows, i, o, seconds=0.5).values()
     return {"best": max(measured.values()), "by_shape": measured}
 
 

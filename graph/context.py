@@ -132,12 +132,12 @@ class RunContext:
 
         ``exclude``: per question, a problem id whose memories it must not see (its own problem).
         """
-        if self.memory is None or self.router.config.memory_dim == 0:
-            empty = [[] for _ in questions]
-            return None, None, empty, empty
         excluded = list(exclude) if exclude is not None else [None] * len(questions)
         if len(excluded) != len(questions):
             raise ValueError(f"exclude names {len(excluded)} problems for {len(questions)} questions")
+        if self.memory is None or self.router.config.memory_dim == 0:
+            empty = [[] for _ in questions]
+            return None, None, empty, empty
         feats = [self.memory.memory_features(q, exclude_problem=x) for q, x in zip(questions, excluded)]
         vectors = torch.from_numpy(np.stack([f.vector for f in feats]))  # (batch, feature_dim)
         priors = torch.from_numpy(np.stack([f.prior for f in feats]))  # (batch, n_experts)

@@ -27,8 +27,8 @@ class Route:
     memory: torch.Tensor | None  # (1, feature_dim) the memory features the router read; None without memory
 
 
-def route(ctx: RunContext, questions: list[str], *, exclude: Sequence[str | None] | None = None, with_rules: bool = True,
-          with_adapters: bool = True, solver: Solver | None = None) -> list[Route]:
+def route(ctx: RunContext, questions: list[str], *, exclude: Sequence[str | None] | None = None,
+          with_rules: bool = True, with_adapters: bool = True, solver: Solver | None = None) -> list[Route]:
     """One Route per question, from one memory lookup and one router call for all of them.
 
     ``exclude``: per question, a problem whose memories it must not see (its own). ``solver``

@@ -170,20 +170,31 @@ def check_run_dir(run_dir: Path, settings: RunSettings, resume: bool) -> None:
         saved = {**saved, **from_dict(RunSettings, saved).to_dict()}
     except (TypeError, ValueError) as err:
         raise RunDirError(f"{Path(run_dir) / RUN_FILE}: the saved settings are not valid ({err})") from None
-    differs = leaf_differences(_compared(saved, wanted), _compared(wanted, wanted))
+    kept = [k for k in wanted if k not in RESUMABLE_CHANGES]
+    unused = _unused_canary_settings(saved, wanted)
+    differs = leaf_differences(_compared(saved, kept, unused), _compared(wanted, kept, unused))
     if differs:
         shown = "; ".join(f"{path}: saved {a!r}, now {b!r}" for path, a, b in differs)
         raise RunDirError(f"{run_dir} holds a run with different settings ({shown}); use another --run-dir")
 
 
-def _compared(settings: dict, wanted: dict) -> dict:
-    """The settings a resume must keep: all of ``wanted``'s keys but RESUMABLE_CHANGES, less the
-    canary settings the run's canary test never reads (graph/canary.unused_canary_settings)."""
-    kept = {k: settings.get(k) for k in wanted if k not in RESUMABLE_CHANGES}
-    loop = dict(kept.get("loop") or {})
-    for name in unused_canary_settings(loop.get("canary_test", "")):
-        loop.pop(name, None)
-    return {**kept, "loop": loop} if "loop" in kept else kept
+def _unused_canary_settings(saved: dict, wanted: dict) -> tuple[str, ...]:
+    """The canary settings that a resume keeping the run's canary test may change: those the test
+    never reads (graph/canary.unused_canary_settings). None when the test itself changes.
+
+    The folder check of an evaluation's started arms; ``run --resume`` still refuses such an
+    option given again, as it refuses any setting that differs from the saved one.
+    """
+    test = (saved.get("loop") or {}).get("canary_test")
+    return unused_canary_settings(test) if test == (wanted.get("loop") or {}).get("canary_test") else ()
+
+
+def _compared(settings: dict, keys: list[str], unused: tuple[str, ...]) -> dict:
+    """``settings`` at ``keys``, less the ``unused`` loop settings."""
+    kept = {k: settings.get(k) for k in keys}
+    if "loop" in kept:
+        kept["loop"] = {k: v for k, v in (kept["loop"] or {}).items() if k not in unused}
+    return kept
 
 
 def _has_checkpoints(run_dir: Path) -> bool:

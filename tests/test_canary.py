@@ -6,7 +6,16 @@ from dataclasses import astuple
 
 import pytest
 
-from graph.canary import CanaryVerdict, canary_entry, canary_regressed, chance_of_breaking, tail_at_least
+from graph.canary import (
+    CanaryVerdict,
+    canary_entry,
+    canary_regressed,
+    chance_of_breaking,
+    check_canary_settings,
+    tail_at_least,
+    trained_break_undoes,
+    unused_canary_settings,
+)
 
 
 def _brute_tail(chances, k):
@@ -82,3 +91,34 @@ def test_a_canary_entry_keeps_how_firmly_its_samples_were_right():
     values = {"problem": {"id": "p", "question": "q?", "label": "3"}, "target": "3", "verified_share": 0.5,
               "samples": [{}, {}, {}, {}]}
     assert canary_entry(values) == {"id": "p", "question": "q?", "label": "3", "share": 0.5, "samples": 4}
+
+
+def _firm(problem_id: str, share: float) -> dict:
+    return {"id": problem_id, "question": "q", "label": "1", "share": share, "samples": 6}
+
+
+def test_a_trained_problem_broken_undoes_its_update_by_one_rule_for_both_gates():
+    two_firm = [_firm("a", 1.0), _firm("b", 1.0)]  # each breaks by chance 1/8: both, 1/64
+    assert not trained_break_undoes("margin", [], alpha=0.05, in_canary=False)
+    assert trained_break_undoes("margin", [_firm("a", 0.0)], alpha=0.05, in_canary=True)  # any break, either gate
+    assert trained_break_undoes("margin", [_firm("a", 0.0)], alpha=0.05, in_canary=False)
+    # Binomial: within the round's canary it is weighed there already; alone it is a canary of its own.
+    assert not trained_break_undoes("binomial", two_firm, alpha=0.05, in_canary=True)
+    assert trained_break_undoes("binomial", two_firm, alpha=0.05, in_canary=False)
+    assert not trained_break_undoes("binomial", two_firm[:1], alpha=0.05, in_canary=False)  # p = 1/8
+    assert trained_break_undoes("binomial", two_firm[:1], alpha=0.2, in_canary=False)
+
+
+def test_the_canary_settings_are_checked_in_one_place():
+    check_canary_settings(4, 0.0, "binomial", 0.05)
+    for args, message in [((-1, 0.0, "margin", 0.05), "canary_size must be >= 0"),
+                          ((4, 1.5, "margin", 0.05), "canary_margin must be in"),
+                          ((4, 0.0, "sometimes", 0.05), "canary_test must be one of"),
+                          ((4, 0.0, "binomial", 1.0), "canary_alpha must be in")]:
+        with pytest.raises(ValueError, match=message):
+            check_canary_settings(*args)
+
+
+def test_each_test_names_the_setting_it_never_reads():
+    assert unused_canary_settings("margin") == ("canary_alpha",)
+    assert unused_canary_settings("binomial") == ("canary_margin",)

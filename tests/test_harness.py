@@ -26,10 +26,10 @@ from agents.verifier import VerifierConfig
 from graph.episodes import StopFlag
 from graph.evaluation.config import EvalConfig, EvalInterrupted
 from graph.evaluation.harness import evaluate, prepare_eval_dir
-from graph.evaluation.results import finished_arm
-from graph.routing import route
 from graph.evaluation.problems import prepare_problems
+from graph.evaluation.results import finished_arm
 from graph.inspection.expert_export import export_expert
+from graph.routing import route
 from graph.run_dir import RunDirError
 from run_loop import app
 from tests.fakes import ScriptedBackend

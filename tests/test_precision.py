@@ -11,7 +11,7 @@ from agents.lm.precision import choose_precision, cpu_calibration, measure_gflop
 
 class FakeClock:
     """A clock that only the fake matrix product advances: float32 costs 2 units, bfloat16 1, and
-    every product before unit 90 costs 10 times as much (another job on the cores)."""
+    every product before unit 60 costs 10 times as much (another job on the cores)."""
 
     def __init__(self) -> None:
         self.now = 0.0
@@ -23,7 +23,7 @@ class FakeClock:
     def linear(self, x, weight):
         self.order.append(x.dtype)
         cost = 2.0 if x.dtype == torch.float32 else 1.0
-        self.now += cost * (10 if self.now < 90 else 1)
+        self.now += cost * (10 if self.now < 60 else 1)
         return x.new_zeros(x.shape[0], weight.shape[0])
 
 
@@ -36,18 +36,27 @@ def clock(monkeypatch):
 
 
 def test_the_dtypes_are_timed_in_turn_so_a_passing_load_slows_both(clock):
-    # Warm-ups end at unit 30; the load lasts the whole 60-unit window. Timed one dtype after the
-    # other, float32 would have had it all and bfloat16 none (a 20x ratio, not 2x).
+    # Warm-ups end at unit 30, the load at 60, the window at 90. Timed one dtype after the other,
+    # each for half the window, float32 would have had the whole load and bfloat16 none of it:
+    # 20 units against 1, a 20x ratio. In turn, both are timed after the load too.
     measured = measure_gflops((torch.float32, torch.bfloat16), 2, 3, 4, seconds=60)
     timed = clock.order[2:]  # after one warm-up product each
     assert timed == [torch.float32, torch.bfloat16] * (len(timed) // 2) and len(timed) >= 4
     assert measured["bfloat16"] / measured["float32"] == pytest.approx(2.0)
-    assert measured["float32"] == pytest.approx(2 * 2 * 3 * 4 / 20.0 / 1e9)  # slowed, like bfloat16
+    assert measured["float32"] == pytest.approx(2 * 2 * 3 * 4 / 2.0 / 1e9)
+    with pytest.raises(ValueError, match="distinct"):
+        measure_gflops((torch.float32, torch.float32), 2, 3, 4)
 
 
 def test_auto_takes_bfloat16_only_when_the_calibration_finds_it_fast_enough(tmp_path, monkeypatch):
+    def calibration(bf16: float):
+        def measure(dtypes, *_shape, **_kwargs):
+            assert tuple(dtypes) == (torch.float32, torch.bfloat16)  # both, timed together
+            return {"float32": 10.0, "bfloat16": bf16}
+        return measure
+
     for bf16, expected in ((40.0, "bfloat16"), (12.0, "float32")):
-        monkeypatch.setattr(precision, "measure_gflops", lambda *_a, bf16=bf16, **_k: {"float32": 10.0, "bfloat16": bf16})
+        monkeypatch.setattr(precision, "measure_gflops", calibration(bf16))
         cache = tmp_path / expected
         choice = choose_precision("auto", "cpu", cache_dir=cache)
         assert choice.used == expected and f"{bf16 / 10:.1f}x float32" in choice.reason

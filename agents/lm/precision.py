@@ -86,8 +86,10 @@ def cpu_calibration(cache_dir: Path | None = None) -> dict:
     return result
 
 
-def measure_gflops(dtypes: Sequence, rows: int, n_in: int, n_out: int, seconds: float = 0.5) -> dict[str, float]:
-    """GFLOP/s of ``linear((rows, n_in), (n_out, n_in))`` per dtype (keyed 'float32', ...), the best of repeated timings.
+def measure_gflops(dtypes: Sequence["torch.dtype"], rows: int, n_in: int, n_out: int,
+                   seconds: float = 0.5) -> dict[str, float]:
+    """GFLOP/s of ``linear((rows, n_in), (n_out, n_in))`` per dtype, keyed 'float32', 'bfloat16'...:
+    the best of repeated timings within ``seconds``, a budget the dtypes share.
 
     The dtypes are timed in alternation, one product each in turn, so that a load they share
     (another job on the cores, a clock still ramping up) slows them alike: their ratio, which
@@ -95,6 +97,8 @@ def measure_gflops(dtypes: Sequence, rows: int, n_in: int, n_out: int, seconds: 
     """
     import torch
 
+    if len(set(dtypes)) != len(dtypes) or not dtypes:
+        raise ValueError(f"dtypes must be distinct and at least one, got {list(dtypes)}")
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(rows, n_in, generator=generator)
     weight = torch.randn(n_out, n_in, generator=generator)
