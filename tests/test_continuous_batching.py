@@ -265,7 +265,12 @@ def test_common_prefix():
 
 @pytest.mark.slow
 def test_qwen_continuous_batching_gives_the_plain_generate_answers():
-    """A handful of GSM8K problems on the real model, bare and under a mixture: the same answers as generate."""
+    """A handful of GSM8K problems on the real model, bare and under a mixture: the same text as generate.
+
+    Float32 continuous batching is token-identical to plain generate (bench/bench_generation.py),
+    so the first 48 tokens of each answer are compared whole (a longer cap costs minutes on a
+    CPU without AVX-512).
+    """
     from agents.data_sources import open_source
     from agents.lm.models import load_model
     from agents.solver import Solver, SolverConfig
@@ -276,15 +281,14 @@ def test_qwen_continuous_batching_gives_the_plain_generate_answers():
         generator = torch.Generator().manual_seed(0)
         for layer in bank.layers.values():
             layer.lora_B[1].normal_(0, 0.02, generator=generator)
-    questions = [p.question for p in open_source("test").take(4)]
-    config = SolverConfig(max_new_tokens=160)
+    questions = [p.question for p in open_source("test").take(2)]
+    config = SolverConfig(max_new_tokens=48)
     plain = Solver(TorchBackend(loaded.model, loaded.tokenizer, bank, batch_size=4, engine="generate"), config)
     fast = Solver(TorchBackend(loaded.model, loaded.tokenizer, bank, batch_size=4), config)
+    texts = []
     for weights in (None, bank.one_hot(1)):
         expected, got = plain.solve(questions, weights=weights), fast.solve(questions, weights=weights)
-        same = sum(a.answer == b.answer for a, b in zip(expected, got)) / len(questions)
-        identical = sum(a.text == b.text for a, b in zip(expected, got))
-        print(f"weights {weights}: same final answer on {same:.0%}, identical text {identical}/{len(questions)}")
-        assert same >= 0.9
-    bare, mixed = (fast.solve(questions[:1], weights=w)[0].text for w in (None, bank.one_hot(1)))
-    assert bare != mixed
+        texts.append([a.text for a in got])
+        assert texts[-1] == [a.text for a in expected], weights
+    bare, mixed = texts
+    assert bare != mixed  # the mixture reaches the answers

@@ -340,14 +340,14 @@ def test_make_backend_selects_by_name_and_auto(tiny_bank, tiny_gguf):
 
 @pytest.mark.slow
 def test_qwen_llama_cpp_gives_the_same_final_answers_as_torch():
-    """A handful of GSM8K test problems: same final answer on at least 90%, and a mixture changes both."""
+    """Two GSM8K test problems: the same final answers as torch, and a mixture changes both backends."""
     from agents.data_sources import open_source
     from agents.solver import Solver, SolverConfig
 
     loaded = load_model("qwen2.5-coder-0.5b")
     if loaded.gguf_path is None:
         pytest.skip("the Qwen GGUF is not in the cache")
-    problems = open_source("test").take(5)
+    problems = open_source("test").take(2)  # answers of about 210 and 260 tokens: both end below the cap
     questions = [p.question for p in problems]
     bank = ExpertBank(loaded.model, BankConfig(n_experts=2, rank=8))
     with torch.no_grad():
@@ -356,7 +356,7 @@ def test_qwen_llama_cpp_gives_the_same_final_answers_as_torch():
             layer.lora_B[1].normal_(0, 0.02, generator=generator)
     ref = TorchBackend(loaded.model, loaded.tokenizer, bank)
     with LlamaCppBackend(loaded.gguf_path, loaded.tokenizer, bank, LlamaCppConfig(threads=2)) as fast:
-        config = SolverConfig(max_new_tokens=320)
+        config = SolverConfig(max_new_tokens=288)
         expected = Solver(ref, config).solve(questions)
         got = Solver(fast, config).solve(questions)
         same = sum(a.answer == b.answer for a, b in zip(expected, got)) / len(problems)
