@@ -169,6 +169,8 @@ def main() -> None:
         if child.returncode != 0:
             sys.exit(f"{precision} failed:\n{child.stderr[-3000:]}")
         results[precision] = json.loads(child.stdout.strip().splitlines()[-1])
+        if args.out:  # each precision as it finishes: a later one stopped loses only itself
+            args.out.write_text(json.dumps(results, indent=2))
     base = results["float32"]
     print(f"\nmodel {args.model}, {args.threads} threads, {args.score_problems} GSM8K test problems, greedy, 384 tokens")
     print(f"{'precision':<10} {'peak@64':>9} {'peak@2400':>10} {'score s':>8} {'tok/s':>7} {'vs fp32':>8} {'right':>8} "
