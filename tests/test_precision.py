@@ -1,11 +1,11 @@
 """The start-up precision calibration: its choice, its cache, and a ratio that a shared load does not bias."""
 
 import json
+import time
 
 import pytest
 import torch
 
-import agents.lm.precision as precision
 from agents.lm.precision import choose_precision, cpu_calibration, measure_gflops
 
 
@@ -30,7 +30,7 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch):
     fake = FakeClock()
-    monkeypatch.setattr(precision.time, "perf_counter", fake.perf_counter)
+    monkeypatch.setattr(time, "perf_counter", fake.perf_counter)  # the module precision.py times with
     monkeypatch.setattr(torch.nn.functional, "linear", fake.linear)
     return fake
 
@@ -56,12 +56,12 @@ def test_auto_takes_bfloat16_only_when_the_calibration_finds_it_fast_enough(tmp_
         return measure
 
     for bf16, expected in ((40.0, "bfloat16"), (12.0, "float32")):
-        monkeypatch.setattr(precision, "measure_gflops", calibration(bf16))
+        monkeypatch.setattr("agents.lm.precision.measure_gflops", calibration(bf16))
         cache = tmp_path / expected
         choice = choose_precision("auto", "cpu", cache_dir=cache)
         assert choice.used == expected and f"{bf16 / 10:.1f}x float32" in choice.reason
         # Cached: measured once per CPU, torch version and thread count.
-        monkeypatch.setattr(precision, "measure_gflops", lambda *_a, **_k: pytest.fail("measured again"))
+        monkeypatch.setattr("agents.lm.precision.measure_gflops", lambda *_a, **_k: pytest.fail("measured again"))
         assert cpu_calibration(cache)["bfloat16_gflops"] == bf16
         (saved,) = cache.rglob("precision-*.json")
         assert json.loads(saved.read_text())["float32_gflops"] == 10.0
