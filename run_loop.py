@@ -154,6 +154,9 @@ ModelOption = Annotated[Optional[str], typer.Option(
     help=f"Model spec: an alias, a folder, a .gguf file or a hub id. Default: {DEFAULT_MODEL}.")]
 ThreadsOption = Annotated[int, typer.Option(help="Torch CPU threads (0: torch's default). Not saved with the run.")]
 RESUME_NOTE = "On --resume every setting is read from --run-dir; an option given again must match it."
+AnyMachineOption = Annotated[bool, typer.Option(
+    "--any-machine", help="With --resume: go on although this is another kind of machine (CPU, its features, GPU or "
+                          "torch) than the one the evaluation ran on; the report then says which arm ran where.")]
 RoundSizeOption = Annotated[Optional[int], typer.Option(
     help="Learning episodes that sample together from the same bank, their generation calls pooled; each then "
          "trains in turn. 1: every episode sees all learning before it. Default: 8.")]
@@ -267,7 +270,7 @@ def run(
 # ---------------------------------------------------------------- evaluation
 
 
-def _evaluate_with_progress(config, run_dir: Path, resume: bool, threads: int, err: Console):
+def _evaluate_with_progress(config, run_dir: Path, resume: bool, threads: int, err: Console, any_machine: bool = False):
     """The evaluation with live progress; its report."""
     from graph.evaluation.config import EvalInterrupted
     from graph.evaluation.harness import run_evaluation
@@ -282,7 +285,7 @@ def _evaluate_with_progress(config, run_dir: Path, resume: bool, threads: int, e
                     live.line(p.finished)
 
             return run_evaluation(config, run_dir, resume=resume, threads=threads, on_status=live.line,
-                                  on_progress=on_progress, stop=live.stop)
+                                  on_progress=on_progress, stop=live.stop, any_machine=any_machine)
     except EvalInterrupted as error:
         command = "demo" if config.arms == ("frozen", "full") else "eval"
         _status(err, f"{error}; resume with: python run_loop.py {command} --run-dir {run_dir} --resume")
@@ -310,6 +313,7 @@ def eval_command(
     model: ModelOption = None,
     run_dir: Annotated[Path, typer.Option(help="Evaluation directory: eval.json, report files, arms/<arm>/ run folders.")] = Path("runs/eval"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue the evaluation in --run-dir where it stopped. " + RESUME_NOTE)] = False,
+    any_machine: AnyMachineOption = False,
     embedder: Annotated[Optional[str], typer.Option(help="'minilm' (all-MiniLM-L6-v2, default) or 'hash' (deterministic, for tests).")] = None,
     experts: Annotated[Optional[int], typer.Option(help="Experts in each arm's bank. Default: 16.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps per update burst. Default: 3.")] = None,
@@ -364,7 +368,7 @@ def eval_command(
         config = eval_config(run_dir, resume, options)
     except (SelfImproveError, ValueError) as error:
         raise _fail(error) from error
-    report = _evaluate_with_progress(config, run_dir, resume, threads, err)
+    report = _evaluate_with_progress(config, run_dir, resume, threads, err, any_machine)
     summary = report.summary()
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
@@ -413,6 +417,7 @@ def demo(
     embedder: Annotated[Optional[str], typer.Option(help="'minilm' (default) or 'hash' (deterministic, for tests).")] = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="Where the run goes. Default: runs/demo, or runs/demo-N if that exists.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the demo in --run-dir where it stopped. " + RESUME_NOTE)] = False,
+    any_machine: AnyMachineOption = False,
     threads: ThreadsOption = 0,
     precision: PrecisionOption = None,
     samples: Annotated[Optional[int], typer.Option(help="Sampled answers per learning problem (verify, validate). Default: 4.")] = None,
@@ -452,7 +457,7 @@ def demo(
         raise _fail(ValueError(f"{run_dir} holds an evaluation, not a demo; resume it with `eval --run-dir {run_dir} --resume`"))
     _status(err, f"demo: the loop learns on {config.learn_problems} train problem(s), {config.eval_problems} held-out "
                  f"test problems are scored before and after; run folder {run_dir}")
-    report = _evaluate_with_progress(config, run_dir, resume, threads, err)
+    report = _evaluate_with_progress(config, run_dir, resume, threads, err, any_machine)
     summary = report.summary()
     if as_json:
         typer.echo(json.dumps(summary, indent=2))

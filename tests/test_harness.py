@@ -552,6 +552,88 @@ def test_an_evaluation_resumed_by_other_code_says_so_in_its_report(tmp_path, mon
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["code_versions"] == ["git aaaa", "git bbbb"]
 
 
+XEON = {"device": "cpu (Intel(R) Xeon(R) Processor)", "features": ["avx2", "fma", "avx512f", "amx_bf16"], "torch": "2.13.0"}
+EPYC = {"device": "cpu (AMD EPYC)", "features": ["avx2", "fma"], "torch": "2.13.0"}
+
+
+def test_an_evaluation_resumed_on_another_machine_is_refused_unless_asked(tmp_path, monkeypatch):
+    """Arms are compared answer by answer: another machine's rounding would flip answers by itself."""
+    import graph.evaluation.harness as harness
+
+    model = Model()
+    config = _config(tmp_path, arms=("frozen", "vote"), plots=False)
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(harness, "machine", lambda _device: XEON)
+    _evaluate(config, run_dir, model)
+    (run_dir / "arms" / "vote" / "result.json").unlink()  # as if killed before vote finished
+    saved = (run_dir / "eval.json").read_bytes()
+    monkeypatch.setattr(harness, "machine", lambda _device: EPYC)
+    with pytest.raises(RunDirError, match=r"was run on cpu \(Intel\(R\) Xeon\(R\) Processor\) \[avx2 fma avx512f amx_bf16\]"
+                                          r", torch 2.13.0; this machine is cpu \(AMD EPYC\) \[avx2 fma\].*--any-machine"):
+        _evaluate(config, run_dir, model, resume=True)
+    assert (run_dir / "eval.json").read_bytes() == saved and not (run_dir / "arms" / "vote" / "result.json").exists()
+    again = _evaluate(config, run_dir, model, resume=True, any_machine=True)
+    assert json.loads((run_dir / "eval.json").read_text())["machines"] == [XEON, EPYC]
+    assert again.arms["frozen"].machine == XEON and again.arms["vote"].machine == EPYC
+    md = (run_dir / "report.md").read_text()
+    assert "**the machine changed while this evaluation ran**" in md
+    assert "frozen: cpu (Intel(R) Xeon(R) Processor) [avx2 fma avx512f amx_bf16], torch 2.13.0; vote: cpu (AMD EPYC)" in md
+    _evaluate(config, run_dir, model, resume=True)  # the last machine again: no flag needed, nothing added
+    assert json.loads((run_dir / "eval.json").read_text())["machines"] == [XEON, EPYC]
+
+
+def test_an_evaluation_saved_before_machines_were_kept_reads_them_from_its_arms(tmp_path, monkeypatch):
+    """Older evaluations kept no machine: the finished arms' backend lines name the device, and that is compared."""
+    import graph.evaluation.harness as harness
+
+    model = Model()
+    config = _config(tmp_path, arms=("frozen", "vote"), plots=False)
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(harness, "machine", lambda _device: XEON)
+    _evaluate(config, run_dir, model)
+    saved = json.loads((run_dir / "eval.json").read_text())
+    del saved["machines"]
+    (run_dir / "eval.json").write_text(json.dumps(saved))
+    result = json.loads((run_dir / "arms" / "frozen" / "result.json").read_text())
+    del result["result"]["machine"]
+    result["result"]["backend"] = ("torch 2.13.0+cpu (continuous batching, 64 slots), torch.bfloat16 weights on "
+                                   "cpu (Intel(R) Xeon(R) Processor), 2 threads")
+    (run_dir / "arms" / "frozen" / "result.json").write_text(json.dumps(result))
+    (run_dir / "arms" / "vote" / "result.json").unlink()
+    monkeypatch.setattr(harness, "machine", lambda _device: EPYC)
+    with pytest.raises(RunDirError, match=r"was run on cpu \(Intel\(R\) Xeon\(R\) Processor\); this machine is"):
+        _evaluate(config, run_dir, model, resume=True)
+    monkeypatch.setattr(harness, "machine", lambda _device: XEON)
+    report = _evaluate(config, run_dir, model, resume=True)
+    legacy = {"device": XEON["device"], "features": None, "torch": None}
+    assert json.loads((run_dir / "eval.json").read_text())["machines"] == [legacy, XEON]
+    assert report.arms["frozen"].machine is None and report.arms["vote"].machine == XEON
+    md = (run_dir / "report.md").read_text()
+    assert "- machine: cpu (Intel(R) Xeon(R) Processor) [avx2 fma avx512f amx_bf16], torch 2.13.0" in md
+    assert "machine changed" not in md
+
+
+def test_eval_resume_on_another_machine_is_a_one_line_error(tmp_path, monkeypatch):
+    import graph.evaluation.harness as harness
+
+    learn, scored = _write(tmp_path / "learn.jsonl", LEARN), _write(tmp_path / "eval.jsonl", EVAL)
+    args = ["eval", "--model", "tiny-random", "--learn-data", learn, "--eval-data", scored, "--learn-problems", "1",
+            "--eval-problems", "1", "--arms", "frozen", "--max-new-tokens", "2", "--embedder", "hash",
+            "--no-plots", "--run-dir", str(tmp_path / "run")]
+    monkeypatch.setattr(harness, "machine", lambda _device: XEON)
+    SharedSystemClient.clear_system_cache()
+    assert CliRunner().invoke(app, args).exit_code == 0
+    (tmp_path / "run" / "arms" / "frozen" / "result.json").unlink()
+    monkeypatch.setattr(harness, "machine", lambda _device: EPYC)
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--any-machine" in errors[0] and result.output.strip().endswith(errors[0])
+    result = CliRunner().invoke(app, [*args, "--resume", "--any-machine"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["machines"] == [XEON, EPYC]
+
+
 def test_an_evaluation_sets_the_canary_and_the_stress_scale_and_keeps_them(tmp_path):
     from graph.evaluation.config import EVAL_FILE, arm_settings, eval_config
     from graph.saved_settings import SettingsError
@@ -642,3 +724,22 @@ def test_bad_canary_and_stress_options_are_one_line_errors(tmp_path):
         result = CliRunner().invoke(app, ["eval", *args, "--run-dir", str(tmp_path / "e")])
         assert result.exit_code == 1 and needle in result.output, (args, result.output)
         assert not (tmp_path / "e").exists()
+
+
+def test_machine_records_name_the_cpu_features_and_compare_only_what_both_have(tmp_path):
+    from graph.evaluation.provenance import cpu_features, machine, machine_from_backend, same_machine
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: Some CPU\nflags\t\t: fpu sse2 avx2 fma avx512f amx_tile amx_bf16 sha_ni\n")
+    assert cpu_features(cpuinfo) == ["avx2", "fma", "avx512f", "amx_bf16", "amx_tile"]
+    assert cpu_features(tmp_path / "missing") == []
+    here = machine("cpu")
+    assert here["device"].startswith("cpu (") and set(here["features"]) <= set(cpu_features())
+    torch_line = "torch 2.13.0+cpu (continuous batching, 64 slots), torch.float32 weights on cpu (AMD EPYC), 2 threads"
+    llama_line = "llama.cpp (xllamacpp 0.2, f16 copy), 64 slots, 2 threads, KV f16, on cpu (Intel(R) Xeon(R) Processor)"
+    assert machine_from_backend(torch_line) == {"device": "cpu (AMD EPYC)", "features": None, "torch": None}
+    assert machine_from_backend(llama_line)["device"] == "cpu (Intel(R) Xeon(R) Processor)"
+    assert machine_from_backend("scripted") is None
+    assert same_machine(XEON, machine_from_backend(llama_line)) and not same_machine(EPYC, machine_from_backend(llama_line))
+    assert not same_machine(XEON, {**XEON, "features": ["avx2", "fma"]})  # same name, other features
+    assert not same_machine(XEON, {**XEON, "torch": "2.14.0"})

@@ -42,7 +42,7 @@ from graph.evaluation.config import (
 )
 from graph.evaluation.learning import leak_check
 from graph.evaluation.problems import ProblemSets, check_disjoint, prepare_problems
-from graph.evaluation.provenance import code_version
+from graph.evaluation.provenance import code_version, machine, machine_from_backend, machine_label, same_machine
 from graph.evaluation.report import write_report
 from graph.evaluation.results import ArmResult, EvalProgress, EvalReport, finished_arm, result_path, save_arm
 from graph.evaluation.stats import compare
@@ -60,25 +60,29 @@ def _fixed_settings(config: dict) -> dict:
 
 
 class EvalDir(NamedTuple):
-    """What eval.json fixes for every arm: the precision they run in, and the code versions that ran them."""
+    """What eval.json fixes for every arm: the precision they run in; the code versions and machines that ran them."""
 
     precision: PrecisionChoice
     code_versions: list[str]
+    machines: list[dict]
 
 
-def prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resume: bool) -> EvalDir:
+def prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resume: bool,
+                     any_machine: bool = False) -> EvalDir:
     """eval.json checked against the saved one on resume and written; the precision every arm runs in.
 
     The precision 'auto' resolves to is fixed when the evaluation starts and kept in eval.json:
-    arms are compared answer by answer, so a resume (on another machine, say, where the
-    calibration would choose otherwise) runs in the precision the first arms ran in. eval.json
-    also lists every code version that has run this evaluation (graph/evaluation/provenance.py),
-    one entry per change, so that the report can say when its arms were not made by one program.
+    arms are compared answer by answer, so a resume (where the calibration would choose
+    otherwise) runs in the precision the first arms ran in. eval.json also lists every code
+    version and every machine that has run this evaluation (graph/evaluation/provenance.py), one
+    entry per change, so that the report can say when its arms were not made by one program on
+    one kind of machine. A resume on another kind of machine is refused unless ``any_machine``:
+    its answers would differ from the first arms' by the machine's rounding alone.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / EVAL_FILE
     wanted = {"config": {k: v for k, v in config.to_dict().items() if k != "plots"}, **sets.to_dict()}
-    kept, versions = None, []
+    kept, versions, machines = None, [], []
     if path.exists():
         if not resume:
             raise RunDirError(f"{run_dir} already holds an evaluation; pass --resume to continue it or choose another --run-dir")
@@ -90,6 +94,7 @@ def prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resum
             raise RunDirError(f"{path}: the saved settings are not valid ({err})") from None
         saved.pop("data_sources", None)  # a note of where the problems came from, not a setting
         versions = list(saved.pop("code_versions", None) or ["not recorded"])  # older evaluations kept none
+        machines = list(saved.pop("machines", None) or _machines_of_finished_arms(run_dir, config))
         kept = saved.pop("precision", None)  # resolved at the start (absent in evaluations made before it was kept)
         saved_fixed, wanted_fixed = _fixed_settings(saved["config"]), _fixed_settings(wanted["config"])
         if {**saved, "config": saved_fixed} != {**wanted, "config": wanted_fixed}:
@@ -97,6 +102,16 @@ def prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resum
             shown = "; ".join(f"{key}: saved {a!r}, now {b!r}" for key, a, b in differs) or "problem ids"
             raise RunDirError(f"{run_dir} holds an evaluation with different settings or problems ({shown}); "
                               "use another --run-dir")
+    here = machine(pick_device(None).type)
+    if machines and not same_machine(machines[-1], here):
+        if not any_machine:
+            raise RunDirError(f"{run_dir} was run on {machine_label(machines[-1])}; this machine is {machine_label(here)}, "
+                              "whose rounding alone would flip answers against the arms made there: resume it on that "
+                              "kind of machine, or pass --any-machine to go on (the report will say which arm ran where)")
+        log.warning("%s was run on %s; it resumes on %s: the report will say so", run_dir, machine_label(machines[-1]),
+                    machine_label(here))
+    if not machines or machines[-1] != here:
+        machines.append(here)  # also after a record with fewer parts (read from an older arm's backend line)
     if kept is not None:
         precision = PrecisionChoice(kept["requested"], kept["used"], f"{kept['reason']}; kept since the evaluation started")
     else:
@@ -107,8 +122,19 @@ def prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resum
             log.warning("%s was run by %s; it resumes with %s: the report will say so", run_dir, versions[-1], code_version())
         versions.append(code_version())
     atomic_write_bytes(path, json.dumps({**wanted, "precision": kept, "data_sources": sets.sources,
-                                         "code_versions": versions}, indent=2).encode())
-    return EvalDir(precision, versions)
+                                         "code_versions": versions, "machines": machines}, indent=2).encode())
+    return EvalDir(precision, versions, machines)
+
+
+def _machines_of_finished_arms(run_dir: Path, config: EvalConfig) -> list[dict]:
+    """The devices that finished arms' backend lines name, for an evaluation saved before machines were kept."""
+    named = []
+    for arm in ("frozen", *config.arms):
+        done = finished_arm(run_dir, arm)
+        found = machine_from_backend(done[0].backend) if done is not None else None
+        if found is not None and found not in named:
+            named.append(found)
+    return named
 
 
 def evaluate(
@@ -123,6 +149,7 @@ def evaluate(
     stop: StopFlag | None = None,
     problems: ProblemSets | None = None,
     on_status: Callable[[str], None] | None = None,
+    any_machine: bool = False,
 ) -> EvalReport:
     """Run every arm of ``config`` under its protocol; write report.json, report.md and plots to run_dir.
 
@@ -134,7 +161,8 @@ def evaluate(
     ``config.embedder``. ``stop`` (a StopFlag) ends the run after the running node; call again
     with ``resume=True`` to continue. ``problems`` replaces the draw from the config's data
     (``prepare_problems(config)``); holdout sets are checked disjoint either way. ``on_status``
-    is told the precision and backend chosen, one line each.
+    is told the precision and backend chosen, one line each. ``any_machine`` lets a resume go on
+    on another kind of machine than the one that ran the evaluation (``prepare_eval_dir``).
     """
     run_dir = Path(run_dir)
     begin = time.perf_counter()
@@ -143,7 +171,7 @@ def evaluate(
         check_disjoint(sets.learn, sets.scored)
     elif [p.id for p in sets.learn] != [p.id for p in sets.scored]:
         raise DataError(f"protocol {config.protocol} learns on the scored problems themselves: learn must equal scored")
-    precision, code_versions = prepare_eval_dir(run_dir, config, sets, resume)
+    precision, code_versions, machines = prepare_eval_dir(run_dir, config, sets, resume, any_machine)
     status = on_status or (lambda _line: None)
     status(f"precision: {precision.used} ({precision.requested}: {precision.reason})")
     status(f"backend: {config.backend} for every arm's scoring and learning "
@@ -154,7 +182,7 @@ def evaluate(
                     loader=loader, backend=backend, on_progress=on_progress, stop=stop)
 
     arms: dict[str, ArmResult] = {}
-    extra: dict = {"precision": precision.to_dict(), "code_versions": code_versions}
+    extra: dict = {"precision": precision.to_dict(), "code_versions": code_versions, "machines": machines}
 
     def once(arm: str, compute):
         """An arm computed, or read back when an earlier process of this evaluation finished it."""
@@ -164,6 +192,7 @@ def evaluate(
             return done
         result, states = compute()
         result.code = code_version()  # the code that finished the arm (eval.json lists every one that ran)
+        result.machine = machines[-1]  # and the machine
         save_arm(run_dir, result, states)
         gc.collect()  # each arm loads its own model: free the last one before the next loads
         return result, states
@@ -220,7 +249,8 @@ def evaluate(
 
 def run_evaluation(config: EvalConfig, run_dir: str | Path, *, resume: bool = False, threads: int = 0,
                    on_status: Callable[[str], None] | None = None,
-                   on_progress: Callable[[EvalProgress], None] | None = None, stop: StopFlag | None = None) -> EvalReport:
+                   on_progress: Callable[[EvalProgress], None] | None = None, stop: StopFlag | None = None,
+                   any_machine: bool = False) -> EvalReport:
     """What the ``eval`` and ``demo`` commands run: the problems (each data source told to ``on_status``),
     the folder's lock (before any model loads: a second process on the folder is refused at once),
     the torch threads, then ``evaluate``."""
@@ -230,6 +260,6 @@ def run_evaluation(config: EvalConfig, run_dir: str | Path, *, resume: bool = Fa
     try:
         set_threads(threads)
         return evaluate(config, run_dir, resume=resume, on_progress=on_progress, stop=stop, problems=problems,
-                        on_status=status)
+                        on_status=status, any_machine=any_machine)
     finally:
         lock.release()

@@ -1,16 +1,22 @@
-"""Which code produced an evaluation's numbers: the git commit of this checkout, else the package version.
+"""Which code, on which machine, produced an evaluation's numbers.
 
 An evaluation can run for hours and resume in another process; if the code changed in
 between, its arms were not made by one program, and the report must say so (the numerics
-of reduced-precision decoding and the loop's own rules both change with the code).
+of reduced-precision decoding and the loop's own rules both change with the code). The
+machine matters the same way: each CPU kind blocks and rounds its matrix products its own
+way (bfloat16 is emulated where the CPU lacks it), so an arm made on another machine flips
+answers by that alone, and arms are compared answer by answer.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 import subprocess
 from importlib import metadata
 from pathlib import Path
+
+from agents.lm.precision import cpu_name, device_name
 
 _ROOT = Path(__file__).resolve().parents[2]
 _CODE = ("*.py", "pyproject.toml")  # what runs; a commit that changes only documents is the same program
@@ -36,3 +42,50 @@ def code_version() -> str:
         return f"selfimprove {metadata.version('selfimprove')}"
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+# CPU features that change how torch's kernels compute (vector width, bfloat16, int8 and AMX units).
+NUMERIC_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "avx_vnni",
+                    "amx_bf16", "amx_int8", "amx_tile")
+
+
+def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """The ``NUMERIC_FEATURES`` this CPU has, in that order; empty where /proc/cpuinfo is not readable."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [f for f in NUMERIC_FEATURES if f in flags]
+
+
+def machine(device_type: str) -> dict:
+    """The machine an arm runs on: the device with its model's name, the CPU features, torch's version."""
+    import torch
+
+    device = device_name(device_type)
+    return {"device": device, "features": cpu_features() if device_type == "cpu" else [], "torch": torch.__version__}
+
+
+def machine_label(m: dict) -> str:
+    """One line for messages and reports: 'cpu (AMD EPYC) [avx2 fma], torch 2.13.0'."""
+    features = m.get("features")
+    shown = f" [{' '.join(features) if features else 'no AVX2'}]" if features is not None else ""
+    return f"{m['device']}{shown}" + (f", torch {m['torch']}" if m.get("torch") else "")
+
+
+def same_machine(a: dict, b: dict) -> bool:
+    """Whether two machine records name the same kind of machine; a part one of them lacks (a record
+    read back from an older arm's backend line has the device only) is not compared."""
+    return all(a[key] == b[key] for key in ("device", "features", "torch")
+               if a.get(key) is not None and b.get(key) is not None)
+
+
+_BACKEND_DEVICE = re.compile(r" on ((?:cpu|cuda)\S* \(.*\))(?:, \d+ threads)?$")
+
+
+def machine_from_backend(backend: str) -> dict | None:
+    """The device an arm's backend line names (``...weights on cpu (NAME), 2 threads``), for arms saved
+    before machines were recorded; None when the line names none."""
+    found = _BACKEND_DEVICE.search(backend or "")
+    return {"device": found.group(1), "features": None, "torch": None} if found else None

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from agents.files import atomic_write_bytes
 from agents.trajectories import SOURCES
+from graph.evaluation.provenance import machine_label, same_machine
 
 ARM_COLOURS = {"frozen": "#7f7f7f", "vote": "#8c564b", "rules": "#1f77b4", "adapters": "#ff7f0e", "full": "#2ca02c", "single-lora": "#9467bd"}
 
@@ -65,6 +66,20 @@ def _forgetting(learning: dict) -> str:
     return f"{f['right_after']} / {f['right_frozen']} of {f['checked']}"
 
 
+def _machine_lines(report) -> list[str]:
+    """The machines that ran the evaluation (eval.json's list), and which finished each arm when they differ."""
+    machines = report.extra.get("machines") or []
+    if not machines:
+        return []
+    changed = any(not same_machine(a, b) for a, b in zip(machines, machines[1:]))
+    if not changed:
+        return [f"- machine: {machine_label(machines[-1])}"]
+    finished = {name: machine_label(arm.machine) if arm.machine else "not recorded" for name, arm in report.arms.items()}
+    return [f"- **the machine changed while this evaluation ran**: {' -> '.join(machine_label(m) for m in machines)}; "
+            "arms finished on " + "; ".join(f"{n}: {m}" for n, m in finished.items())
+            + "; compare only arms made on the same machine (each rounds its products its own way)"]
+
+
 def render_markdown(report) -> str:
     cfg = report.config
     protocol = report.protocol
@@ -94,6 +109,7 @@ def render_markdown(report) -> str:
             lines.append(f"- **the code changed while this evaluation ran**: {' -> '.join(versions)}; arms finished by "
                          + ", ".join(f"{n}: {v}" for n, v in finished.items())
                          + "; an arm that learned or scored across a change was not made by one program")
+    lines += _machine_lines(report)
     precision = report.extra.get("precision")
     if precision:
         lines.append(f"- precision of the frozen weights: {precision['used']} ({precision['requested']}: {precision['reason']})")

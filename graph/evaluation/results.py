@@ -37,6 +37,7 @@ class ArmResult:
     expert_usage: dict | None = None  # mean routing weight per expert when scored; updates per expert
     backend: str = ""  # the generation backend's description (what generated, and how)
     code: str = ""  # the code version that finished the arm (graph/evaluation/provenance.py)
+    machine: dict | None = None  # the machine that finished it (provenance.machine); None in older results
 
     @property
     def n(self) -> int:
@@ -70,6 +71,7 @@ class ArmResult:
             "wrong": self.wrong, "format_failures": self.format_failures,
             "last_number_fallbacks": sum(s.strategy == "last_number" for s in self.scores),
             "tokens": self.tokens, "seconds": self.seconds, "backend": self.backend, "code": self.code,
+            "machine": self.machine,
         }
 
 
