@@ -16,6 +16,7 @@ per precision and round size:
     python bench/bench_episode.py                              # 20 failed episodes per setting
     python bench/bench_episode.py --failed 6 --precisions bfloat16 --round-sizes 1,8
     python bench/bench_episode.py --precisions bfloat16 --round-sizes 8 --gates episode,round --max-episodes 8
+    python bench/bench_episode.py --precisions float32 --round-sizes 8 --backends torch,llama.cpp --max-episodes 8
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def run_precision(args) -> dict:
 
     torch.set_num_threads(args.threads)
     from agents.data_sources import open_source
+    from agents.lm.backend import close_backend
     from agents.lm.precision import load_in_precision
     from graph.episodes import run_episodes
     from graph.evaluation.config import EvalConfig, arm_settings
@@ -80,7 +82,7 @@ def run_precision(args) -> dict:
     source = open_source(args.data)
     problems = source.take(min(args.max_episodes, source.size))
     config = EvalConfig(model=args.model, cycles=1, precision=args.precision, arms=("full",),
-                        round_gate=args.gate == "round")
+                        round_gate=args.gate == "round", backend=args.backend)
     settings = arm_settings(config, "full", len(problems))
     node_seconds: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,7 +115,7 @@ def run_precision(args) -> dict:
                              "first_correct": bool(state["first_try"]["correct"]), "outcome": state["outcome"],
                              "seconds": seconds[index], "updates": len(state.get("updates") or [])})
             failed = [e for e in episodes if not e["first_correct"]]
-            print(f"  {choice.used}, rounds of {args.round_size}, {args.gate} gate: episode {len(episodes)}: "
+            print(f"  {choice.used}, {args.backend}, rounds of {args.round_size}, {args.gate} gate: episode {len(episodes)}: "
                   f"{'right' if episodes[-1]['first_correct'] else 'wrong'} at first, {episodes[-1]['seconds']:.1f} s "
                   f"({len(failed)}/{args.failed} failed)", flush=True)
             if len(failed) >= args.failed:
@@ -121,10 +123,12 @@ def run_precision(args) -> dict:
         wall = time.perf_counter() - start
         if ctx.memory is not None:
             ctx.memory.close()
+        close_backend(ctx.backend)  # llama.cpp's server
     failed_ids = {e["episode"] for e in episodes if not e["first_correct"]}
     return {
         "precision": choice.used, "reason": choice.reason, "backend": ctx.backend.description,
-        "round_size": args.round_size, "gate": args.gate, "wall_seconds": wall, "episodes": episodes,
+        "round_size": args.round_size, "gate": args.gate, "backend_name": args.backend, "wall_seconds": wall,
+        "episodes": episodes,
         "node_seconds": {str(k): dict(v) for k, v in node_seconds.items() if k in failed_ids},
         "calls": calls.calls,
         "updates": updates,
@@ -165,6 +169,9 @@ def main() -> None:
     parser.add_argument("--gates", default="round", help="'round' (a round's re-evaluations pooled and gated together), "
                         "'episode' (each update re-evaluated alone), or both, comma-separated")
     parser.add_argument("--gate", default="round", help=argparse.SUPPRESS)
+    parser.add_argument("--backends", default="torch", help="generation backends (agents.lm.backend.BACKENDS), "
+                        "comma-separated: 'torch', 'llama.cpp' (the trainer is torch's either way)")
+    parser.add_argument("--backend", default="torch", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", type=Path, help="write every measurement here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -175,15 +182,17 @@ def main() -> None:
         return
 
     results = {}
-    settings = [(p, r, g) for p in args.precisions.split(",") for r in args.round_sizes.split(",")
-                for g in args.gates.split(",")]
-    for precision, round_size, gate in settings:
+    settings = [(p, r, g, b) for p in args.precisions.split(",") for r in args.round_sizes.split(",")
+                for g in args.gates.split(",") for b in args.backends.split(",")]
+    for precision, round_size, gate, backend in settings:
         if gate not in ("round", "episode"):
             parser.error(f"--gates: {gate!r} is neither 'round' nor 'episode'")
+        if backend not in ("torch", "llama.cpp"):
+            parser.error(f"--backends: {backend!r} is neither 'torch' nor 'llama.cpp'")
         cmd = [sys.executable, __file__, "--child", precision, "--round-size", round_size, "--gate", gate,
-               "--model", args.model, "--data", args.data, "--failed", str(args.failed),
+               "--backend", backend, "--model", args.model, "--data", args.data, "--failed", str(args.failed),
                "--max-episodes", str(args.max_episodes), "--threads", str(args.threads)]
-        name = f"{precision}, rounds of {round_size}, {gate} gate"
+        name = f"{precision}, {backend}, rounds of {round_size}, {gate} gate"
         print(f"{name}: running up to {args.failed} failed episodes", flush=True)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
         lines = proc.stdout.splitlines()

@@ -556,18 +556,28 @@ XEON = {"device": "cpu (Intel(R) Xeon(R) Processor)", "features": ["avx2", "fma"
 EPYC = {"device": "cpu (AMD EPYC)", "features": ["avx2", "fma"], "torch": "2.13.0"}
 
 
-def test_an_evaluation_resumed_on_another_machine_is_refused_unless_asked(tmp_path, monkeypatch):
-    """Arms are compared answer by answer: another machine's rounding would flip answers by itself."""
+def _on_machine(monkeypatch, machine: dict) -> None:
+    """What graph/evaluation/provenance.machine reports from now on, as the harness calls it."""
     import graph.evaluation.harness as harness
 
+    monkeypatch.setattr(harness, "machine", lambda _device: machine)
+
+
+def _evaluated_on_xeon(tmp_path, monkeypatch):
+    """An evaluation (frozen and vote) run on XEON: (model, config, run folder)."""
     model = Model()
     config = _config(tmp_path, arms=("frozen", "vote"), plots=False)
-    run_dir = tmp_path / "run"
-    monkeypatch.setattr(harness, "machine", lambda _device: XEON)
-    _evaluate(config, run_dir, model)
+    _on_machine(monkeypatch, XEON)
+    _evaluate(config, tmp_path / "run", model)
+    return model, config, tmp_path / "run"
+
+
+def test_an_evaluation_resumed_on_another_machine_is_refused_unless_asked(tmp_path, monkeypatch):
+    """Arms are compared answer by answer: another machine's rounding would flip answers by itself."""
+    model, config, run_dir = _evaluated_on_xeon(tmp_path, monkeypatch)
     (run_dir / "arms" / "vote" / "result.json").unlink()  # as if killed before vote finished
     saved = (run_dir / "eval.json").read_bytes()
-    monkeypatch.setattr(harness, "machine", lambda _device: EPYC)
+    _on_machine(monkeypatch, EPYC)
     with pytest.raises(RunDirError, match=r"was run on cpu \(Intel\(R\) Xeon\(R\) Processor\) \[avx2 fma avx512f amx_bf16\]"
                                           r", torch 2.13.0; this machine is cpu \(AMD EPYC\) \[avx2 fma\].*--any-machine"):
         _evaluate(config, run_dir, model, resume=True)
@@ -584,13 +594,7 @@ def test_an_evaluation_resumed_on_another_machine_is_refused_unless_asked(tmp_pa
 
 def test_an_evaluation_saved_before_machines_were_kept_reads_them_from_its_arms(tmp_path, monkeypatch):
     """Older evaluations kept no machine: the finished arms' backend lines name the device, and that is compared."""
-    import graph.evaluation.harness as harness
-
-    model = Model()
-    config = _config(tmp_path, arms=("frozen", "vote"), plots=False)
-    run_dir = tmp_path / "run"
-    monkeypatch.setattr(harness, "machine", lambda _device: XEON)
-    _evaluate(config, run_dir, model)
+    model, config, run_dir = _evaluated_on_xeon(tmp_path, monkeypatch)
     saved = json.loads((run_dir / "eval.json").read_text())
     del saved["machines"]
     (run_dir / "eval.json").write_text(json.dumps(saved))
@@ -600,10 +604,10 @@ def test_an_evaluation_saved_before_machines_were_kept_reads_them_from_its_arms(
                                    "cpu (Intel(R) Xeon(R) Processor), 2 threads")
     (run_dir / "arms" / "frozen" / "result.json").write_text(json.dumps(result))
     (run_dir / "arms" / "vote" / "result.json").unlink()
-    monkeypatch.setattr(harness, "machine", lambda _device: EPYC)
+    _on_machine(monkeypatch, EPYC)
     with pytest.raises(RunDirError, match=r"was run on cpu \(Intel\(R\) Xeon\(R\) Processor\); this machine is"):
         _evaluate(config, run_dir, model, resume=True)
-    monkeypatch.setattr(harness, "machine", lambda _device: XEON)
+    _on_machine(monkeypatch, XEON)
     report = _evaluate(config, run_dir, model, resume=True)
     legacy = {"device": XEON["device"], "features": None, "torch": None}
     assert json.loads((run_dir / "eval.json").read_text())["machines"] == [legacy, XEON]
@@ -614,17 +618,15 @@ def test_an_evaluation_saved_before_machines_were_kept_reads_them_from_its_arms(
 
 
 def test_eval_resume_on_another_machine_is_a_one_line_error(tmp_path, monkeypatch):
-    import graph.evaluation.harness as harness
-
     learn, scored = _write(tmp_path / "learn.jsonl", LEARN), _write(tmp_path / "eval.jsonl", EVAL)
     args = ["eval", "--model", "tiny-random", "--learn-data", learn, "--eval-data", scored, "--learn-problems", "1",
             "--eval-problems", "1", "--arms", "frozen", "--max-new-tokens", "2", "--embedder", "hash",
             "--no-plots", "--run-dir", str(tmp_path / "run")]
-    monkeypatch.setattr(harness, "machine", lambda _device: XEON)
+    _on_machine(monkeypatch, XEON)
     SharedSystemClient.clear_system_cache()
     assert CliRunner().invoke(app, args).exit_code == 0
     (tmp_path / "run" / "arms" / "frozen" / "result.json").unlink()
-    monkeypatch.setattr(harness, "machine", lambda _device: EPYC)
+    _on_machine(monkeypatch, EPYC)
     result = CliRunner().invoke(app, [*args, "--resume"])
     assert result.exit_code == 1
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]

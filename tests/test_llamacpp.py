@@ -22,9 +22,11 @@ from adapters.gguf_lora import (  # noqa: E402
     write_llama_gguf,
 )
 from agents.lm.backend import BackendError, TorchBackend, make_backend
-from agents.lm.generation import (
-    AnswerLineComplete,  # noqa: E402
-    Sampling,  # noqa: E402
+from agents.lm.generation import (  # noqa: E402
+    GREEDY,
+    AnswerLineComplete,
+    Request,
+    Sampling,
 )
 from agents.lm.llamacpp import LlamaCppBackend, LlamaCppConfig  # noqa: E402
 from agents.lm.llamacpp_tokens import TokenStream, segment  # noqa: E402
@@ -238,6 +240,26 @@ def test_sampling_repeats_with_its_seed(backends):
     assert _same(first, fast.generate(prompts, weights=bank.one_hot(1), max_new_tokens=16, sampling=hot))
     greedy = fast.generate(prompts, weights=bank.one_hot(1), max_new_tokens=16)
     assert not _same(first, greedy)
+
+
+def test_requests_served_together_equal_each_served_alone(backends):
+    """A round's pooled call: each request's rows keep its mixture, cap, stop and seeds."""
+    ref, fast, bank = backends
+    prompts = _prompts(ref)
+    hot = Sampling(temperature=1.0, top_p=0.95, seed=5)
+    requests = [
+        Request(tuple(prompts[:2]), bank.one_hot(1), 24, False, GREEDY),
+        Request(tuple(prompts[1:]), torch.tensor([[0.0, 0.5, 0.3, 0.2]]), 12, False, hot),
+        Request(tuple(prompts[:1]), None, 30, True, GREEDY),
+        Request((), None, 8, False, GREEDY),
+    ]
+    together = fast.generate_requests(requests)
+    assert [len(out) for out in together] == [2, len(prompts) - 1, 1, 0]
+    for request, out in zip(requests, together):
+        alone = fast.generate(list(request.prompts), weights=request.weights, max_new_tokens=request.max_new_tokens,
+                              stop_at_answer=request.stop_at_answer, sampling=request.sampling)
+        assert _same(out, alone)
+    assert _same(together[0], ref.generate(prompts[:2], weights=bank.one_hot(1), max_new_tokens=24))
 
 
 # --- the token stream: answer-line stop and held-back tokens -----------------------------------

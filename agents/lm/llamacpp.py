@@ -46,7 +46,7 @@ from adapters.bank import ExpertBank
 from adapters.gguf_lora import GgufBase, export_expert_loras, write_dense_gguf
 from agents.files import cache_root, file_fingerprint
 from agents.lm.backend import BackendError
-from agents.lm.generation import GREEDY, Generation, Sampling, chat_prompt, finished
+from agents.lm.generation import GREEDY, Generation, Request, Sampling, chat_prompt, finished
 from agents.lm.llamacpp_tokens import TokenStream, byte_tables
 from agents.lm.precision import device_name
 
@@ -157,34 +157,53 @@ class LlamaCppBackend:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not prompts:
             return []
-        scales = self._scale_rows(weights, len(prompts))
-        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        longest = max(len(i) for i in ids)
-        if longest + max_new_tokens + _FLUSH_SLACK > self.config.ctx_per_sequence:
-            raise BackendError(
-                f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} (+{_FLUSH_SLACK}) exceeds "
-                f"ctx_per_sequence={self.config.ctx_per_sequence}; raise LlamaCppConfig.ctx_per_sequence"
-            )
+        self._scale_rows(weights, len(prompts))  # the mixture checked here, with this backend's message
+        return self.generate_requests([Request(tuple(prompts), weights, max_new_tokens, stop_at_answer, sampling)])[0]
+
+    def generate_requests(self, requests: Sequence[Request]) -> list[list[Generation]]:
+        """Several agents' calls as one: their rows share the server's slots, so they decode together.
+
+        Each row is sent as it would be in a call of its own (its request's LoRA scales, token
+        cap, answer stop, and the seed of its place in its request), so only the slots differ.
+        """
+        rows = []  # (request, index in it, prompt ids, LoRA scales)
+        for r, request in enumerate(requests):
+            if request.max_new_tokens < 1:
+                raise ValueError(f"max_new_tokens must be >= 1, got {request.max_new_tokens}")
+            scales = self._scale_rows(request.weights, len(request.prompts))
+            for i, prompt in enumerate(request.prompts):
+                ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                if len(ids) + request.max_new_tokens + _FLUSH_SLACK > self.config.ctx_per_sequence:
+                    raise BackendError(
+                        f"a prompt of {len(ids)} tokens plus max_new_tokens={request.max_new_tokens} (+{_FLUSH_SLACK}) "
+                        f"exceeds ctx_per_sequence={self.config.ctx_per_sequence}; raise LlamaCppConfig.ctx_per_sequence")
+                rows.append((r, i, ids, scales[0 if len(scales) == 1 else i]))
+        if not rows:
+            return [[] for _ in requests]
         with self._lock:
             self._sync()
-            slots = min(self.config.parallel, len(prompts))
+            slots = min(self.config.parallel, len(rows))
 
             def run_slot(slot: int) -> list[tuple[int, list[int]]]:
-                # Slot `slot` takes prompts slot, slot + slots, ...: one request at a time per slot,
-                # so the slot's KV cache holds exactly the previous request of this thread.
+                # Slot `slot` takes rows slot, slot + slots, ...: one request at a time per slot, so
+                # the slot's KV cache holds exactly the previous request of this thread, and the
+                # same calls meet the same slots on every run.
                 done = []
-                for i in range(slot, len(prompts), slots):
-                    row = scales[0 if len(scales) == 1 else i]
-                    request = self._request(i, slot, ids[i], row, max_new_tokens, sampling)
-                    done.append((i, self._complete(request, max_new_tokens, stop_at_answer)))
+                for n in range(slot, len(rows), slots):
+                    r, i, ids, scales = rows[n]
+                    request = requests[r]
+                    sent = self._request(i, slot, ids, scales, request.max_new_tokens, request.sampling)
+                    done.append((n, self._complete(sent, request.max_new_tokens, request.stop_at_answer)))
                 return done
 
             start = time.perf_counter()
             with ThreadPoolExecutor(max_workers=slots, thread_name_prefix="llamacpp") as pool:
-                by_prompt = [pair for chunk in pool.map(run_slot, range(slots)) for pair in chunk]
+                by_row = dict(pair for chunk in pool.map(run_slot, range(slots)) for pair in chunk)
             seconds = time.perf_counter() - start
-            outputs = [out for _, out in sorted(by_prompt, key=lambda pair: pair[0])]
-        return [finished(self.tokenizer, out, self._stop_ids, seconds) for out in outputs]
+        outputs: list[list[Generation]] = [[] for _ in requests]
+        for n, (r, _i, _ids, _scales) in enumerate(rows):
+            outputs[r].append(finished(self.tokenizer, by_row[n], self._stop_ids, seconds))
+        return outputs
 
     # --- lifecycle ---------------------------------------------------------------------------
 
