@@ -123,10 +123,11 @@ def run_precision(args) -> dict:
         wall = time.perf_counter() - start
         if ctx.memory is not None:
             ctx.memory.close()
+        backend = ctx.backend.description
         close_backend(ctx.backend)  # llama.cpp's server
     failed_ids = {e["episode"] for e in episodes if not e["first_correct"]}
     return {
-        "precision": choice.used, "reason": choice.reason, "backend": ctx.backend.description,
+        "precision": choice.used, "reason": choice.reason, "backend": backend,
         "round_size": args.round_size, "gate": args.gate, "backend_name": args.backend, "wall_seconds": wall,
         "episodes": episodes,
         "node_seconds": {str(k): dict(v) for k, v in node_seconds.items() if k in failed_ids},

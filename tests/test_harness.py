@@ -552,8 +552,9 @@ def test_an_evaluation_resumed_by_other_code_says_so_in_its_report(tmp_path, mon
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["code_versions"] == ["git aaaa", "git bbbb"]
 
 
-XEON = {"device": "cpu (Intel(R) Xeon(R) Processor)", "features": ["avx2", "fma", "avx512f", "amx_bf16"], "torch": "2.13.0"}
-EPYC = {"device": "cpu (AMD EPYC)", "features": ["avx2", "fma"], "torch": "2.13.0"}
+XEON = {"device": "cpu (Intel(R) Xeon(R) Processor)", "features": ["avx2", "fma", "avx512f", "amx_bf16"],
+        "torch": "2.13.0+cpu"}
+EPYC = {"device": "cpu (AMD EPYC)", "features": ["avx2", "fma"], "torch": "2.13.0+cpu"}
 
 
 def _on_machine(monkeypatch, machine: dict) -> None:
@@ -579,7 +580,7 @@ def test_an_evaluation_resumed_on_another_machine_is_refused_unless_asked(tmp_pa
     saved = (run_dir / "eval.json").read_bytes()
     _on_machine(monkeypatch, EPYC)
     with pytest.raises(RunDirError, match=r"was run on cpu \(Intel\(R\) Xeon\(R\) Processor\) \[avx2 fma avx512f amx_bf16\]"
-                                          r", torch 2.13.0; this machine is cpu \(AMD EPYC\) \[avx2 fma\].*--any-machine"):
+                                          r", torch 2.13.0\+cpu; this machine is cpu \(AMD EPYC\) \[avx2 fma\].*--any-machine"):
         _evaluate(config, run_dir, model, resume=True)
     assert (run_dir / "eval.json").read_bytes() == saved and not (run_dir / "arms" / "vote" / "result.json").exists()
     again = _evaluate(config, run_dir, model, resume=True, any_machine=True)
@@ -587,7 +588,7 @@ def test_an_evaluation_resumed_on_another_machine_is_refused_unless_asked(tmp_pa
     assert again.arms["frozen"].machine == XEON and again.arms["vote"].machine == EPYC
     md = (run_dir / "report.md").read_text()
     assert "**the machine changed while this evaluation ran**" in md
-    assert "frozen: cpu (Intel(R) Xeon(R) Processor) [avx2 fma avx512f amx_bf16], torch 2.13.0; vote: cpu (AMD EPYC)" in md
+    assert "frozen: cpu (Intel(R) Xeon(R) Processor) [avx2 fma avx512f amx_bf16], torch 2.13.0+cpu; vote: cpu (AMD EPYC)" in md
     _evaluate(config, run_dir, model, resume=True)  # the last machine again: no flag needed, nothing added
     assert json.loads((run_dir / "eval.json").read_text())["machines"] == [XEON, EPYC]
 
@@ -605,15 +606,16 @@ def test_an_evaluation_saved_before_machines_were_kept_reads_them_from_its_arms(
     (run_dir / "arms" / "frozen" / "result.json").write_text(json.dumps(result))
     (run_dir / "arms" / "vote" / "result.json").unlink()
     _on_machine(monkeypatch, EPYC)
-    with pytest.raises(RunDirError, match=r"was run on cpu \(Intel\(R\) Xeon\(R\) Processor\); this machine is"):
+    with pytest.raises(RunDirError, match=r"was run on cpu \(Intel\(R\) Xeon\(R\) Processor\), torch 2.13.0\+cpu; this machine is"):
         _evaluate(config, run_dir, model, resume=True)
     _on_machine(monkeypatch, XEON)
     report = _evaluate(config, run_dir, model, resume=True)
-    legacy = {"device": XEON["device"], "features": None, "torch": None}
+    legacy = {"device": XEON["device"], "features": None, "torch": "2.13.0+cpu"}  # read from frozen's backend line
     assert json.loads((run_dir / "eval.json").read_text())["machines"] == [legacy, XEON]
     assert report.arms["frozen"].machine is None and report.arms["vote"].machine == XEON
     md = (run_dir / "report.md").read_text()
-    assert "- machine: cpu (Intel(R) Xeon(R) Processor) [avx2 fma avx512f amx_bf16], torch 2.13.0" in md
+    assert ("- machine: cpu (Intel(R) Xeon(R) Processor) [avx2 fma avx512f amx_bf16], torch 2.13.0+cpu (arms finished "
+            "before machines were recorded, named by their CPU only: frozen)") in md
     assert "machine changed" not in md
 
 
@@ -729,19 +731,40 @@ def test_bad_canary_and_stress_options_are_one_line_errors(tmp_path):
 
 
 def test_machine_records_name_the_cpu_features_and_compare_only_what_both_have(tmp_path):
-    from graph.evaluation.provenance import cpu_features, machine, machine_from_backend, same_machine
+    from graph.evaluation.provenance import cpu_features, machine, machine_from_backend, machine_label, same_machine
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("model name\t: Some CPU\nflags\t\t: fpu sse2 avx2 fma avx512f amx_tile amx_bf16 sha_ni\n")
     assert cpu_features(cpuinfo) == ["avx2", "fma", "avx512f", "amx_bf16", "amx_tile"]
-    assert cpu_features(tmp_path / "missing") == []
+    assert cpu_features(tmp_path / "missing") is None
+    cpuinfo.write_text("model name\t: Some ARM CPU\nFeatures\t: fp asimd\n")  # no x86 flags line: not known
+    assert cpu_features(cpuinfo) is None
+    cpuinfo.write_text("flags\t\t: fpu sse2\n")
+    assert cpu_features(cpuinfo) == [] and machine_label({"device": "cpu (x)", "features": []}) == "cpu (x) [no AVX2 or later]"
+    assert machine_label({"device": "cuda:0 (H100)", "features": None, "torch": "2.13.0"}) == "cuda:0 (H100), torch 2.13.0"
     here = machine("cpu")
     assert here["device"].startswith("cpu (") and set(here["features"]) <= set(cpu_features())
     torch_line = "torch 2.13.0+cpu (continuous batching, 64 slots), torch.float32 weights on cpu (AMD EPYC), 2 threads"
     llama_line = "llama.cpp (xllamacpp 0.2, f16 copy), 64 slots, 2 threads, KV f16, on cpu (Intel(R) Xeon(R) Processor)"
-    assert machine_from_backend(torch_line) == {"device": "cpu (AMD EPYC)", "features": None, "torch": None}
-    assert machine_from_backend(llama_line)["device"] == "cpu (Intel(R) Xeon(R) Processor)"
+    assert machine_from_backend(torch_line) == {"device": "cpu (AMD EPYC)", "features": None, "torch": "2.13.0+cpu"}
+    assert machine_from_backend(llama_line) == {"device": "cpu (Intel(R) Xeon(R) Processor)", "features": None, "torch": None}
     assert machine_from_backend("scripted") is None
     assert same_machine(XEON, machine_from_backend(llama_line)) and not same_machine(EPYC, machine_from_backend(llama_line))
     assert not same_machine(XEON, {**XEON, "features": ["avx2", "fma"]})  # same name, other features
     assert not same_machine(XEON, {**XEON, "torch": "2.14.0"})
+    assert not same_machine(XEON, {"device": XEON["device"], "features": None, "torch": "2.14.0+cpu"})
+
+
+def test_an_evaluation_on_llama_cpp_records_the_cpu_even_beside_a_gpu(tmp_path, monkeypatch):
+    """llama.cpp serves from the CPU whatever torch would pick, so the CPU is the machine that answers."""
+    import torch
+
+    import graph.evaluation.harness as harness
+
+    monkeypatch.setattr(harness, "pick_device", lambda _requested: torch.device("cuda"))
+    monkeypatch.setattr(harness, "choose_precision", lambda *_a: harness.PrecisionChoice("auto", "bfloat16", "cuda"))
+    monkeypatch.setattr(harness, "machine", lambda device_type: {"device": device_type, "features": None, "torch": "t"})
+    for backend, device in (("llama.cpp", "cpu"), ("torch", "cuda")):
+        config = _config(tmp_path, backend=backend)
+        machines = prepare_eval_dir(tmp_path / backend, config, prepare_problems(config), resume=False).machines
+        assert [m["device"] for m in machines] == [device]

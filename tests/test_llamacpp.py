@@ -260,6 +260,7 @@ def test_requests_served_together_equal_each_served_alone(backends):
                               stop_at_answer=request.stop_at_answer, sampling=request.sampling)
         assert _same(out, alone)
     assert _same(together[0], ref.generate(prompts[:2], weights=bank.one_hot(1), max_new_tokens=24))
+    assert _same(together[0], fast.generate(prompts[:2], weights=bank.one_hot(1)[0], max_new_tokens=24))  # 1-D mixture
 
 
 # --- the token stream: answer-line stop and held-back tokens -----------------------------------

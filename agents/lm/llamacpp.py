@@ -158,6 +158,8 @@ class LlamaCppBackend:
         if not prompts:
             return []
         self._scale_rows(weights, len(prompts))  # the mixture checked here, with this backend's message
+        if weights is not None and weights.dim() == 1:
+            weights = weights.unsqueeze(0)  # (n_experts,) -> (1, n_experts), as Request expects
         return self.generate_requests([Request(tuple(prompts), weights, max_new_tokens, stop_at_answer, sampling)])[0]
 
     def generate_requests(self, requests: Sequence[Request]) -> list[list[Generation]]:

@@ -16,7 +16,7 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
-from agents.lm.precision import cpu_name, device_name
+from agents.lm.precision import device_name
 
 _ROOT = Path(__file__).resolve().parents[2]
 _CODE = ("*.py", "pyproject.toml")  # what runs; a commit that changes only documents is the same program
@@ -49,28 +49,29 @@ NUMERIC_FEATURES = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx
                     "amx_bf16", "amx_int8", "amx_tile")
 
 
-def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
-    """The ``NUMERIC_FEATURES`` this CPU has, in that order; empty where /proc/cpuinfo is not readable."""
+def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str] | None:
+    """The ``NUMERIC_FEATURES`` this CPU has, in that order; None where /proc/cpuinfo has no x86 flags line."""
     try:
         flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
-                      if line.startswith("flags")), [])
+                      if line.startswith("flags")), None)
     except OSError:
-        return []
-    return [f for f in NUMERIC_FEATURES if f in flags]
+        return None
+    return None if flags is None else [f for f in NUMERIC_FEATURES if f in flags]
 
 
 def machine(device_type: str) -> dict:
-    """The machine an arm runs on: the device with its model's name, the CPU features, torch's version."""
+    """The machine an arm runs on: the device with its model's name, the CPU features (None: not known,
+    or not a CPU), torch's version."""
     import torch
 
     device = device_name(device_type)
-    return {"device": device, "features": cpu_features() if device_type == "cpu" else [], "torch": torch.__version__}
+    return {"device": device, "features": cpu_features() if device_type == "cpu" else None, "torch": torch.__version__}
 
 
 def machine_label(m: dict) -> str:
     """One line for messages and reports: 'cpu (AMD EPYC) [avx2 fma], torch 2.13.0'."""
     features = m.get("features")
-    shown = f" [{' '.join(features) if features else 'no AVX2'}]" if features is not None else ""
+    shown = f" [{' '.join(features) if features else 'no AVX2 or later'}]" if features is not None else ""
     return f"{m['device']}{shown}" + (f", torch {m['torch']}" if m.get("torch") else "")
 
 
@@ -82,10 +83,15 @@ def same_machine(a: dict, b: dict) -> bool:
 
 
 _BACKEND_DEVICE = re.compile(r" on ((?:cpu|cuda)\S* \(.*\))(?:, \d+ threads)?$")
+_BACKEND_TORCH = re.compile(r"^torch (\S+) ")
 
 
 def machine_from_backend(backend: str) -> dict | None:
-    """The device an arm's backend line names (``...weights on cpu (NAME), 2 threads``), for arms saved
-    before machines were recorded; None when the line names none."""
+    """The device (and, for torch, its version) that an arm's backend line names
+    (``torch 2.13.0+cpu (...), ... weights on cpu (NAME), 2 threads``), for arms saved before
+    machines were recorded; None when the line names no device."""
     found = _BACKEND_DEVICE.search(backend or "")
-    return {"device": found.group(1), "features": None, "torch": None} if found else None
+    if found is None:
+        return None
+    torch_version = _BACKEND_TORCH.match(backend)
+    return {"device": found.group(1), "features": None, "torch": torch_version.group(1) if torch_version else None}

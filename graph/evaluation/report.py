@@ -73,7 +73,9 @@ def _machine_lines(report) -> list[str]:
         return []
     changed = any(not same_machine(a, b) for a, b in zip(machines, machines[1:]))
     if not changed:
-        return [f"- machine: {machine_label(machines[-1])}"]
+        partial = [name for name, arm in report.arms.items() if arm.machine is None]
+        note = f" (arms finished before machines were recorded, named by their CPU only: {', '.join(partial)})" if partial else ""
+        return [f"- machine: {machine_label(machines[-1])}{note}"]
     finished = {name: machine_label(arm.machine) if arm.machine else "not recorded" for name, arm in report.arms.items()}
     return [f"- **the machine changed while this evaluation ran**: {' -> '.join(machine_label(m) for m in machines)}; "
             "arms finished on " + "; ".join(f"{n}: {m}" for n, m in finished.items())
