@@ -128,8 +128,7 @@ def run_precision(args) -> dict:
     failed_ids = {e["episode"] for e in episodes if not e["first_correct"]}
     return {
         "precision": choice.used, "reason": choice.reason, "backend": backend,
-        "round_size": args.round_size, "gate": args.gate, "backend_name": args.backend, "wall_seconds": wall,
-        "episodes": episodes,
+        "round_size": args.round_size, "gate": args.gate, "wall_seconds": wall, "episodes": episodes,
         "node_seconds": {str(k): dict(v) for k, v in node_seconds.items() if k in failed_ids},
         "calls": calls.calls,
         "updates": updates,

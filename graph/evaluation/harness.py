@@ -102,7 +102,8 @@ def prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resum
             shown = "; ".join(f"{key}: saved {a!r}, now {b!r}" for key, a, b in differs) or "problem ids"
             raise RunDirError(f"{run_dir} holds an evaluation with different settings or problems ({shown}); "
                               "use another --run-dir")
-    here = machine("cpu" if config.backend == "llama.cpp" else pick_device(None).type)  # llama.cpp runs on the CPU
+    device_type = pick_device(None).type
+    here = machine("cpu" if config.backend == "llama.cpp" else device_type)  # llama.cpp runs on the CPU
     if machines and not same_machine(machines[-1], here):
         if not any_machine:
             raise RunDirError(f"{run_dir} was run on {machine_label(machines[-1])}; this machine is {machine_label(here)}, "
@@ -115,7 +116,7 @@ def prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resum
     if kept is not None:
         precision = PrecisionChoice(kept["requested"], kept["used"], f"{kept['reason']}; kept since the evaluation started")
     else:
-        precision = choose_precision(config.precision, pick_device(None).type)
+        precision = choose_precision(config.precision, device_type)
         kept = precision.to_dict()
     if not versions or versions[-1] != code_version():
         if versions:
