@@ -170,6 +170,10 @@ RoundGateOption = Annotated[Optional[bool], typer.Option(
     help="--round-gate (default): a round's updates run in turn, then their re-evaluations and one shared canary "
          "check go to the model as one call, and a broken canary undoes the round's updates together. "
          "--episode-gate: each update is re-evaluated and gated alone.")]
+PoolUpdatesOption = Annotated[Optional[bool], typer.Option(
+    "--pool-updates/--update-each",
+    help="--pool-updates (needs the round gate): one update per round on the verified texts of all its episodes "
+         "that learn, instead of one per episode (--update-each, default).")]
 CanaryAlphaOption = Annotated[Optional[float], typer.Option(
     help="The binomial canary test's level: an update is rolled back when its canary breaks are less likely "
          "than this by chance. Default: 0.05.")]
@@ -217,6 +221,7 @@ def run(
     round_size: RoundSizeOption = None,
     train_sources: TrainSourcesOption = None,
     round_gate: RoundGateOption = None,
+    pool_updates: PoolUpdatesOption = None,
     canary_test: CanaryTestOption = None,
     canary_alpha: CanaryAlphaOption = None,
 ) -> None:
@@ -239,7 +244,7 @@ def run(
         "loop.seed": seed, "solver.max_new_tokens": max_new_tokens, "memory_url": memory_url, "backend": backend,
         "batch_size": batch_size, "embedder": embedder, "precision": precision, "verifier.samples": samples,
         "round_size": round_size, "loop.train_sources": _sources(train_sources), "loop.round_gate": round_gate,
-        "loop.canary_test": canary_test, "loop.canary_alpha": canary_alpha,
+        "loop.canary_test": canary_test, "loop.canary_alpha": canary_alpha, "loop.pool_updates": pool_updates,
     }
     try:
         loop = LoopRun.setup(run_dir, resume, options, threads=threads, on_status=lambda line: _status(err, line))
@@ -327,6 +332,7 @@ def eval_command(
     round_size: RoundSizeOption = None,
     train_sources: TrainSourcesOption = None,
     round_gate: RoundGateOption = None,
+    pool_updates: PoolUpdatesOption = None,
     canary_size: Annotated[Optional[int], typer.Option(
         help="Learning problems solved at the first try that every update is checked against. Default: 4.")] = None,
     canary_margin: Annotated[Optional[float], typer.Option(
@@ -362,7 +368,7 @@ def eval_command(
         "precision": precision, "verifier.samples": samples, "round_size": round_size,
         "canary_size": canary_size, "canary_margin": canary_margin, "stress.loss_scale": stress_scale,
         "train_sources": _sources(train_sources), "round_gate": round_gate, "canary_test": canary_test,
-        "canary_alpha": canary_alpha,
+        "canary_alpha": canary_alpha, "pool_updates": pool_updates,
     }
     try:
         config = eval_config(run_dir, resume, options)

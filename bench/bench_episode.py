@@ -17,6 +17,7 @@ per precision and round size:
     python bench/bench_episode.py --failed 6 --precisions bfloat16 --round-sizes 1,8
     python bench/bench_episode.py --precisions bfloat16 --round-sizes 8 --gates episode,round --max-episodes 8
     python bench/bench_episode.py --precisions float32 --round-sizes 8 --backends torch,llama.cpp --max-episodes 8
+    python bench/bench_episode.py --precisions bfloat16 --round-sizes 8 --updates each,pooled --max-episodes 16
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def run_precision(args) -> dict:
     source = open_source(args.data)
     problems = source.take(min(args.max_episodes, source.size))
     config = EvalConfig(model=args.model, cycles=1, precision=args.precision, arms=("full",),
-                        round_gate=args.gate == "round", backend=args.backend)
+                        round_gate=args.gate == "round", backend=args.backend, pool_updates=args.update == "pooled")
     settings = arm_settings(config, "full", len(problems))
     node_seconds: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,7 +129,8 @@ def run_precision(args) -> dict:
     failed_ids = {e["episode"] for e in episodes if not e["first_correct"]}
     return {
         "precision": choice.used, "reason": choice.reason, "backend": backend,
-        "round_size": args.round_size, "gate": args.gate, "wall_seconds": wall, "episodes": episodes,
+        "round_size": args.round_size, "gate": args.gate, "update": args.update, "wall_seconds": wall,
+        "episodes": episodes,
         "node_seconds": {str(k): dict(v) for k, v in node_seconds.items() if k in failed_ids},
         "calls": calls.calls,
         "updates": updates,
@@ -172,6 +174,9 @@ def main() -> None:
     parser.add_argument("--backends", default="torch", help="generation backends (agents.lm.backend.BACKENDS), "
                         "comma-separated: 'torch', 'llama.cpp' (the trainer is torch's either way)")
     parser.add_argument("--backend", default="torch", help=argparse.SUPPRESS)
+    parser.add_argument("--updates", default="each", help="'each' (one update per episode), 'pooled' (one per round "
+                        "on all its episodes' texts; needs the round gate), or both, comma-separated")
+    parser.add_argument("--update", default="each", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", type=Path, help="write every measurement here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -182,17 +187,21 @@ def main() -> None:
         return
 
     results = {}
-    settings = [(p, r, g, b) for p in args.precisions.split(",") for r in args.round_sizes.split(",")
-                for g in args.gates.split(",") for b in args.backends.split(",")]
-    for precision, round_size, gate, backend in settings:
+    settings = [(p, r, g, b, u) for p in args.precisions.split(",") for r in args.round_sizes.split(",")
+                for g in args.gates.split(",") for b in args.backends.split(",") for u in args.updates.split(",")]
+    for precision, round_size, gate, backend, update in settings:
         if gate not in ("round", "episode"):
             parser.error(f"--gates: {gate!r} is neither 'round' nor 'episode'")
         if backend not in ("torch", "llama.cpp"):
             parser.error(f"--backends: {backend!r} is neither 'torch' nor 'llama.cpp'")
+        if update not in ("each", "pooled"):
+            parser.error(f"--updates: {update!r} is neither 'each' nor 'pooled'")
+        if update == "pooled" and gate != "round":
+            parser.error("--updates pooled needs the round gate: drop 'episode' from --gates")
         cmd = [sys.executable, __file__, "--child", precision, "--round-size", round_size, "--gate", gate,
                "--backend", backend, "--model", args.model, "--data", args.data, "--failed", str(args.failed),
-               "--max-episodes", str(args.max_episodes), "--threads", str(args.threads)]
-        name = f"{precision}, {backend}, rounds of {round_size}, {gate} gate"
+               "--max-episodes", str(args.max_episodes), "--threads", str(args.threads), "--update", update]
+        name = f"{precision}, {backend}, rounds of {round_size}, {gate} gate" + (", pooled updates" if update == "pooled" else "")
         print(f"{name}: running up to {args.failed} failed episodes", flush=True)
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
         lines = proc.stdout.splitlines()

@@ -60,6 +60,12 @@ class LoopConfig:
     # canary undoes the round's updates together (graph/episodes.py). Off: each update is
     # re-evaluated and gated alone, a narrow call per episode.
     round_gate: bool = True
+    # Under the round gate: one update per phase of a round, on the verified texts of every episode
+    # waiting to train, instead of one update per episode (graph/episodes.py). Fewer, broader steps:
+    # rejection-sampling fine-tuning trains once on what a batch of problems yielded (Yuan et al.
+    # 2023, arXiv 2308.01825), where one update per problem drove each problem's few texts to a
+    # memorised loss.
+    pool_updates: bool = False
 
     def __post_init__(self) -> None:
         if self.cycles < 1:
@@ -77,6 +83,9 @@ class LoopConfig:
         if self.round_gate and not self.keep_unfixed_updates:
             raise ValueError("round_gate needs keep_unfixed_updates: the gate undoes a round's updates together, "
                              "never one episode's alone")
+        if self.pool_updates and not self.round_gate:
+            raise ValueError("pool_updates (--pool-updates) needs round_gate (--round-gate): a pooled update trains on "
+                             "the texts of a round's episodes, which only the round gate lets wait for each other")
         if self.replay < 0 or self.replay_keep < self.replay:
             raise ValueError(f"need 0 <= replay <= replay_keep, got {self.replay} and {self.replay_keep}")
 

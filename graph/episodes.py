@@ -3,7 +3,8 @@
 Each problem is one episode with its own thread id (``<run_id>-epNNNNN``) in a SqliteSaver
 in the run directory. A round's episodes run their sampling nodes together, their generation
 calls pooled (graph/pooling.py); under the round gate (LoopConfig.round_gate) their updates
-then run in turn and their re-evaluations together, one canary verdict for the round. Then
+then run in turn (or, with LoopConfig.pool_updates, as one update on all their texts) and their
+re-evaluations together, one canary verdict for the round. Then
 each in turn runs the nodes left (rollback and commit; without the gate, its updates and
 re-evaluations too). On resume, finished episodes are read back, a round not done sampling
 (under the gate: not done learning) samples again from its start (its event lines dropped),
@@ -184,7 +185,8 @@ class _Driver:
         for the pick) and the gate: the snapshot before the phase's first update, which a broken
         canary restores, and the round's problems right at the first try, which join the canary.
         The re-evaluations (and a further cycle's reflect and diversify) then run side by side,
-        and any episode sent back to update starts another phase. False if stopped.
+        and any episode sent back to update starts another phase. With pooled updates a phase
+        trains once, on the texts of all its waiting episodes (``update_gates``). False if stopped.
         """
         sampled = [self.app.get_state(e.thread) for e in episodes]
         right = [s for s in sampled if s.values["first_try"]["correct"] and not s.values.get("unverifiable")]
@@ -200,14 +202,32 @@ class _Driver:
             cycle = self.app.get_state(waiting[0].thread).values.get("cycle", 0)
             gate = {"rollback_to": snapshot_name(waiting[0].index, cycle), "canary": canary, "trained": trained}
             self.ctx.round_verdicts.clear()  # decided anew by this phase's first re-evaluation
-            for episode in waiting:
-                handed = Command(update={"carry": running, "gate": gate})
+            for episode, phase_gate in self.update_gates(waiting, gate):
+                handed = Command(update={"carry": running, "gate": phase_gate()})
                 if not self.advance(episode, handed, self.ctx, ("reevaluate",)):
                     return False
                 running = self.app.get_state(episode.thread).values["carry"]
             if not self.together(waiting, running, AFTER_SAMPLING):
                 return False
         return True
+
+    def update_gates(self, waiting: list[_Episode], gate: dict) -> Iterator[tuple[_Episode, Callable[[], dict]]]:
+        """Each waiting episode with the gate its update gets, read when its turn comes.
+
+        With pooled updates (LoopConfig.pool_updates) the first trains on the texts of all of them
+        (``pool``), and the others record its update (``pooled_into``), read off its state once it ran.
+        """
+        if not self.ctx.config.pool_updates:
+            yield from ((episode, lambda: gate) for episode in waiting)
+            return
+        first, *rest = waiting
+        pool = [t for e in rest for t in self.app.get_state(e.thread).values["texts"]]
+        yield first, lambda: {**gate, "pool": pool}
+
+        def pooled_into() -> dict:
+            trained = self.app.get_state(first.thread).values["updates"][-1]
+            return {**gate, "pooled_into": {k: v for k, v in trained.items() if k not in ("texts", "rule")}}
+        yield from ((episode, pooled_into) for episode in rest)
 
     def advance(self, episode: _Episode, start, context: RunContext, interrupt: tuple[str, ...] = (),
                 clock: Callable[[], float] = time.perf_counter) -> bool:
@@ -348,6 +368,11 @@ def _summary(update: dict) -> dict:
         out.update(expert=u["expert"], mode=u["mode"], phi=round(u["phi"], 4), lr=u["lr"],
                    loss_before=round(u["loss_before"], 4), loss_after=round(u["loss_after"], 4),
                    stress_rolled_back=u["stress_rolled_back"])
+        if u.get("pooled_into"):
+            # trained by another episode of the round: its update, named without the run id ("ep00001-c0")
+            out["pooled_into"] = "-".join(u["pooled_into"].rsplit("-", 2)[1:])
+        if u.get("pooled_texts"):
+            out["pooled_texts"] = u["pooled_texts"]
     if update.get("canary_checks"):
         c = update["canary_checks"][-1]
         out.update(canary_checked=c["checked"], canary_broke=c["broke"], canary_rolled_back=c["canary_rolled_back"])

@@ -16,6 +16,7 @@ variants, rationalizations), and keep a rule only when it helps in context.
               solutions train with rule-free prompts (context distillation, Snell et al. 2022,
               arXiv 2209.15189)
   update      the routed expert trains on the verified texts plus a replay of its earlier ones
+              (with pooled updates, once per round on the texts of all its learning episodes)
   reevaluate  the problem again, and the canary set; a regression rolls the update back
 
 Requests that do not wait on each other go to the backend together (``ask_together``), so
@@ -258,8 +259,18 @@ def _examples(ctx: RunContext, texts: list[dict]) -> list[TrainingExample]:
 
 
 def update(state: LoopState, runtime: Runtime[RunContext]) -> dict:
+    """The routed expert trains on the verified texts plus a replay of its earlier ones.
+
+    With pooled updates (LoopConfig.pool_updates) the round's first episode waiting to train also
+    trains on the texts the driver hands it from the others (``gate["pool"]``); each of those then
+    records that update as its own (``gate["pooled_into"]``) and trains nothing. Every episode's
+    record lists only the texts it contributed, so each text is counted, replayed and remembered once.
+    """
     ctx, problem = runtime.context, state["problem"]
     episode, cycle = state["episode"], state.get("cycle", 0)
+    gate = state.get("gate") or {}
+    if gate.get("pooled_into"):
+        return _pooled_into(ctx, state, gate["pooled_into"])
     name = snapshot_name(episode, cycle)
     store = ctx.bank_store
     if name in store.snapshots():
@@ -272,14 +283,13 @@ def update(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     replay = carry.get("replay") or {}
     routed = _route(ctx, problem["question"], state)
     expert, reason = ctx.pick_expert(problem["id"], routed.probs, usage)
-    texts = state["texts"]
+    texts, pooled = state["texts"], gate.get("pool") or []
     # The replay of whichever expert the stress controller trains (the shared one in Single mode).
     replay_texts = {int(k): v[-ctx.config.replay:] for k, v in replay.items()} if ctx.config.replay else {}
-    result = ctx.trainer.update(_examples(ctx, texts), target_expert=expert,
+    result = ctx.trainer.update(_examples(ctx, texts + pooled), target_expert=expert,
                                 memory=None if routed.memory is None else routed.memory[0],
                                 replay={k: _examples(ctx, v) for k, v in replay_texts.items()})
     replayed = replay_texts.get(result.expert, [])
-    examples = _examples(ctx, texts + replayed)
     store.save(extra={"update_id": update_id(state, cycle)})
     store.snapshot(done_name(episode, cycle))  # for a resume after it
     usage[result.expert] += 1
@@ -289,13 +299,30 @@ def update(state: LoopState, runtime: Runtime[RunContext]) -> dict:
         update_id=update_id(state, cycle), snapshot=name, cycle=cycle, picked=expert, pick_reason=reason,
         step_losses=[s["loss_lm"] for s in result.steps],
         # every cycle's training texts, as trained (prompt, completion, source), e.g. for a comparison adapter
-        texts=[{"question": t["question"], "prompt": e.prompt, "completion": e.completion, "source": t["source"]}
-               for e, t in zip(examples, texts + [{**r, "source": "replay"} for r in replayed])],
+        texts=_trained_texts(ctx, texts + [{**r, "source": "replay"} for r in replayed]),
         rule=(state.get("rule") or {}).get("text"),
     )
+    if pooled:
+        info["pooled_texts"] = len(pooled)  # the other episodes' texts, listed in their own records
     if state.get("gate") is not None:
         info["gate_rollback_to"] = state["gate"]["rollback_to"]  # what the round's canary undoes it to
     return {"updates": [info], "cycle": cycle + 1, "carry": carry, "texts": []}
+
+
+def _trained_texts(ctx: RunContext, texts: list[dict]) -> list[dict]:
+    return [{"question": t["question"], "prompt": e.prompt, "completion": e.completion, "source": t["source"]}
+            for e, t in zip(_examples(ctx, texts), texts)]
+
+
+def _pooled_into(ctx: RunContext, state: LoopState, trained: dict) -> dict:
+    """This episode's record of the pooled update that trained on its texts: the update's id, expert
+    and losses, and its own texts and rule. Nothing trains, and expert usage is counted once, by the
+    episode that trained (graph/nodes.commit)."""
+    cycle = state.get("cycle", 0)
+    info = {**{k: v for k, v in trained.items() if k not in ("texts", "rule", "pooled_texts")},
+            "cycle": cycle, "pooled_into": trained["update_id"], "gate_rollback_to": state["gate"]["rollback_to"],
+            "texts": _trained_texts(ctx, state["texts"]), "rule": (state.get("rule") or {}).get("text")}
+    return {"updates": [info], "cycle": cycle + 1, "texts": []}
 
 
 def reevaluate(state: LoopState, runtime: Runtime[RunContext]) -> dict:
@@ -409,7 +436,8 @@ def commit(state: LoopState, runtime: Runtime[RunContext]) -> dict:
         # updates ran (graph/episodes.py): its updates are counted here instead.
         usage = list(carry.get("expert_updates") or [0] * ctx.bank.n_experts)
         for u in updates:
-            usage[u["expert"]] += 1
+            if not u.get("pooled_into"):  # a pooled update is counted by the episode that trained it
+                usage[u["expert"]] += 1
         carry["expert_updates"] = usage
     carry["episodes"] = carry.get("episodes", 0) + 1
     carry["solved_first"] = carry.get("solved_first", 0) + int(state["first_try"]["correct"])

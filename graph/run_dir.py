@@ -95,7 +95,7 @@ LEGACY_SETTINGS = {
     "embedder": "minilm", "precision": "float32", "round_size": 1,
     "reflector": {"max_attempts": 3, "max_chars": 300, "max_sentences": 2, "max_new_tokens": 96, "temperature": 0.7},
     "diversifier": {"kinds": ["paraphrase", "rename"], "per_kind": 1, "max_new_tokens": 200, "temperature": 0.7},
-    "loop": {"round_gate": False, "canary_test": "margin"},
+    "loop": {"round_gate": False, "canary_test": "margin", "pool_updates": False},
 }
 # The layout of the loop state in a run's checkpoints: 2 named the first try `first_try` and the
 # three rollbacks apart (stress_rolled_back, canary_rolled_back, episode_rolled_back_to).
@@ -107,7 +107,7 @@ RUN_FLAGS = {
     "memory_url": "--memory-url", "backend": "--backend", "batch_size": "--batch-size", "embedder": "--embedder",
     "precision": "--precision", "verifier.samples": "--samples", "round_size": "--round-size",
     "loop.train_sources": "--train-sources", "loop.round_gate": "--round-gate", "loop.canary_test": "--canary-test",
-    "loop.canary_alpha": "--canary-alpha",
+    "loop.canary_alpha": "--canary-alpha", "loop.pool_updates": "--pool-updates",
 }
 
 

@@ -72,6 +72,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
         (["--threads", "-1"], "--threads must be >= 0"),
         (["--embedder", "nope"], "--embedder nope: embedder must be one of minilm, hash"),
         (["--backend", "nope"], "--backend nope: backend must be one of"),
+        (["--pool-updates", "--episode-gate"], "(--pool-updates) needs round_gate (--round-gate)"),
         (["--data", str(tmp_path / "missing.jsonl")], "not found"),
         (["--model", "no-such-model", "--embedder", "hash"], "unknown model spec"),
     ]:

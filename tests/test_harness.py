@@ -423,6 +423,7 @@ def test_eval_command_writes_a_report_and_prints_json(tmp_path):
     (["--eval-data", "gsm8k:test"], "cannot load openai/gsm8k test"),
     (["--threads", "-1"], "--threads must be >= 0"),
     (["--backend", "vllm"], "backend must be one of"),
+    (["--pool-updates", "--episode-gate"], "--pool-updates needs the round gate"),
 ])
 def test_eval_bad_arguments_are_one_line_errors(tmp_path, args, needle):
     result = CliRunner().invoke(app, ["eval", "--model", "tiny-random", "--embedder", "hash",

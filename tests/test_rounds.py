@@ -56,11 +56,11 @@ def test_each_episode_of_a_round_gets_the_carry_of_the_episode_before_it(make_ru
     assert sum(cakes["carry"]["expert_updates"]) == sum(usage_after_pens) + len(cakes["updates"])
 
 
-def _kill_then_resume(make_run, tmp_path, monkeypatch, owner, name, kill_at, round_gate):
+def _kill_then_resume(make_run, tmp_path, monkeypatch, owner, name, kill_at, **loop):
     """test_loop's kill-and-resume, over two rounds of 3 (the second a round of one)."""
     problems = [APPLES, PENS, CAKES, PENS | {"id": "p-pens-2"}]
     want, resumed, finals = test_loop._kill_then_resume(make_run, tmp_path, monkeypatch, problems, owner, name, kill_at,
-                                                        "killed", settings=_settings(round_gate=round_gate), round_size=3)
+                                                        "killed", settings=_settings(**loop), round_size=3)
     return want, _state_of(resumed, finals)
 
 
@@ -73,7 +73,7 @@ def test_a_kill_while_a_round_samples_resumes_to_the_uninterrupted_run(make_run,
     # Under the round gate the 5th is the round's pooled re-evaluation, after its updates changed the bank,
     # and the 6th a second cycle's reflect, after the gate's verdict.
     want, got = _kill_then_resume(make_run, tmp_path, monkeypatch, ScriptedBackend, "generate_requests", kill_at,
-                                  round_gate)
+                                  round_gate=round_gate)
     assert got[1:] == want[1:]
     assert all((want[0][k] == got[0][k]).all() for k in want[0])
     assert _events(tmp_path / "b") == _events(tmp_path / "a")  # the half-sampled round's lines were dropped
@@ -81,7 +81,7 @@ def test_a_kill_while_a_round_samples_resumes_to_the_uninterrupted_run(make_run,
 
 @pytest.mark.parametrize("round_gate", [False, True])
 def test_a_kill_inside_a_rounds_updates_resumes_to_the_uninterrupted_run(make_run, tmp_path, monkeypatch, round_gate):
-    want, got = _kill_then_resume(make_run, tmp_path, monkeypatch, TestTimeTrainer, "step", 3, round_gate)
+    want, got = _kill_then_resume(make_run, tmp_path, monkeypatch, TestTimeTrainer, "step", 3, round_gate=round_gate)
     assert got[1:] == want[1:]
     assert all((want[0][k] == got[0][k]).all() for k in want[0])
     assert _events(tmp_path / "b") == _events(tmp_path / "a")
@@ -202,6 +202,107 @@ def test_the_binomial_canary_test_undoes_a_break_less_likely_than_its_level(make
     assert check["broke"] == ["p-apples"] and check["p_value"] == pytest.approx(0.2)
     assert check["canary_rolled_back"] is undone
     assert trained(ctx) is not undone
+
+
+# ---------------------------------------------------------------- pooled updates
+
+
+def _completions(update: dict) -> list[str]:
+    return [t["completion"] for t in update["texts"] if t["source"] != "replay"]
+
+
+def test_pooled_updates_train_a_round_once_on_the_texts_of_all_its_episodes(make_run, tmp_path):
+    from graph.evaluation.learning import learning_summary, update_bursts
+
+    ctx, _ = make_run(_rarely_right_apples(), settings=_settings(cycles=1, pool_updates=True))
+    trainer_calls, real = [], ctx.trainer.update
+
+    def spy(examples, **kwargs):
+        trainer_calls.append([e.completion for e in examples])
+        return real(examples, **kwargs)
+
+    ctx.trainer.update = spy
+    finals = _run(ctx, [APPLES, PENS, CAKES], tmp_path / "run", round_size=3)
+    (first,), *pooled = [f["updates"] for f in finals]
+    own = [_completions(f["updates"][0]) for f in finals]
+    assert all(own)  # each episode contributed texts, listed in its own record
+    assert trainer_calls == [own[0] + own[1] + own[2]]  # one update, on every episode's texts
+    assert "pooled_into" not in first and first["pooled_texts"] == len(own[1]) + len(own[2])
+    for (record,), final in zip(pooled, finals[1:]):
+        assert record["pooled_into"] == record["update_id"] == first["update_id"]
+        assert (record["expert"], record["loss_after"]) == (first["expert"], first["loss_after"])
+        assert record["rule"] == (final.get("rule") or {}).get("text")
+    assert trained(ctx)
+    # Counted, replayed and summarised once per update and once per text.
+    last = finals[-1]["carry"]
+    assert sum(last["expert_updates"]) == 1
+    assert [t["completion"] for t in last["replay"][str(first["expert"])]] == own[0] + own[1] + own[2]
+    summary = learning_summary(finals)
+    assert (summary["updates"], summary["updates_kept"], summary["updates_pooled"]) == (1, 1, 1)
+    assert summary["learned_from"] == 3 and summary["texts"] == sum(map(len, own))
+    bursts = [[[e.completion for e in burst] for burst in episode] for episode in update_bursts(finals)]
+    assert bursts == [[own[0] + own[1] + own[2]], [], []]  # the single-lora arm trains it as one burst too
+    logged = [e for e in _events(tmp_path / "run") if e["node"] == "update"]
+    assert [e.get("pooled_into") for e in logged] == [None, "ep00000-c0", "ep00000-c0"]
+
+
+def test_each_episode_updating_alone_trains_once_per_episode(make_run, tmp_path):
+    ctx, _ = make_run(_rarely_right_apples(), settings=_settings(cycles=1))
+    finals = _run(ctx, [APPLES, PENS, CAKES], tmp_path / "run", round_size=3)
+    ids = [f["updates"][0]["update_id"] for f in finals]
+    assert len(set(ids)) == 3 and not any(f["updates"][0].get("pooled_into") for f in finals)
+    assert sum(finals[-1]["carry"]["expert_updates"]) == 3
+
+
+def test_a_broken_round_canary_undoes_a_pooled_update_for_every_episode(make_run, tmp_path):
+    from graph.evaluation.learning import learning_summary
+
+    world = _rarely_right_apples()
+    world.broken_after = {"p-apples"}
+    ctx, _ = make_run(world, settings=_settings(cycles=1, pool_updates=True))
+    finals = _run(ctx, [APPLES, PENS, CAKES], tmp_path / "run", round_size=3)
+    assert all(f["canary_checks"][-1]["canary_rolled_back"] for f in finals)
+    assert not trained(ctx)
+    assert all(f["carry"]["replay"] == {} for f in finals)
+    summary = learning_summary(finals)
+    assert (summary["updates"], summary["updates_kept"], summary["updates_rolled_back"]) == (1, 0, 1)
+
+
+@pytest.mark.parametrize("owner, name, kill_at", [(TestTimeTrainer, "step", 2), (TestTimeTrainer, "step", 3),
+                                                  (ScriptedBackend, "generate_requests", 5)])
+def test_a_kill_inside_a_pooled_round_resumes_to_the_uninterrupted_run(make_run, tmp_path, monkeypatch, owner, name,
+                                                                       kill_at):
+    # The pooled update's 2nd step, a second cycle's, and the round's pooled re-evaluation.
+    want, got = _kill_then_resume(make_run, tmp_path, monkeypatch, owner, name, kill_at, pool_updates=True)
+    assert any(e.get("pooled_into") for e in _events(tmp_path / "b"))
+    assert got[1:] == want[1:]
+    assert all((want[0][k] == got[0][k]).all() for k in want[0])
+    assert _events(tmp_path / "b") == _events(tmp_path / "a")
+
+
+def test_pooled_updates_need_the_round_gate_and_are_saved_with_a_run(tmp_path):
+    from graph.context import LoopConfig
+    from graph.evaluation.config import EVAL_FILE, EvalConfig, arm_settings, eval_config
+    from graph.run_dir import RUN_FILE, RunSettings, run_settings
+    from graph.saved_settings import SettingsError
+
+    with pytest.raises(ValueError, match=r"pool_updates \(--pool-updates\) needs round_gate"):
+        LoopConfig(pool_updates=True, round_gate=False)
+    with pytest.raises(ValueError, match="--pool-updates needs the round gate"):
+        EvalConfig(pool_updates=True, round_gate=False)
+    assert arm_settings(EvalConfig(pool_updates=True), "adapters", 2).loop.pool_updates is True
+    old = RunSettings(model="tiny-random", data="train", episodes=2).to_dict()
+    del old["loop"]["pool_updates"]  # saved before pooled updates existed
+    (tmp_path / RUN_FILE).write_text(json.dumps(old))
+    assert run_settings(tmp_path, True, {}).loop.pool_updates is False
+    with pytest.raises(SettingsError, match="--pool-updates True differs from the saved False"):
+        run_settings(tmp_path, True, {"loop.pool_updates": True})  # it changes what the run learns
+    saved = EvalConfig(model="tiny-random").to_dict()
+    del saved["pool_updates"]
+    (tmp_path / EVAL_FILE).write_text(json.dumps({"config": saved}))
+    assert eval_config(tmp_path, True, {}).pool_updates is False
+    with pytest.raises(SettingsError, match="--pool-updates"):
+        eval_config(tmp_path, True, {"pool_updates": True})
 
 
 def test_a_run_saved_before_the_round_gate_resumes_with_each_update_gated_alone(tmp_path):

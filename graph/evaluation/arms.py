@@ -221,7 +221,8 @@ class ArmRunner:
         if len(states) < len(stream):
             raise EvalInterrupted(f"stopped while the {arm} arm was learning (episode {len(states) + 1} of {len(stream)})")
         learning = {**learning_summary(states), **episode_timing(list(seconds.values())), "round_size": round_size,
-                    "round_gate": ctx.config.round_gate, "backend": ctx.backend.description,
+                    "round_gate": ctx.config.round_gate, "pool_updates": ctx.config.pool_updates,
+                    "backend": ctx.backend.description,
                     "canary": {"size": ctx.config.canary_size, "test": ctx.config.canary_test,
                                "margin": ctx.config.canary_margin, "alpha": ctx.config.canary_alpha}}
         return states, learning, time.perf_counter() - start

@@ -93,6 +93,7 @@ class EvalConfig:
     round_size: int = DEFAULT_ROUND_SIZE  # learning episodes that sample together (graph/episodes.run_episodes)
     train_sources: tuple[str, ...] = SOURCES  # verified texts that reach the gradient (a per-source ablation)
     round_gate: bool = True  # a round's updates re-evaluated and gated together (graph.context.LoopConfig.round_gate)
+    pool_updates: bool = False  # one update per round phase on all its texts (graph.context.LoopConfig.pool_updates)
     plots: bool = True  # write the PNG plots with the report
 
     def __post_init__(self) -> None:
@@ -116,6 +117,9 @@ class EvalConfig:
             raise ValueError(f"embedder must be one of {', '.join(EMBEDDERS)}; got {self.embedder!r}")
         check_canary_settings(self.canary_size, self.canary_margin, self.canary_test, self.canary_alpha)
         self.train_sources = chosen_sources(self.train_sources)
+        if self.pool_updates and not self.round_gate:
+            raise ValueError("--pool-updates needs the round gate (--round-gate): a pooled update trains on the "
+                             "texts of a round's episodes, which only the gate lets wait for each other")
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -125,7 +129,7 @@ class EvalConfig:
 
 # Settings added after evaluations were first saved, with the values those evaluations ran with.
 LEGACY_CONFIG = {"backend": "torch", "precision": "float32", "round_size": 1, "round_gate": False,
-                 "canary_test": "margin"}
+                 "canary_test": "margin", "pool_updates": False}
 # Settings a resumed evaluation may change. The round size, the gate and the canary's settings change
 # only learning arms not yet started: a started one keeps its own, saved in its run folder and
 # checked there (frozen and vote never learn, so none of them changes their answers).
@@ -141,6 +145,7 @@ EVAL_FLAGS = {
     "verifier.samples": "--samples", "round_size": "--round-size", "canary_size": "--canary-size",
     "canary_margin": "--canary-margin", "stress.loss_scale": "--stress-scale", "train_sources": "--train-sources",
     "round_gate": "--round-gate", "canary_test": "--canary-test", "canary_alpha": "--canary-alpha",
+    "pool_updates": "--pool-updates",
 }
 
 
@@ -163,7 +168,8 @@ def arm_settings(config: EvalConfig, arm: str, episodes: int) -> RunSettings:
         loop=LoopConfig(cycles=config.cycles, label_free=config.label_free, seed=config.seed,
                         canary_size=config.canary_size, canary_margin=config.canary_margin,
                         canary_test=config.canary_test, canary_alpha=config.canary_alpha,
-                        train_sources=config.train_sources, round_gate=config.round_gate, **switches),
+                        train_sources=config.train_sources, round_gate=config.round_gate,
+                        pool_updates=config.pool_updates, **switches),
         bank=replace(config.bank, seed=config.seed),
         router=replace(config.router, seed=config.seed),
         trainer=config.trainer,

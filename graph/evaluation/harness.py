@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from adapters.bank import ExpertBank
-from adapters.trainer import TrainingExample
 from agents.errors import DataError
 from agents.files import atomic_write_bytes
 from agents.lm.backend import GenerationBackend
@@ -40,7 +39,7 @@ from graph.evaluation.config import (
     RESUMABLE_EVAL_CHANGES,
     EvalConfig,
 )
-from graph.evaluation.learning import leak_check
+from graph.evaluation.learning import leak_check, update_bursts
 from graph.evaluation.problems import ProblemSets, check_disjoint, prepare_problems
 from graph.evaluation.provenance import code_version, machine, machine_from_backend, machine_label, same_machine
 from graph.evaluation.report import write_report
@@ -220,9 +219,7 @@ def evaluate(
         if missing:
             raise RunDirError("the adapters arm's updates carry no training texts (made by an older version); "
                               "run the evaluation in a new --run-dir")
-        # The adapters arm's own texts, burst by burst; its replayed texts are not trained twice.
-        bursts = [[[TrainingExample(t["prompt"], t["completion"]) for t in u["texts"] if t.get("source") != "replay"]
-                   for u in s.get("updates") or []] for s in states_by_arm["adapters"]]
+        bursts = update_bursts(states_by_arm["adapters"])
         arms["single-lora"], _ = once("single-lora", lambda: (run.single_lora(bursts, scored), None))
 
     comparisons = {name: compare([s.correct for s in arms["frozen"].scores], [s.correct for s in r.scores])
@@ -264,3 +261,4 @@ def run_evaluation(config: EvalConfig, run_dir: str | Path, *, resume: bool = Fa
                         on_status=status, any_machine=any_machine)
     finally:
         lock.release()
+

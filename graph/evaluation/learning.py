@@ -6,6 +6,7 @@ import math
 import statistics
 from typing import Sequence
 
+from adapters.trainer import TrainingExample
 from agents.gsm8k import Problem, normalise_question
 from agents.solver import Attempt
 from agents.trajectories import SOURCES
@@ -16,11 +17,14 @@ from graph.remember import update_survived
 def learning_summary(states: list[dict]) -> dict:
     """What one arm's learning did, counted over its episodes."""
     outcomes = [s["outcome"] for s in states]
-    updates = [u for s in states for u in s.get("updates") or []]
+    # Each update once: a pooled one (graph/nodes.update) is also recorded by every episode whose
+    # texts it trained, with those texts; it is counted where it trained.
+    records = [(s, u) for s in states for u in s.get("updates") or []]
+    updates = [u for _, u in records if not u.get("pooled_into")]
     checks = [c for s in states for c in s.get("canary_checks") or []]
     candidates = [c for s in states for c in s.get("candidates") or []]
-    trained = [t for u in updates for t in u.get("texts") or [] if t.get("source") != "replay"]
-    kept = sum(update_survived(s, u) for s in states for u in s.get("updates") or [])
+    trained = [t for _, u in records for t in u.get("texts") or [] if t.get("source") != "replay"]
+    kept = sum(update_survived(s, u) for s, u in records if not u.get("pooled_into"))
     return {
         "episodes": len(states),
         "right_first_try": sum(bool(s["first_try"]["correct"]) for s in states),
@@ -34,6 +38,7 @@ def learning_summary(states: list[dict]) -> dict:
         "updates": len(updates),
         "updates_kept": kept,
         "updates_rolled_back": len(updates) - kept,
+        "updates_pooled": sum(bool(u.get("pooled_texts")) for u in updates),  # trained on other episodes' texts too
         "mirror_rollbacks": sum(bool(u.get("stress_rolled_back")) for u in updates),
         "canary_rollbacks": sum(bool(c.get("canary_rolled_back")) for c in checks),
         "episode_rollbacks": sum(s.get("episode_rolled_back_to") is not None for s in states),
@@ -84,3 +89,20 @@ def episode_timing(seconds: list[float]) -> dict:
     rank = lambda q: ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]  # noqa: E731
     return {"episodes_timed": len(ordered), "episode_seconds_median": statistics.median(ordered),
             "episode_seconds_p90": rank(0.9)}
+
+def update_bursts(states: list[dict]) -> list[list[list[TrainingExample]]]:
+    """A learning arm's own texts, per episode and update, as its updates trained them: a pooled
+    update's burst gathers the texts its other episodes record (graph/nodes.update), and replayed
+    texts are not trained twice."""
+    by_update: dict[str, list[TrainingExample]] = {}
+    bursts: list[list[list[TrainingExample]]] = []
+    for state in states:
+        own: list[list[TrainingExample]] = []
+        for u in state.get("updates") or []:
+            texts = [TrainingExample(t["prompt"], t["completion"]) for t in u["texts"] if t.get("source") != "replay"]
+            if u.get("pooled_into") in by_update:
+                by_update[u["pooled_into"]].extend(texts)
+            else:
+                own.append(by_update.setdefault(u["update_id"], texts))
+        bursts.append(own)
+    return bursts
