@@ -264,12 +264,13 @@ class TestTimeTrainer:
         starts = list(range(0, len(examples), size)) or [0]
         batches = [self.tokenize(examples[i:i + size]) for i in starts]
         parts_of = [None if features is None else features[i:i + size] for i in starts]  # (micro-batch, h) each
+        memory_of = [_memory_rows(memory, len(examples))[i:i + size] if _per_row(memory) else memory for i in starts]
         predicted = [int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in batches]
         n_predicted, n_rows = max(1, sum(predicted)), len(examples)
         losses: dict[str, float] = {}
         total_loss, tokens = 0.0, 0
-        for batch, n, batch_features in zip(batches, predicted, parts_of):
-            parts = self._losses(batch, target_expert, memory, batch_features)
+        for batch, n, batch_features, batch_memory in zip(batches, predicted, parts_of, memory_of):
+            parts = self._losses(batch, target_expert, batch_memory, batch_features)
             # Weighted so that the sum is the mean over all tokens (LM, KL) and rows (router), as one batch gives.
             share = {"lm": n / n_predicted, "kl": n / n_predicted, "router": batch.input_ids.shape[0] / n_rows}
             scaled = {k: v * share[k] for k, v in parts.items()}
@@ -313,6 +314,7 @@ class TestTimeTrainer:
         This is what the stress controller reads and what Mirror mode guards: how well the
         model produces the texts, not how sure the router is.
         """
+        memory = _memory_rows(memory, len(examples)) if _per_row(memory) else memory
         return float(self._losses(self.tokenize(examples), target_expert, memory, features)["lm"])
 
     def update(
@@ -332,6 +334,10 @@ class TestTimeTrainer:
         mode is decided), against forgetting. In Mirror mode the bank is snapshotted first and
         restored if the loss on ``guard`` (default: the examples and the replay) ends worse than
         before by more than the tolerance. Losses before and after are on the examples.
+
+        ``memory``: the router's memory features, one vector (memory_dim,) for every row, or one
+        row per example (len(examples), memory_dim) when the examples come from several problems
+        (a pooled update); rows beyond the examples (replayed, a guard) take the first example's.
         """
         steps = steps or self.config.steps_per_update
         features = self.prompt_features(examples)
@@ -346,12 +352,15 @@ class TestTimeTrainer:
         # Mirror mode guards the replayed texts too (forgetting them is what replay is against).
         guard_texts, guard_features = (guard, self.prompt_features(guard)) if guard else (trained, trained_features)
         separate_guard = bool(guard) or (bool(replayed) and decision.snapshot)
-        guard_before = self.loss(guard_texts, expert, memory, guard_features) if separate_guard else loss_before
+        trained_memory = _memory_rows(memory, len(trained)) if _per_row(memory) else memory
+        guard_memory = _memory_rows(memory, len(guard_texts)) if _per_row(memory) and not guard else (
+            memory[0] if _per_row(memory) else memory)
+        guard_before = self.loss(guard_texts, expert, guard_memory, guard_features) if separate_guard else loss_before
         with self.parameters_for(expert) as params:
             optimizer = self.new_optimizer(decision.lr, params)
-            history = [self.step(trained, expert, optimizer, memory, trained_features) for _ in range(steps)]
+            history = [self.step(trained, expert, optimizer, trained_memory, trained_features) for _ in range(steps)]
         loss_after = self.loss(examples, expert, memory, features)
-        guard_after = self.loss(guard_texts, expert, memory, guard_features) if separate_guard else loss_after
+        guard_after = self.loss(guard_texts, expert, guard_memory, guard_features) if separate_guard else loss_after
         stress_rolled_back = False
         if snapshot is not None and guard_after > guard_before + self.stress.config.rollback_tolerance:
             # Captured after observe(), so the stress reading of this update stands.
@@ -372,3 +381,14 @@ class TestTimeTrainer:
             steps=history,
             replayed=len(replayed),
         )
+
+
+def _per_row(memory: torch.Tensor | None) -> bool:
+    return memory is not None and memory.dim() == 2
+
+
+def _memory_rows(memory: torch.Tensor, rows: int) -> torch.Tensor:
+    """(rows, memory_dim): the given rows, then the first one again for rows beyond them."""
+    if memory.shape[0] >= rows:
+        return memory[:rows]
+    return torch.cat([memory, memory[:1].expand(rows - memory.shape[0], -1)])

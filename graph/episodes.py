@@ -221,7 +221,7 @@ class _Driver:
             yield from ((episode, lambda: gate) for episode in waiting)
             return
         first, *rest = waiting
-        pool = [t for e in rest for t in self.app.get_state(e.thread).values["texts"]]
+        pool = [{**t, "problem_id": e.problem["id"]} for e in rest for t in self.app.get_state(e.thread).values["texts"]]
         yield first, lambda: {**gate, "pool": pool}
 
         def pooled_into() -> dict:
@@ -338,8 +338,10 @@ def run_episodes(
 def describe_episode(state: LoopState) -> str:
     """One line on a finished episode: the first try, what was learned, the outcome."""
     updates = state.get("updates") or []
+    pooled = sum(bool(u.get("pooled_into")) for u in updates)
     return (f"{'right' if state['first_try']['correct'] else 'wrong'} at the first try; "
-            f"{len(state.get('rules') or [])} rule(s), {len(updates)} update(s); outcome {state['outcome']}")
+            f"{len(state.get('rules') or [])} rule(s), {len(updates) - pooled} update(s)"
+            f"{f', texts in {pooled} pooled update(s)' if pooled else ''}; outcome {state['outcome']}")
 
 
 def _summary(update: dict) -> dict:

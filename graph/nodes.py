@@ -287,7 +287,7 @@ def update(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     # The replay of whichever expert the stress controller trains (the shared one in Single mode).
     replay_texts = {int(k): v[-ctx.config.replay:] for k, v in replay.items()} if ctx.config.replay else {}
     result = ctx.trainer.update(_examples(ctx, texts + pooled), target_expert=expert,
-                                memory=None if routed.memory is None else routed.memory[0],
+                                memory=_memory_rows(ctx, routed, len(texts), pooled),
                                 replay={k: _examples(ctx, v) for k, v in replay_texts.items()})
     replayed = replay_texts.get(result.expert, [])
     store.save(extra={"update_id": update_id(state, cycle)})
@@ -307,6 +307,18 @@ def update(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     if state.get("gate") is not None:
         info["gate_rollback_to"] = state["gate"]["rollback_to"]  # what the round's canary undoes it to
     return {"updates": [info], "cycle": cycle + 1, "carry": carry, "texts": []}
+
+
+def _memory_rows(ctx: RunContext, routed: Route, own: int, pooled: list[dict]) -> torch.Tensor | None:
+    """The router's memory features for the texts an update trains: this problem's vector for
+    its own texts; with pooled texts, each its own problem's, looked up as that problem's own
+    update would have (blind to itself), one row per text (len(texts), memory_dim)."""
+    if routed.memory is None:
+        return None
+    if not pooled:
+        return routed.memory[0]  # (memory_dim,), for every row
+    others, *_ = ctx.memory_vectors([t["question"] for t in pooled], exclude=[t["problem_id"] for t in pooled])
+    return torch.cat([routed.memory.expand(own, -1), others.to(routed.memory.dtype)])  # (own + pooled, memory_dim)
 
 
 def _trained_texts(ctx: RunContext, texts: list[dict]) -> list[dict]:

@@ -97,7 +97,9 @@ class LoopState(TypedDict, total=False):
     episode_rolled_back_to: str | None  # the snapshot the rollback node undid the episode's updates to, if any
     # Round gate (graph/episodes.py): handed by the driver before each update. rollback_to: the bank
     # snapshot before this phase's first update of the round; canary: the round's problems right at
-    # the first try, guarded with the run's canary set; trained: those of them that train.
+    # the first try, guarded with the run's canary set; trained: those of them that train. With pooled
+    # updates, pool (for the phase's first episode): the other waiting episodes' texts, each with its
+    # problem_id, trained with its own; pooled_into (for the others): that update's record, less its texts.
     gate: dict | None
     outcome: str  # correct | fixed | unfixed | not_learned | failed | skipped
     committed: bool  # set by commit alone: the episode is finished (graph/episodes.py resumes any other)

@@ -4,6 +4,7 @@ import json
 import threading
 
 import pytest
+import torch
 
 from adapters.trainer import TestTimeTrainer
 from agents.lm.generation import Generation, Request, Sampling
@@ -217,16 +218,28 @@ def test_pooled_updates_train_a_round_once_on_the_texts_of_all_its_episodes(make
     ctx, _ = make_run(_rarely_right_apples(), settings=_settings(cycles=1, pool_updates=True))
     trainer_calls, real = [], ctx.trainer.update
 
+    memory_rows, wanted = [], []
+    problems = [APPLES, PENS, CAKES]
+
     def spy(examples, **kwargs):
         trainer_calls.append([e.completion for e in examples])
+        memory_rows.append(kwargs["memory"])
+        # what each problem's own update would look up now: blind to itself
+        wanted.append(ctx.memory_vectors([p["question"] for p in problems], exclude=[p["id"] for p in problems])[0])
         return real(examples, **kwargs)
 
     ctx.trainer.update = spy
-    finals = _run(ctx, [APPLES, PENS, CAKES], tmp_path / "run", round_size=3)
+    finals = _run(ctx, problems, tmp_path / "run", round_size=3)
     (first,), *pooled = [f["updates"] for f in finals]
     own = [_completions(f["updates"][0]) for f in finals]
     assert all(own)  # each episode contributed texts, listed in its own record
     assert trainer_calls == [own[0] + own[1] + own[2]]  # one update, on every episode's texts
+    # Each text routed with its own problem's memory features, as that problem's update would have.
+    (memory,), (looked_up,) = memory_rows, wanted
+    assert memory.shape == (len(trainer_calls[0]), ctx.router.config.memory_dim)
+    starts = [0, len(own[0]), len(own[0]) + len(own[1]), len(trainer_calls[0])]
+    for i in range(3):
+        assert torch.allclose(memory[starts[i]:starts[i + 1]], looked_up[i].to(memory.dtype).expand(len(own[i]), -1))
     assert "pooled_into" not in first and first["pooled_texts"] == len(own[1]) + len(own[2])
     for (record,), final in zip(pooled, finals[1:]):
         assert record["pooled_into"] == record["update_id"] == first["update_id"]
@@ -241,7 +254,9 @@ def test_pooled_updates_train_a_round_once_on_the_texts_of_all_its_episodes(make
     assert (summary["updates"], summary["updates_kept"], summary["updates_pooled"]) == (1, 1, 1)
     assert summary["learned_from"] == 3 and summary["texts"] == sum(map(len, own))
     bursts = [[[e.completion for e in burst] for burst in episode] for episode in update_bursts(finals)]
-    assert bursts == [[own[0] + own[1] + own[2]], [], []]  # the single-lora arm trains it as one burst too
+    # The single-lora arm trains it as one burst too, after the last of its problems (a stream run
+    # scores each problem before training its episode's bursts).
+    assert bursts == [[], [], [own[0] + own[1] + own[2]]]
     logged = [e for e in _events(tmp_path / "run") if e["node"] == "update"]
     assert [e.get("pooled_into") for e in logged] == [None, "ep00000-c0", "ep00000-c0"]
 
@@ -280,7 +295,7 @@ def test_a_kill_inside_a_pooled_round_resumes_to_the_uninterrupted_run(make_run,
     assert _events(tmp_path / "b") == _events(tmp_path / "a")
 
 
-def test_pooled_updates_need_the_round_gate_and_are_saved_with_a_run(tmp_path):
+def test_pooled_updates_need_the_round_gate_and_are_saved_with_a_run_or_arm(tmp_path):
     from graph.context import LoopConfig
     from graph.evaluation.config import EVAL_FILE, EvalConfig, arm_settings, eval_config
     from graph.run_dir import RUN_FILE, RunSettings, run_settings
@@ -301,8 +316,9 @@ def test_pooled_updates_need_the_round_gate_and_are_saved_with_a_run(tmp_path):
     del saved["pool_updates"]
     (tmp_path / EVAL_FILE).write_text(json.dumps({"config": saved}))
     assert eval_config(tmp_path, True, {}).pool_updates is False
-    with pytest.raises(SettingsError, match="--pool-updates"):
-        eval_config(tmp_path, True, {"pool_updates": True})
+    # Like the gate, for learning arms not started (a started one keeps its run.json's, checked above).
+    config = eval_config(tmp_path, True, {"pool_updates": True})
+    assert config.pool_updates is True and arm_settings(config, "full", 2).loop.pool_updates is True
 
 
 def test_a_run_saved_before_the_round_gate_resumes_with_each_update_gated_alone(tmp_path):

@@ -276,3 +276,25 @@ def test_an_update_without_examples_is_refused(tiny):
     trainer = _trainer(tiny)
     with pytest.raises(TrainingError, match="at least one example"):
         trainer.update([], target_expert=0)
+
+
+def test_per_example_memory_gives_each_row_its_own_features(tiny):
+    # A pooled update trains texts of several problems: each row is routed with its own memory.
+    trainer = _trainer(tiny, micro_batch=1)
+    rows = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # (examples, memory_dim)
+    together = trainer._losses(trainer.tokenize(EXAMPLES), 2, rows)["router"]
+    alone = [trainer._losses(trainer.tokenize([e]), 2, m)["router"] for e, m in zip(EXAMPLES, rows)]
+    assert float(together) == pytest.approx(float(sum(alone)) / 2, rel=1e-5)
+    seen, real = [], trainer._losses
+
+    def spy(batch, target_expert, memory, features=None):
+        seen.append(None if memory is None else memory.clone())
+        return real(batch, target_expert, memory, features)
+
+    trainer._losses = spy
+    trainer.stress = StressController(StressConfig(loss_scale=1e6))  # Single mode: the shared expert's replay
+    trainer.update(EXAMPLES, target_expert=2, steps=1, memory=rows, replay={trainer.bank.config.shared_expert: REPLAY})
+    stepped = [m for m in seen if m.shape[0] == 1]  # the step's micro-batches of one text each
+    assert len(stepped) == len(EXAMPLES) + len(REPLAY)
+    assert torch.equal(stepped[0], rows[:1]) and torch.equal(stepped[1], rows[1:])
+    assert all(torch.equal(m, rows[:1]) for m in stepped[2:])  # replayed texts take the first example's row

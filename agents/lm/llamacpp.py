@@ -157,9 +157,9 @@ class LlamaCppBackend:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not prompts:
             return []
-        self._scale_rows(weights, len(prompts))  # the mixture checked here, with this backend's message
         if weights is not None and weights.dim() == 1:
             weights = weights.unsqueeze(0)  # (n_experts,) -> (1, n_experts), as Request expects
+        self._scale_rows(weights, len(prompts))  # checked before Request's own check, with this backend's message
         return self.generate_requests([Request(tuple(prompts), weights, max_new_tokens, stop_at_answer, sampling)])[0]
 
     def generate_requests(self, requests: Sequence[Request]) -> list[list[Generation]]:
@@ -354,8 +354,6 @@ class LlamaCppBackend:
             return [None]
         if self.bank is None:
             raise BackendError("mixture weights were given but this backend has no expert bank")
-        if weights.dim() == 1:
-            weights = weights.unsqueeze(0)  # (1, n)
         if weights.dim() != 2 or weights.shape[1] != self.bank.n_experts or weights.shape[0] not in (1, batch):
             raise BackendError(
                 f"mixture weights must have shape (1 or {batch}, {self.bank.n_experts}), got {tuple(weights.shape)}"

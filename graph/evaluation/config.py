@@ -130,11 +130,11 @@ class EvalConfig:
 # Settings added after evaluations were first saved, with the values those evaluations ran with.
 LEGACY_CONFIG = {"backend": "torch", "precision": "float32", "round_size": 1, "round_gate": False,
                  "canary_test": "margin", "pool_updates": False}
-# Settings a resumed evaluation may change. The round size, the gate and the canary's settings change
+# Settings a resumed evaluation may change. The round size, the gate, pooled updates and the canary's settings change
 # only learning arms not yet started: a started one keeps its own, saved in its run folder and
 # checked there (frozen and vote never learn, so none of them changes their answers).
 CANARY_SETTINGS = ("canary_size", "canary_margin", "canary_test", "canary_alpha")
-RESUMABLE_EVAL_CHANGES = ("plots", "round_size", "round_gate", *CANARY_SETTINGS)
+RESUMABLE_EVAL_CHANGES = ("plots", "round_size", "round_gate", "pool_updates", *CANARY_SETTINGS)
 # The command-line option of each setting, for messages about them.
 EVAL_FLAGS = {
     "model": "--model", "protocol": "--protocol", "arms": "--arms", "learn_data": "--learn-data",

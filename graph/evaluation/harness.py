@@ -261,4 +261,3 @@ def run_evaluation(config: EvalConfig, run_dir: str | Path, *, resume: bool = Fa
                         on_status=status, any_machine=any_machine)
     finally:
         lock.release()
-

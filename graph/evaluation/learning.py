@@ -40,7 +40,8 @@ def learning_summary(states: list[dict]) -> dict:
         "updates_rolled_back": len(updates) - kept,
         "updates_pooled": sum(bool(u.get("pooled_texts")) for u in updates),  # trained on other episodes' texts too
         "mirror_rollbacks": sum(bool(u.get("stress_rolled_back")) for u in updates),
-        "canary_rollbacks": sum(bool(c.get("canary_rolled_back")) for c in checks),
+        # once per update undone: a pooled update's episodes each record the round's verdict
+        "canary_rollbacks": len({c.get("update_id") for c in checks if c.get("canary_rolled_back")}),
         "episode_rollbacks": sum(s.get("episode_rolled_back_to") is not None for s in states),
         "texts": len(trained),
         "texts_by_source": {source: sum(t.get("source") == source for t in trained) for source in SOURCES},
@@ -64,7 +65,7 @@ def learning_curve(states: list[dict], learn: Sequence[Problem]) -> list[dict]:
         curve.append({
             "episode": index, "id": state["problem"]["id"],
             "first_correct": bool(check(first, label).correct) if label is not None else bool(state["first_try"]["correct"]),
-            "outcome": state["outcome"], "updates": len(updates), "phi": phi,
+            "outcome": state["outcome"], "updates": sum(not u.get("pooled_into") for u in updates), "phi": phi,
             "experts": [u["expert"] for u in updates],
         })
     return curve
@@ -90,19 +91,24 @@ def episode_timing(seconds: list[float]) -> dict:
     return {"episodes_timed": len(ordered), "episode_seconds_median": statistics.median(ordered),
             "episode_seconds_p90": rank(0.9)}
 
+
 def update_bursts(states: list[dict]) -> list[list[list[TrainingExample]]]:
-    """A learning arm's own texts, per episode and update, as its updates trained them: a pooled
-    update's burst gathers the texts its other episodes record (graph/nodes.update), and replayed
-    texts are not trained twice."""
-    by_update: dict[str, list[TrainingExample]] = {}
-    bursts: list[list[list[TrainingExample]]] = []
-    for state in states:
-        own: list[list[TrainingExample]] = []
-        for u in state.get("updates") or []:
-            texts = [TrainingExample(t["prompt"], t["completion"]) for t in u["texts"] if t.get("source") != "replay"]
-            if u.get("pooled_into") in by_update:
-                by_update[u["pooled_into"]].extend(texts)
-            else:
-                own.append(by_update.setdefault(u["update_id"], texts))
-        bursts.append(own)
+    """A learning arm's own texts, per episode and update, as its updates trained them.
+
+    A pooled update's burst gathers the texts every episode recorded for it (graph/nodes.update)
+    and belongs to the last of them, so that a stream run, which scores each problem before
+    training its episode's bursts, scores them all before training on any. Replayed texts are
+    not trained twice.
+    """
+    texts_of: dict[str, list[TrainingExample]] = {}
+    place: dict[str, tuple[int, int]] = {}  # update -> (episode, position) of its last record
+    for index, state in enumerate(states):
+        for position, u in enumerate(state.get("updates") or []):
+            key = u.get("pooled_into") or u["update_id"]
+            texts_of.setdefault(key, []).extend(
+                TrainingExample(t["prompt"], t["completion"]) for t in u["texts"] if t.get("source") != "replay")
+            place[key] = (index, position)
+    bursts: list[list[list[TrainingExample]]] = [[] for _ in states]
+    for key, (index, _) in sorted(place.items(), key=lambda kv: kv[1]):
+        bursts[index].append(texts_of[key])
     return bursts
