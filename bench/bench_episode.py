@@ -156,6 +156,8 @@ def summarize(result: dict) -> dict:
         "generation_seconds": sum(c["seconds"] for c in calls),
         "calls_per_episode": len(calls) / max(1, len(result["episodes"])),
         "mean_rows": statistics.mean(c["rows"] for c in calls) if calls else 0.0,
+        "trainer_calls": len(result.get("updates", [])),
+        "trainer_texts": sum(u["texts"] for u in result.get("updates", [])),
     }
 
 
@@ -211,11 +213,12 @@ def main() -> None:
         results[name] = json.loads(next(line for line in lines if line.startswith("RESULT "))[7:])
     summaries = {name: summarize(r) for name, r in results.items()}
     print("\nsetting | episodes (failed) | failed median s | p90 s | right-first median s | wall s | episodes/hour | "
-          "generation s | update s | calls/episode | mean rows/call")
+          "generation s | update s | updates (texts) | calls/episode | mean rows/call")
     for name, s in summaries.items():
         print(f"{name} | {s['episodes']} ({s['failed']}) | {s['median'] or 0:.1f} | {s['p90'] or 0:.1f} | "
               f"{s['right_first_median'] or 0:.1f} | {s['wall']:.0f} | {3600 * s['episodes'] / s['wall']:.1f} | "
-              f"{s['generation_seconds']:.0f} | {s['by_node'].get('update', 0.0):.0f} | {s['calls_per_episode']:.1f} | "
+              f"{s['generation_seconds']:.0f} | {s['by_node'].get('update', 0.0):.0f} | "
+              f"{s['trainer_calls']} ({s['trainer_texts']}) | {s['calls_per_episode']:.1f} | "
               f"{s['mean_rows']:.1f}")
     for name, s in summaries.items():
         total = sum(s["by_node"].values()) or 1.0
