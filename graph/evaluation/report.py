@@ -123,7 +123,7 @@ def render_markdown(report) -> str:
         rounds = "; ".join(
             f"{name}: rounds of {rec.get('round_size', cfg.get('round_size', 1))}, "
             f"{'gated per round' if rec.get('round_gate', cfg.get('round_gate')) else 'each update gated alone'}, "
-            f"{'one pooled update per round' if rec.get('pool_updates') else 'one update per episode'}, "
+            f"{'one pooled update per round, ' if rec.get('pool_updates') else ''}"
             f"{_canary_line(rec.get('canary'))}"
             for name, rec in learned.items())
         lines.append(f"- learning settings: {cfg['cycles']} cycle(s), {cfg.get('verifier', {}).get('samples', '?')} samples "
