@@ -363,14 +363,16 @@ def test_make_backend_selects_by_name_and_auto(tiny_bank, tiny_gguf):
 
 @pytest.mark.slow
 def test_qwen_llama_cpp_gives_the_same_final_answers_as_torch():
-    """Two GSM8K test problems: the same final answers as torch, and a mixture changes both backends."""
+    """A GSM8K test problem: the same final answer as torch, and a mixture changes both backends."""
     from agents.data_sources import open_source
     from agents.solver import Solver, SolverConfig
 
     loaded = load_model("qwen2.5-coder-0.5b")
     if loaded.gguf_path is None:
         pytest.skip("the Qwen GGUF is not in the cache")
-    problems = open_source("test").take(2)  # answers of about 210 and 260 tokens: both end below the cap
+    # One problem (its answer is about 210 tokens, below the cap): on an AVX2-only CPU torch decodes
+    # a few rows at a few tokens/s, and the test run must stay under ten minutes there.
+    problems = open_source("test").take(1)
     questions = [p.question for p in problems]
     bank = ExpertBank(loaded.model, BankConfig(n_experts=2, rank=8))
     with torch.no_grad():
@@ -382,9 +384,7 @@ def test_qwen_llama_cpp_gives_the_same_final_answers_as_torch():
         config = SolverConfig(max_new_tokens=288)
         expected = Solver(ref, config).solve(questions)
         got = Solver(fast, config).solve(questions)
-        same = sum(a.answer == b.answer for a, b in zip(expected, got)) / len(problems)
-        print(f"same final answer on {same:.0%} of {len(problems)} problems")
-        assert same >= 0.9
+        assert [a.answer for a in got] == [a.answer for a in expected]
 
         prompt = [ref.chat_prompt(None, "Write one sentence about the sea.")]
         for backend in (ref, fast):
