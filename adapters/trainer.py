@@ -264,7 +264,8 @@ class TestTimeTrainer:
         starts = list(range(0, len(examples), size)) or [0]
         batches = [self.tokenize(examples[i:i + size]) for i in starts]
         parts_of = [None if features is None else features[i:i + size] for i in starts]  # (micro-batch, h) each
-        memory_of = [_memory_rows(memory, len(examples))[i:i + size] if _per_row(memory) else memory for i in starts]
+        rows = _memory_for(memory, len(examples))
+        memory_of = [rows[i:i + size] if _per_row(rows) else rows for i in starts]  # (micro-batch, d) each, or shared
         predicted = [int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in batches]
         n_predicted, n_rows = max(1, sum(predicted)), len(examples)
         losses: dict[str, float] = {}
@@ -314,7 +315,7 @@ class TestTimeTrainer:
         This is what the stress controller reads and what Mirror mode guards: how well the
         model produces the texts, not how sure the router is.
         """
-        memory = _memory_rows(memory, len(examples)) if _per_row(memory) else memory
+        memory = _memory_for(memory, len(examples))
         return float(self._losses(self.tokenize(examples), target_expert, memory, features)["lm"])
 
     def update(
@@ -352,9 +353,9 @@ class TestTimeTrainer:
         # Mirror mode guards the replayed texts too (forgetting them is what replay is against).
         guard_texts, guard_features = (guard, self.prompt_features(guard)) if guard else (trained, trained_features)
         separate_guard = bool(guard) or (bool(replayed) and decision.snapshot)
-        trained_memory = _memory_rows(memory, len(trained)) if _per_row(memory) else memory
-        guard_memory = _memory_rows(memory, len(guard_texts)) if _per_row(memory) and not guard else (
-            memory[0] if _per_row(memory) else memory)
+        trained_memory = _memory_for(memory, len(trained))
+        # A caller's guard texts are not the examples: every row of it takes the first example's features.
+        guard_memory = _memory_for(memory[:1] if guard and _per_row(memory) else memory, len(guard_texts))
         guard_before = self.loss(guard_texts, expert, guard_memory, guard_features) if separate_guard else loss_before
         with self.parameters_for(expert) as params:
             optimizer = self.new_optimizer(decision.lr, params)
@@ -387,8 +388,11 @@ def _per_row(memory: torch.Tensor | None) -> bool:
     return memory is not None and memory.dim() == 2
 
 
-def _memory_rows(memory: torch.Tensor, rows: int) -> torch.Tensor:
-    """(rows, memory_dim): the given rows, then the first one again for rows beyond them."""
+def _memory_for(memory: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    """The memory features of ``rows`` training rows: a shared vector (or None) as it is; per-example
+    rows (n, memory_dim) as (rows, memory_dim), the first example's again for rows beyond them."""
+    if not _per_row(memory):
+        return memory
     if memory.shape[0] >= rows:
         return memory[:rows]
     return torch.cat([memory, memory[:1].expand(rows - memory.shape[0], -1)])

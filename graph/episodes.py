@@ -226,7 +226,8 @@ class _Driver:
 
         def pooled_into() -> dict:
             trained = self.app.get_state(first.thread).values["updates"][-1]
-            return {**gate, "pooled_into": {k: v for k, v in trained.items() if k not in ("texts", "rule")}}
+            # its record less what was the trainer's own (texts, rule, the count of others' texts)
+            return {**gate, "pooled_into": {k: v for k, v in trained.items() if k not in ("texts", "rule", "pooled_texts")}}
         yield from ((episode, pooled_into) for episode in rest)
 
     def advance(self, episode: _Episode, start, context: RunContext, interrupt: tuple[str, ...] = (),

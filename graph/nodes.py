@@ -287,7 +287,7 @@ def update(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     # The replay of whichever expert the stress controller trains (the shared one in Single mode).
     replay_texts = {int(k): v[-ctx.config.replay:] for k, v in replay.items()} if ctx.config.replay else {}
     result = ctx.trainer.update(_examples(ctx, texts + pooled), target_expert=expert,
-                                memory=_memory_rows(ctx, routed, len(texts), pooled),
+                                memory=_memory_features(ctx, routed, len(texts), pooled),
                                 replay={k: _examples(ctx, v) for k, v in replay_texts.items()})
     replayed = replay_texts.get(result.expert, [])
     store.save(extra={"update_id": update_id(state, cycle)})
@@ -309,7 +309,7 @@ def update(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     return {"updates": [info], "cycle": cycle + 1, "carry": carry, "texts": []}
 
 
-def _memory_rows(ctx: RunContext, routed: Route, own: int, pooled: list[dict]) -> torch.Tensor | None:
+def _memory_features(ctx: RunContext, routed: Route, own: int, pooled: list[dict]) -> torch.Tensor | None:
     """The router's memory features for the texts an update trains: this problem's vector for
     its own texts; with pooled texts, each its own problem's, looked up as that problem's own
     update would have (blind to itself), one row per text (len(texts), memory_dim)."""
@@ -327,13 +327,12 @@ def _trained_texts(ctx: RunContext, texts: list[dict]) -> list[dict]:
 
 
 def _pooled_into(ctx: RunContext, state: LoopState, trained: dict) -> dict:
-    """This episode's record of the pooled update that trained on its texts: the update's id, expert
-    and losses, and its own texts and rule. Nothing trains, and expert usage is counted once, by the
-    episode that trained (graph/nodes.commit)."""
+    """This episode's record of the pooled update that trained on its texts: the update's record as
+    the driver hands it (id, expert, losses: graph/episodes.py), and its own texts and rule.
+    Nothing trains, and expert usage is counted once, by the episode that trained (graph/nodes.commit)."""
     cycle = state.get("cycle", 0)
-    info = {**{k: v for k, v in trained.items() if k not in ("texts", "rule", "pooled_texts")},
-            "cycle": cycle, "pooled_into": trained["update_id"], "gate_rollback_to": state["gate"]["rollback_to"],
-            "texts": _trained_texts(ctx, state["texts"]), "rule": (state.get("rule") or {}).get("text")}
+    info = {**trained, "cycle": cycle, "pooled_into": trained["update_id"],
+            "gate_rollback_to": state["gate"]["rollback_to"], "texts": _trained_texts(ctx, state["texts"]), "rule": (state.get("rule") or {}).get("text")}
     return {"updates": [info], "cycle": cycle + 1, "texts": []}
 
 
