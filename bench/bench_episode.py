@@ -3,7 +3,8 @@
 Runs the loop (the eval harness's `full` arm settings: samples, reflect and validation,
 rationalization, variants, update, re-evaluation with the canary) over GSM8K train problems
 on the default model, one precision and round size per process, and keeps the episodes
-whose first greedy answer was wrong (those are the ones that learn). An episode's seconds
+whose first greedy answer was wrong (those are the ones that learn; `--screen` picks such problems
+beforehand, with the frozen model's greedy answers, so that no round goes to the others). An episode's seconds
 are the sum of its nodes' (graph/episodes.py: in a round, a pooled call counts each episode's
 share by rows), so that the episodes of a round add up to the round's wall time. Prints,
 per precision and round size:
@@ -18,6 +19,7 @@ per precision and round size:
     python bench/bench_episode.py --precisions bfloat16 --round-sizes 8 --gates episode,round --max-episodes 8
     python bench/bench_episode.py --precisions float32 --round-sizes 8 --backends torch,llama.cpp --max-episodes 8
     python bench/bench_episode.py --precisions bfloat16 --round-sizes 8 --updates each,pooled --max-episodes 16
+    python bench/bench_episode.py --precisions float32 --round-sizes 8 --screen 40 --max-episodes 20   # failed only
 """
 
 from __future__ import annotations
@@ -67,6 +69,16 @@ class CallLog:
         return outs
 
 
+def screened(solver, problems: list, keep: int) -> tuple[list, dict]:
+    """The problems the frozen model answers wrong greedily (the episode's own first try before any
+    learning, in the same precision), at most ``keep`` of them, in their order."""
+    from agents.verifier import check
+
+    attempts = solver.solve([p.question for p in problems])
+    wrong = [p for p, attempt in zip(problems, attempts) if not check(attempt, p.label).correct]
+    return wrong[:keep], {"scored": len(problems), "wrong": len(wrong)}
+
+
 def run_precision(args) -> dict:
     import torch
 
@@ -81,7 +93,7 @@ def run_precision(args) -> dict:
 
     loaded, choice = load_in_precision(args.model, args.precision)
     source = open_source(args.data)
-    problems = source.take(min(args.max_episodes, source.size))
+    problems = source.take(min(args.screen or args.max_episodes, source.size))
     config = EvalConfig(model=args.model, cycles=1, precision=args.precision, arms=("full",),
                         round_gate=args.gate == "round", backend=args.backend, pool_updates=args.update == "pooled")
     settings = arm_settings(config, "full", len(problems))
@@ -90,6 +102,13 @@ def run_precision(args) -> dict:
         run_dir = Path(tmp) / "bench-episode"
         run_dir.mkdir()
         ctx = build_context(loaded, settings, run_dir, embedder=make_embedder(config.embedder))
+        screen = None
+        if args.screen:
+            start = time.perf_counter()
+            problems, screen = screened(ctx.solver, problems, args.max_episodes)
+            screen["seconds"] = time.perf_counter() - start
+            print(f"  {choice.used}: screened {screen['scored']} problems in {screen['seconds']:.0f} s, "
+                  f"{screen['wrong']} wrong at greedy, episodes on the first {len(problems)}", flush=True)
         calls = CallLog(ctx.backend)
         update = ctx.trainer.update
         updates: list[dict] = []
@@ -130,6 +149,7 @@ def run_precision(args) -> dict:
     return {
         "precision": choice.used, "reason": choice.reason, "backend": backend,
         "round_size": args.round_size, "gate": args.gate, "update": args.update, "wall_seconds": wall,
+        "screen": screen,
         "episodes": episodes,
         "node_seconds": {str(k): dict(v) for k, v in node_seconds.items() if k in failed_ids},
         "calls": calls.calls,
@@ -179,6 +199,9 @@ def main() -> None:
     parser.add_argument("--updates", default="each", help="'each' (one update per episode), 'pooled' (one per round "
                         "on all its episodes' texts; needs the round gate), or both, comma-separated")
     parser.add_argument("--update", default="each", help=argparse.SUPPRESS)
+    parser.add_argument("--screen", type=int, default=0, help="score this many problems greedy first (frozen model, "
+                        "same precision) and run episodes only on those it gets wrong, so that no round is spent on "
+                        "problems that learn nothing; 0 runs the problems in order")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", type=Path, help="write every measurement here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -204,13 +227,20 @@ def main() -> None:
             parser.error("--updates pooled needs the round gate: drop 'episode' from --gates")
         cmd = [sys.executable, __file__, "--child", precision, "--round-size", round_size, "--gate", gate,
                "--backend", backend, "--model", args.model, "--data", args.data, "--failed", str(args.failed),
-               "--max-episodes", str(args.max_episodes), "--threads", str(args.threads), "--update", update]
+               "--max-episodes", str(args.max_episodes), "--threads", str(args.threads), "--update", update,
+               "--screen", str(args.screen)]
         name = f"{precision}, {backend}, rounds of {round_size}, {gate} gate" + (", pooled updates" if update == "pooled" else "")
         print(f"{name}: running up to {args.failed} failed episodes", flush=True)
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
-        lines = proc.stdout.splitlines()
-        print("\n".join(line for line in lines if not line.startswith("RESULT ")))
-        results[name] = json.loads(next(line for line in lines if line.startswith("RESULT "))[7:])
+        result = None
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:  # progress shows as it comes
+            for line in proc.stdout:
+                if line.startswith("RESULT "):
+                    result = json.loads(line[7:])
+                else:
+                    print(line, end="", flush=True)
+        if proc.returncode or result is None:
+            sys.exit(f"{name}: the measuring process failed (exit status {proc.returncode})")
+        results[name] = result
     summaries = {name: summarize(r) for name, r in results.items()}
     print("\nsetting | episodes (failed) | failed median s | p90 s | right-first median s | wall s | episodes/hour | "
           "generation s | update s | updates (texts) | calls/episode | mean rows/call")
@@ -220,6 +250,11 @@ def main() -> None:
               f"{s['generation_seconds']:.0f} | {s['by_node'].get('update', 0.0):.0f} | "
               f"{s['trainer_calls']} ({s['trainer_texts']}) | {s['calls_per_episode']:.1f} | "
               f"{s['mean_rows']:.1f}")
+    for name, result in results.items():
+        if result.get("screen"):
+            screen = result["screen"]
+            print(f"{name}: episodes on problems screened beforehand: {screen['wrong']} of {screen['scored']} "
+                  f"wrong at greedy, {screen['seconds']:.0f} s (not in the wall time)")
     for name, s in summaries.items():
         total = sum(s["by_node"].values()) or 1.0
         print(f"\n{name}: seconds per node over the failed episodes (share of their time)")
