@@ -206,6 +206,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every measurement here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.screen < 0:
+        parser.error(f"--screen: {args.screen} is below 0 (0 runs the problems in order)")
     if args.child:
         args.precision = args.child
         print("RESULT " + json.dumps(run_precision(args)), flush=True)
