@@ -181,6 +181,14 @@ def summarize(result: dict) -> dict:
     }
 
 
+def write_json(path: Path, results: dict) -> None:
+    """Every measurement so far and its summary, replaced atomically."""
+    summaries = {name: summarize(r) for name, r in results.items()}
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({"results": results, "summaries": summaries}, indent=2))
+    os.replace(partial, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")
@@ -243,6 +251,11 @@ def main() -> None:
         if proc.returncode or result is None:
             sys.exit(f"{name}: the measuring process failed (exit status {proc.returncode})")
         results[name] = result
+        done = summarize(result)
+        print(f"{name}: done, {done['failed']} failed, median {done['median'] or 0:.1f} s, p90 {done['p90'] or 0:.1f} s, "
+              f"wall {done['wall']:.0f} s", flush=True)
+        if args.json:  # after every setting, so that stopping a long run keeps the settings it finished
+            write_json(args.json, results)
     summaries = {name: summarize(r) for name, r in results.items()}
     print("\nsetting | episodes (failed) | failed median s | p90 s | right-first median s | wall s | episodes/hour | "
           "generation s | update s | updates (texts) | calls/episode | mean rows/call")
@@ -271,7 +284,7 @@ def main() -> None:
                   f"wall time {s['wall'] / base['wall']:.2f}x for {s['episodes']} vs {base['episodes']} episodes "
                   "(target: a median of at most 45 s)")
     if args.json:
-        args.json.write_text(json.dumps({"results": results, "summaries": summaries}, indent=2))
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":
