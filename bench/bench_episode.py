@@ -252,9 +252,9 @@ def main() -> None:
             sys.exit(f"{name}: the measuring process failed (exit status {proc.returncode})")
         results[name] = result
         done = summarize(result)
-        print(f"{name}: done, {done['failed']} failed, median {done['median'] or 0:.1f} s, p90 {done['p90'] or 0:.1f} s, "
-              f"wall {done['wall']:.0f} s", flush=True)
-        if args.json:  # after every setting, so that stopping a long run keeps the settings it finished
+        print(f"{name}: done, {done['failed']} failed, median {done['median'] or 0:.1f} s, "
+              f"p90 {done['p90'] or 0:.1f} s, wall {done['wall']:.0f} s", flush=True)
+        if args.json:  # after every setting (the last write is the whole run), so a stopped run keeps what it finished
             write_json(args.json, results)
     summaries = {name: summarize(r) for name, r in results.items()}
     print("\nsetting | episodes (failed) | failed median s | p90 s | right-first median s | wall s | episodes/hour | "
@@ -283,8 +283,6 @@ def main() -> None:
             print(f"\n{name} vs {names[0]}: failed-episode median {s['median'] / base['median']:.2f}x, "
                   f"wall time {s['wall'] / base['wall']:.2f}x for {s['episodes']} vs {base['episodes']} episodes "
                   "(target: a median of at most 45 s)")
-    if args.json:
-        write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -331,8 +331,8 @@ def _pooled_into(ctx: RunContext, state: LoopState, trained: dict) -> dict:
     the driver hands it (id, expert, losses: graph/episodes.py), and its own texts and rule.
     Nothing trains, and expert usage is counted once, by the episode that trained (graph/nodes.commit)."""
     cycle = state.get("cycle", 0)
-    info = {**trained, "cycle": cycle, "pooled_into": trained["update_id"],
-            "gate_rollback_to": state["gate"]["rollback_to"], "texts": _trained_texts(ctx, state["texts"]), "rule": (state.get("rule") or {}).get("text")}
+    info = {**trained, "cycle": cycle, "pooled_into": trained["update_id"], "gate_rollback_to": state["gate"]["rollback_to"],
+            "texts": _trained_texts(ctx, state["texts"]), "rule": (state.get("rule") or {}).get("text")}
     return {"updates": [info], "cycle": cycle + 1, "texts": []}
 
 
