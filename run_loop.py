@@ -183,7 +183,7 @@ CanaryTestOption = Annotated[Optional[str], typer.Option(
          "problem's samples were right at its first try).")]
 PrecisionOption = Annotated[Optional[str], typer.Option(
     help="Frozen weights: auto (default: bfloat16 on CUDA; on CPU what a cached calibration measures faster), "
-         "float32 or bfloat16. Adapters stay float32.")]
+         "float32, bfloat16, or int8 (CPU: float32 weights decoded through 8-bit copies). Adapters stay float32.")]
 
 
 def _sources(option: str | None) -> tuple[str, ...] | None:

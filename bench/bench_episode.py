@@ -42,7 +42,7 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("float32", "bfloat16", "int8")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -226,7 +226,11 @@ def main() -> None:
                 for g in args.gates.split(",") for b in args.backends.split(",") for u in args.updates.split(",")]
     # Pooled updates need the round gate: with both gates asked for, the episode gate runs updates each alone only.
     settings = [s for s in settings if not (s[4] == "pooled" and s[2] == "episode" and "round" in args.gates.split(","))]
-    for precision, round_size, gate, backend, update in settings:
+    for precision, round_size, gate, backend, update in settings:  # every setting checked before any runs
+        if precision not in PRECISIONS:
+            parser.error(f"--precisions: {precision!r} is not one of {', '.join(PRECISIONS)}")
+        if precision == "int8" and backend == "llama.cpp":
+            parser.error("--precisions int8 with --backends llama.cpp: int8 decodes on the torch backend only")
         if gate not in ("round", "episode"):
             parser.error(f"--gates: {gate!r} is neither 'round' nor 'episode'")
         if backend not in ("torch", "llama.cpp"):
@@ -235,6 +239,7 @@ def main() -> None:
             parser.error(f"--updates: {update!r} is neither 'each' nor 'pooled'")
         if update == "pooled" and gate != "round":
             parser.error("--updates pooled needs the round gate: drop 'episode' from --gates")
+    for precision, round_size, gate, backend, update in settings:
         cmd = [sys.executable, __file__, "--child", precision, "--round-size", round_size, "--gate", gate,
                "--backend", backend, "--model", args.model, "--data", args.data, "--failed", str(args.failed),
                "--max-episodes", str(args.max_episodes), "--threads", str(args.threads), "--update", update,

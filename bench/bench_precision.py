@@ -1,4 +1,4 @@
-"""Reduced precision judged by accuracy: float32 against bfloat16 on the default model, in one run.
+"""Reduced precision judged by accuracy: float32 against bfloat16 and int8 on the default model, in one run.
 
 Prints, per precision of the frozen weights (adapters stay float32):
   - the machine's measured peak: the best matrix-product GFLOP/s over the model's linear-layer
@@ -11,11 +11,13 @@ Prints, per precision of the frozen weights (adapters stay float32):
     beside it, the same step with every expert in the optimizer (how it ran before the trainer
     trained the target expert alone), and one whole update call.
 A precision is acceptable when McNemar p > 0.2 and its accuracy is within 2 points of float32.
+int8 (float32 weights decoded through 8-bit copies of the linear layers) trains in float32, so
+its update step is float32's and is not measured again; its peak is int8 GOP/s.
 
 Each precision runs in its own process, so its peak memory is its own.
 
-    python bench/bench_precision.py                         # 200 problems, both precisions
-    python bench/bench_precision.py --score-problems 20     # a quicker run
+    python bench/bench_precision.py                         # 200 problems, every precision
+    python bench/bench_precision.py --precisions float32,int8 --score-problems 20     # a quicker run
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("float32", "bfloat16", "int8")
 DECODE_ROWS = 64  # the torch backend's default slot count
 TRAIN_ROWS = 2400  # 8 texts of about 300 tokens
 UPDATE_TEXTS = 8
@@ -64,12 +66,15 @@ def flops_per_token(model, context: float) -> float:
     return 2 * weights + 4 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * context
 
 
-def peak_gflops(dtype, shapes, rows: int) -> dict:
+def peak_gflops(precision: str, shapes, rows: int) -> dict:
+    import torch
+
     from agents.lm.precision import measure_gflops
 
     measured = {}
     for i, o in shapes:
-        (measured[f"{i}x{o}"],) = measure_gflops([dtype], rows, i, o, seconds=0.5).values()
+        kind = "int8" if precision == "int8" else getattr(torch, precision)
+        (measured[f"{i}x{o}"],) = measure_gflops([kind], rows, i, o, seconds=0.5).values()
     return {"best": max(measured.values()), "by_shape": measured}
 
 
@@ -82,19 +87,18 @@ def run_precision(args) -> dict:
     from adapters.router import Router, RouterConfig
     from adapters.trainer import TestTimeTrainer, TrainingExample
     from agents.data_sources import open_source
-    from agents.lm.backend import TorchBackend
+    from agents.lm.backend import make_backend
     from agents.lm.models import load_model
     from agents.solver import Solver, SolverConfig
     from agents.verifier import check
 
-    dtype = getattr(torch, args.only)
     loaded = load_model(args.model, dtype=args.only)
     shapes = linear_shapes(loaded.model)
     out = {"precision": args.only, "threads": torch.get_num_threads(),
-           "peak_decode": peak_gflops(dtype, shapes, DECODE_ROWS), "peak_train": peak_gflops(dtype, shapes, TRAIN_ROWS)}
+           "peak_decode": peak_gflops(args.only, shapes, DECODE_ROWS),
+           "peak_train": peak_gflops(args.only, shapes, TRAIN_ROWS)}
     problems = open_source("test").take(args.score_problems)
-    solver = Solver(TorchBackend(loaded.model, loaded.tokenizer, None, batch_size=DECODE_ROWS),
-                    SolverConfig(max_new_tokens=384))
+    solver = Solver(make_backend("torch", loaded, None, batch_size=DECODE_ROWS), SolverConfig(max_new_tokens=384))
     start = time.perf_counter()
     attempts = solver.solve([p.question for p in problems])
     seconds = time.perf_counter() - start
@@ -108,6 +112,10 @@ def run_precision(args) -> dict:
         "texts": [a.text for a in attempts], "flops_per_token": per_token,
         "share_of_peak": tokens / seconds * per_token / 1e9 / out["peak_decode"]["best"],
     }
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if loaded.int8:  # training runs through the float32 weights: float32's update step
+        out["update"] = None
+        return out
     # One update step on 8 of the model's own answers (about 300 tokens with their prompts).
     bank = ExpertBank(loaded.model, BankConfig(n_experts=16))
     router = Router(loaded.model.config.hidden_size, bank.n_experts, RouterConfig()).to(loaded.device)
@@ -151,16 +159,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--score-problems", type=int, default=200)
     parser.add_argument("--update-repeats", type=int, default=3)
+    parser.add_argument("--precisions", default=",".join(PRECISIONS),
+                        help="Comma-separated, float32 first (the reference): " + ", ".join(PRECISIONS))
     parser.add_argument("--only", choices=PRECISIONS, help=argparse.SUPPRESS)  # the per-precision child process
     parser.add_argument("--out", type=Path, help="Also write the results as JSON here.")
     args = parser.parse_args()
     if args.only:
         print(json.dumps(run_precision(args)))
         return
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if not precisions or precisions[0] != "float32" or not set(precisions) <= set(PRECISIONS):
+        parser.error(f"--precisions must start with float32 and name only {', '.join(PRECISIONS)}; "
+                     f"got {args.precisions!r}")
     from graph.evaluation.stats import compare, wilson_interval
 
     results = {}
-    for precision in PRECISIONS:
+    for precision in precisions:
         print(f"running {precision} ...", file=sys.stderr, flush=True)
         child = subprocess.run([sys.executable, __file__, "--only", precision, "--model", args.model,
                                 "--threads", str(args.threads), "--score-problems", str(args.score_problems),
@@ -188,14 +202,17 @@ def main() -> None:
               f"{s['tokens_per_s']:>7.1f} {s['tokens_per_s'] / base['scoring']['tokens_per_s']:>7.2f}x "
               f"{right:>4}/{len(s['correct']):<3} {100 * low:>5.1f}-{100 * high:<5.1f} {c.flips.wrong_right:>5} "
               f"{c.flips.right_wrong:>5} {c.p_value:>9.3f} {same:>9} {100 * s['share_of_peak']:>6.1f}% "
-              f"{u['seconds']:>7.2f} {u['tokens_per_s']:>10.0f} {base['update']['seconds'] / u['seconds']:>7.2f}x "
-              f"{100 * u['share_of_peak']:>10.1f}% {r['peak_rss_mb']:>7.0f} {'yes' if acceptable else 'NO'}")
-    print("peak: best measured GFLOP/s over the model's linear shapes at 64 and 2400 rows; 'ok': McNemar p > 0.2 "
-          "and accuracy within 2 points of float32")
+              + (f"{u['seconds']:>7.2f} {u['tokens_per_s']:>10.0f} {base['update']['seconds'] / u['seconds']:>7.2f}x "
+                 f"{100 * u['share_of_peak']:>10.1f}% " if u else f"{'(float32 training)':>39} ")
+              + f"{r['peak_rss_mb']:>7.0f} {'yes' if acceptable else 'NO'}")
+    print("peak: best measured GFLOP/s (int8: GOP/s) over the model's linear shapes at 64 and 2400 rows; 'ok': "
+          "McNemar p > 0.2 and accuracy within 2 points of float32")
     print(f"\nupdate step on {UPDATE_TEXTS} texts: the target expert alone (as the loop runs it) against an optimizer "
           "over the whole bank (before), and one whole update call")
     for precision, r in results.items():
         u = r["update"]
+        if u is None:
+            continue
         print(f"{precision:<10} step {u['seconds']:.2f} s, whole-bank step {u['whole_bank_seconds']:.2f} s "
               f"({u['whole_bank_seconds'] / u['seconds']:.2f}x), update call ({u['steps_per_update']} steps and the "
               f"losses before and after) {u['update_call_seconds']:.2f} s")

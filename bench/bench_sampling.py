@@ -37,7 +37,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import agents.lm.continuous_batching as cb
     from agents.data_sources import bundled_source
-    from agents.lm.backend import TorchBackend
+    from agents.lm.backend import make_backend
     from agents.lm.generation import Sampling
     from agents.lm.precision import load_in_precision
     from agents.solver import Solver
@@ -45,7 +45,7 @@ def main() -> None:
     loaded, choice = load_in_precision(args.model, args.precision)
     questions = [p.question for p in bundled_source("test").problems[: args.problems]]
     flat = [q for q in questions for _ in range(args.samples)]
-    solver = Solver(TorchBackend(loaded.model, loaded.tokenizer, None))
+    solver = Solver(make_backend("torch", loaded, None))
     solver.config.max_new_tokens = args.max_new_tokens
     draw, same = cb._draw, cb._same_prompts
 

@@ -8,11 +8,12 @@ The CLI's ``run`` command only calls it (torchtune's recipes: one object owns th
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable, Iterator
 
 from agents.data_sources import DataSource, open_source
-from agents.lm.precision import PrecisionChoice
+from agents.lm.precision import PrecisionChoice, reduced_for
 from graph.context import RunContext
 from graph.episodes import EpisodeEvent, StopFlag, run_episodes
 from graph.run_dir import RunSettings, check_run_dir, claim_run_dir, run_settings, write_run_settings
@@ -49,7 +50,11 @@ class LoopRun:
         try:
             check_run_dir(run_dir, settings, resume)  # under the lock: nobody writes run.json meanwhile
             set_threads(threads)
-            loaded, precision = load_in_precision(settings.model, settings.precision)
+            # run.json keeps the precision 'auto' resolved to, so a resume runs in it whatever the
+            # calibration says then; a run saved as 'auto' is from before int8 and never resumes in it.
+            reduced = reduced_for(settings.backend, saved_auto=resume and settings.precision == "auto")
+            loaded, precision = load_in_precision(settings.model, settings.precision, reduced)
+            settings = dataclasses.replace(settings, precision=precision.used)
             status(f"precision: {precision.used} ({precision.requested}: {precision.reason})")
             check_questions_fit(chosen, loaded, settings.solver.max_new_tokens, where=source.location)
             label_free = settings.loop.label_free
@@ -64,7 +69,8 @@ class LoopRun:
             ctx.close()
             lock.release()
             raise
-        status(f"backend: {ctx.backend.description}; model {settings.model} on {loaded.device} ({loaded.dtype}); "
+        weights = f"{loaded.dtype}, decoded in int8" if loaded.int8 else str(loaded.dtype)
+        status(f"backend: {ctx.backend.description}; model {settings.model} on {loaded.device} ({weights}); "
                f"run dir {run_dir}")
         return cls(settings, source, problems, run_dir, lock, ctx, precision)
 

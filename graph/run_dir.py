@@ -23,7 +23,7 @@ from agents.errors import SelfImproveError
 from agents.files import atomic_write_bytes
 from agents.lm.backend import BACKENDS, DEFAULT_BATCH_SIZE
 from agents.lm.models import DEFAULT_MODEL
-from agents.lm.precision import PRECISIONS
+from agents.lm.precision import PRECISIONS, check_precision_for_backend
 from agents.reflector import ReflectorConfig
 from agents.solver import SolverConfig
 from agents.verifier import VerifierConfig
@@ -64,7 +64,7 @@ class RunSettings:
     backend: str = "auto"  # generation backend: 'auto', 'torch' or 'llama.cpp' (agents.lm.backend.make_backend)
     batch_size: int = DEFAULT_BATCH_SIZE  # sequences generated together (torch and llama.cpp slots)
     embedder: str = "minilm"  # memory embedder: 'minilm' (all-MiniLM-L6-v2) or 'hash' (tests)
-    precision: str = "auto"  # frozen weights: 'auto' (agents.lm.precision decides per device), 'float32', 'bfloat16'
+    precision: str = "auto"  # frozen weights: 'auto' (agents.lm.precision decides per device), 'float32', 'bfloat16', 'int8'
     # Episodes that sample together from the same bank, their calls pooled (graph/episodes.run_episodes)
     round_size: int = DEFAULT_ROUND_SIZE
 
@@ -78,6 +78,7 @@ class RunSettings:
             raise ValueError(f"embedder must be one of {', '.join(EMBEDDERS)}; got {self.embedder!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        check_precision_for_backend(self.precision, self.backend)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))

@@ -83,6 +83,37 @@ def test_bfloat16_greedy_matches_bfloat16_generate(slots):
         assert _texts(got) == _texts(expected), f"weights {weights}"
 
 
+@pytest.mark.parametrize("slots", [1, 3, 8])
+def test_int8_greedy_matches_int8_generate(slots):
+    """int8 decoding: plain generate through the same 8-bit layers is the reference, at any slot
+    count and mixture (each row's activations are quantized on their own, so the other rows of a
+    call change nothing), while float32 gives other texts."""
+    from agents.lm.cpu_kernels import Int8Linears
+    from agents.lm.models import load_model
+
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("torch without fbgemm's int8 kernels")
+    tiny = load_model("tiny-random", dtype="int8")
+    int8 = Int8Linears.for_model(tiny.model)
+    assert tiny.int8 and next(tiny.model.parameters()).dtype == torch.float32
+    bank = ExpertBank(tiny.model, BankConfig(n_experts=3, rank=4))
+    with torch.no_grad():
+        for layer in bank.layers.values():
+            layer.lora_B[1:].normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+    prompts = _prompts(tiny)
+    for weights in (None, torch.tensor([[0.0, 0.7, 0.3]]), torch.tensor([[0.0, 1, 0], [0, 0, 1], [1, 0, 0]] * 2)):
+        with torch.no_grad(), int8.swapped():
+            expected = generate(tiny.model, tiny.tokenizer, bank, prompts, weights, max_new_tokens=24,
+                                stop_at_answer=False)
+        backend = TorchBackend(tiny.model, tiny.tokenizer, bank, batch_size=slots, int8=True)
+        assert "int8 linears" in backend.description
+        got = backend.generate(prompts, weights=weights, max_new_tokens=24)
+        assert _texts(got) == _texts(expected), f"weights {weights}"
+    float32 = ContinuousBatcher(tiny.model, tiny.tokenizer, bank, slots=slots).generate(
+        prompts, weights, max_new_tokens=24, stop_at_answer=False)
+    assert _texts(float32) != _texts(got)
+
+
 def test_rows_that_end_early_leave_and_waiting_prompts_take_their_slots(tiny):
     """Make a common token an end-of-sequence token: rows stop at different steps, in both paths."""
     prompts = _prompts(tiny)

@@ -127,3 +127,65 @@ def test_reordered_weights_are_remade_after_the_weight_changes():
             after = model(x)
         assert not torch.allclose(after, before)
         torch.testing.assert_close(after, model(x))
+
+
+def _int8_or_skip(model):
+    """The model's int8 layers; a skip only where torch lacks fbgemm (a broken kernel fails, never skips)."""
+    from agents.lm.cpu_kernels import Int8Linears, int8_linear_available
+
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("torch without fbgemm's int8 kernels")
+    assert int8_linear_available()
+    return Int8Linears.for_model(model)
+
+
+def test_int8_layers_are_near_float32_and_a_row_depends_on_itself_alone():
+    """8-bit products: within int8 accuracy of float32, and per-row scales make a row's result its own:
+    alone or beside a row a thousand times larger, it is the same to the bit."""
+    model = _stack()
+    int8 = _int8_or_skip(model)
+    x = torch.randn(7, 1, 32)
+    loud = torch.cat([x[:3], 1000 * torch.randn(4, 1, 32)])
+    with torch.no_grad():
+        plain = model(x)
+        with int8.applied(7):
+            assert all("forward" in layer.__dict__ for layer in int8.layers)
+            quantized, alone, beside_loud = model(x), model(x[:1]), model(loud)
+        assert all("forward" not in layer.__dict__ for layer in int8.layers)
+    assert not torch.equal(quantized, plain)  # it is another precision
+    assert (quantized - plain).abs().max() <= 0.05 * plain.abs().max()
+    assert torch.equal(alone, quantized[:1]) and torch.equal(beside_loud[:3], quantized[:3])
+    with int8.applied(7):  # gradients need the plain layers
+        assert all("forward" not in layer.__dict__ for layer in int8.layers)
+    with torch.inference_mode(), int8.applied(7):
+        torch.testing.assert_close(model(x), quantized, rtol=0, atol=0)
+    with int8.swapped():  # entered with gradients on: the layers still take the float32 path, which trains
+        weight = model[0].weight.requires_grad_()
+        model(x).sum().backward()
+        assert weight.grad is not None and torch.count_nonzero(weight.grad) > weight.numel() // 2
+
+
+def test_the_calibration_times_the_int8_product_beside_the_float32_one():
+    from agents.lm.precision import measure_gflops
+
+    _int8_or_skip(_stack())
+    measured = measure_gflops((torch.float32, "int8"), 8, 64, 96, seconds=0.05)
+    assert set(measured) == {"float32", "int8"} and all(v > 0 for v in measured.values())
+
+
+def test_int8_copies_are_remade_after_the_weight_changes_and_skip_other_dtypes():
+    from agents.lm.cpu_kernels import Int8Linears
+
+    model = _stack()
+    int8 = _int8_or_skip(model)
+    assert Int8Linears.for_model(_bfloat16_stack()) is None  # float32 layers only
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        with int8.applied(4):
+            before = model(x)
+        model[0].weight.mul_(2)
+        with int8.applied(4):
+            after = model(x)
+        plain = model(x)
+    assert not torch.allclose(after, before)
+    assert (after - plain).abs().max() <= 0.05 * plain.abs().max()

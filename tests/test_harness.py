@@ -521,7 +521,7 @@ def test_a_resumed_evaluation_keeps_the_precision_it_started_in(tmp_path, monkey
 
     config = _config(tmp_path)
     choices = iter([PrecisionChoice("auto", "float32", "calibrated"), PrecisionChoice("auto", "bfloat16", "calibrated")])
-    monkeypatch.setattr(harness, "choose_precision", lambda *_a: next(choices))
+    monkeypatch.setattr(harness, "choose_precision", lambda *_a, **_k: next(choices))
     first = prepare_eval_dir(tmp_path / "e", config, prepare_problems(config), resume=False).precision
     again = prepare_eval_dir(tmp_path / "e", config, prepare_problems(config), resume=True).precision
     assert first.used == again.used == "float32" and "kept since the evaluation started" in again.reason
@@ -763,7 +763,7 @@ def test_an_evaluation_on_llama_cpp_records_the_cpu_even_beside_a_gpu(tmp_path, 
     import graph.evaluation.harness as harness
 
     monkeypatch.setattr(harness, "pick_device", lambda _requested: torch.device("cuda"))
-    monkeypatch.setattr(harness, "choose_precision", lambda *_a: harness.PrecisionChoice("auto", "bfloat16", "cuda"))
+    monkeypatch.setattr(harness, "choose_precision", lambda *_a, **_k: harness.PrecisionChoice("auto", "bfloat16", "cuda"))
     monkeypatch.setattr(harness, "machine", lambda device_type: {"device": device_type, "features": None, "torch": "t"})
     for backend, device in (("llama.cpp", "cpu"), ("torch", "cuda")):
         config = _config(tmp_path, backend=backend)

@@ -63,6 +63,9 @@ def test_run_resumes_from_its_folder_alone_after_a_stop(tmp_path, monkeypatch):
     saved = json.loads((run_dir / "run.json").read_text())
     assert saved["loop"]["cycles"] == 3 and saved["loop"]["seed"] == 7 and saved["embedder"] == "hash"
     assert saved["data_source"]["kind"] == "file"
+    # 'auto' is kept as what it resolved to, so the resume ran in it whatever a new calibration says
+    assert saved["precision"] in ("float32", "bfloat16", "int8")
+    assert f"precision: {saved['precision']} (" in resumed.output
 
 
 def test_run_option_that_differs_from_the_saved_one_names_both_values(tmp_path):

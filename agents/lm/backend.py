@@ -76,18 +76,22 @@ class TorchBackend:
     ENGINES = ("continuous", "generate")
 
     def __init__(self, model, tokenizer, bank: ExpertBank | None, batch_size: int = DEFAULT_BATCH_SIZE,
-                 engine: str = "continuous"):
+                 engine: str = "continuous", int8: bool = False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if engine not in self.ENGINES:
             raise ValueError(f"engine must be one of {', '.join(self.ENGINES)}, got {engine!r}")
+        if int8 and engine != "continuous":
+            raise ValueError(f"int8 decoding runs in the continuous engine only, not engine={engine!r}")
         self.model, self.tokenizer, self.bank, self.batch_size, self.engine = model, tokenizer, bank, batch_size, engine
+        self.int8 = int8
         self._batcher: ContinuousBatcher | None = None
 
     @property
     def batcher(self) -> ContinuousBatcher:
         if self._batcher is None:
-            self._batcher = ContinuousBatcher(self.model, self.tokenizer, self.bank, slots=self.batch_size)
+            self._batcher = ContinuousBatcher(self.model, self.tokenizer, self.bank, slots=self.batch_size,
+                                              int8=self.int8)
         return self._batcher
 
     @property
@@ -209,7 +213,10 @@ def make_backend(
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
     if name in ("torch", "auto"):
-        return TorchBackend(loaded.model, loaded.tokenizer, bank, batch_size=batch_size)
+        return TorchBackend(loaded.model, loaded.tokenizer, bank, batch_size=batch_size, int8=loaded.int8)
+    if loaded.int8:
+        raise BackendError("precision int8 is the torch backend's; llama.cpp decodes its own GGUF weights "
+                           "(use --precision float32 with llama.cpp)")
     from agents.lm.llamacpp import LlamaCppBackend, LlamaCppConfig, xllamacpp_available
 
     if not xllamacpp_available():

@@ -23,7 +23,8 @@ from typing import Sequence
 import torch
 
 from adapters.bank import ExpertBank
-from agents.lm.cpu_kernels import ExactGreedyHead, PackedLinears, PrepackedBfloat16Linears
+from agents.lm.cpu_kernels import (ExactGreedyHead, Int8Linears, PackedLinears, PrepackedBfloat16Linears,
+                                   int8_linear_available)
 from agents.lm.generation import GREEDY, Generation, Request, Sampling, answer_complete, finished, mixture_applied
 
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth a separate forward pass
@@ -88,7 +89,9 @@ class _Row:
 class ContinuousBatcher:
     """Greedy or sampled decoding of many prompts through ``slots`` continuously refilled rows."""
 
-    def __init__(self, model, tokenizer, bank: ExpertBank | None, slots: int = 16):
+    def __init__(self, model, tokenizer, bank: ExpertBank | None, slots: int = 16, int8: bool = False):
+        """``int8``: decode through 8-bit copies of the float32 model's linear layers (``Int8Linears``),
+        the output projection included; an error where this torch or model cannot."""
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.model, self.tokenizer, self.bank, self.slots = model, tokenizer, bank, slots
@@ -104,13 +107,19 @@ class ContinuousBatcher:
         # prompt; in reduced precision the products round differently with the row count, and the
         # copied prefix flips near-tied greedy tokens against plain generate (seen on the tiny model).
         self.reuse_prefix = next(model.parameters()).dtype == torch.float32
-        self.head = ExactGreedyHead.for_model(model)
+        int8_linears = Int8Linears.for_model(model) if int8 else None
+        if int8 and int8_linears is None:
+            weight = next(model.parameters())
+            raise ValueError(f"int8 decoding needs float32 weights on the CPU and torch's fbgemm int8 kernels; this "
+                             f"model has {weight.dtype} weights on {weight.device}, fbgemm "
+                             f"{'present' if int8_linear_available() else 'absent'}")
+        self.head = None if int8 else ExactGreedyHead.for_model(model)  # in int8 the head is an int8 layer too
         # Where logits are a plain linear map of the last hidden state, the head runs on that
         # state alone: the model's own logits_to_keep=1 slices a prefill's hidden states without
         # copying, and the product of that strided slice copied the whole output matrix each call.
         output = model.get_output_embeddings()
         self.plain_head = output if type(model).__name__ in ExactGreedyHead.MODELS and type(output) is torch.nn.Linear else None
-        self.packed = (PackedLinears.for_model(model, slots, exclude=(output,))
+        self.packed = (int8_linears or PackedLinears.for_model(model, slots, exclude=(output,))
                        or PrepackedBfloat16Linears.for_model(model))
 
     @property
@@ -121,6 +130,8 @@ class ContinuousBatcher:
             parts.append("bfloat16-screened exact greedy head")
         if isinstance(self.packed, PackedLinears):
             parts.append(f"MKL-packed linears at {self.slots} rows")
+        elif isinstance(self.packed, Int8Linears):
+            parts.append("int8 linears (per-row activation scales)")
         elif self.packed is not None:
             parts.append("oneDNN-reordered bfloat16 linears")
         return ", ".join(parts) or "no extra kernels"

@@ -4,14 +4,18 @@
 re-scores the best candidates in float32; ``PackedLinears`` gives the frozen float32 linear
 layers MKL's pre-packed weight layout for the one batch shape decode steps run most;
 ``PrepackedBfloat16Linears`` gives bfloat16 layers oneDNN's blocked weight layout for every
-batch shape. None applies to training (gradients flow through the plain layers) and each
-falls back to the plain path where the hardware or library lacks what it needs.
+batch shape. ``Int8Linears`` is the one that changes precision (``--precision int8``, or
+``auto`` where the calibration finds it fast): 8-bit copies of float32 layers for inference
+calls. None applies to
+training (gradients flow through the plain layers) and each falls back to the plain path
+where the hardware or library lacks what it needs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from typing import Iterator
 
 import torch
@@ -127,6 +131,15 @@ class _RelaidLinears:
                 else:
                     layer.forward = previous
 
+    @contextlib.contextmanager
+    def applied(self, rows: int) -> Iterator[None]:
+        """Inside the block the layers use their copies (at any ``rows``; never for training)."""
+        if torch.is_grad_enabled():
+            yield
+            return
+        with self.swapped():
+            yield
+
     def _copy(self, layer: nn.Linear) -> torch.Tensor:
         version = layer.weight._version
         cached = self._copies.get(id(layer))
@@ -199,15 +212,6 @@ class PrepackedBfloat16Linears(_RelaidLinears):
             return None
         return cls(layers)
 
-    @contextlib.contextmanager
-    def applied(self, rows: int) -> Iterator[None]:
-        """Inside the block the layers use their reordered weights (``rows`` is any count; not for training)."""
-        if torch.is_grad_enabled():
-            yield
-            return
-        with self.swapped():
-            yield
-
     def _relaid(self, layer: nn.Linear) -> torch.Tensor:
         return torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), None)
 
@@ -233,3 +237,78 @@ def _onednn_bfloat16_linear_works() -> bool:
     except RuntimeError:
         return False
     return torch.allclose(out.float(), nn.functional.linear(x, weight).float(), rtol=2**-7, atol=2**-7)
+
+
+class Int8Linears(_RelaidLinears):
+    """8-bit copies of a float32 model's nn.Linear layers (the output projection included), for calls
+    without autograd: int8 weights, int8 activations, exact int32 sums (fbgemm's dynamic linear).
+
+    Weights are quantized per output channel (scale = the row's largest magnitude / 127).
+    Activations are quantized per row: each row is divided by its largest magnitude, and a pin
+    row (-1 and 1) is appended so that the kernel's per-tensor range is always [-1, 1]. So a
+    row's product depends on that row alone, never on what else is in the call, and an integer
+    sum has no order to differ by. (Whole texts still depend on the call: the float32 attention
+    between the layers sums in an order that varies with the call's widths, and a last-bit
+    difference there can move an activation across a rounding step.) The kernel keeps activations to 7 bits (``reduce_range``),
+    which CPUs without VNNI need to keep their 16-bit partial sums from saturating.
+
+    This changes answers, as bfloat16 does: bench/bench_precision.py judges it by accuracy.
+    The float32 weights stay for training, so the copies add about a quarter of their memory.
+    """
+
+    @classmethod
+    def for_model(cls, model: nn.Module) -> Int8Linears | None:
+        """Copies for a float32 model's CPU linear layers where this torch has fbgemm's int8 kernels; else None."""
+        layers = [m for m in model.modules()
+                  if type(m) is nn.Linear and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
+        if not layers or not int8_linear_available():
+            return None
+        return cls(layers)
+
+    def _relaid(self, layer: nn.Linear) -> torch.Tensor:
+        return int8_pack(layer.weight.detach())
+
+    def _forward(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32 or torch.is_grad_enabled():  # no gradient flows through int8 products
+            return nn.functional.linear(x, layer.weight, layer.bias)
+        out = int8_linear(x.reshape(-1, x.shape[-1]), self._copy(layer))  # (rows, out)
+        if layer.bias is not None:
+            out += layer.bias
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def int8_pack(weight: torch.Tensor):
+    """fbgemm's packed int8 weight, one scale per output channel (symmetric, zero point 0)."""
+    scales = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127).double()  # (out,)
+    with warnings.catch_warnings():  # torch marks its quantized-tensor API deprecated; it is the fbgemm path
+        warnings.simplefilter("ignore", UserWarning)
+        quantized = torch.quantize_per_channel(weight, scales, torch.zeros_like(scales, dtype=torch.long), 0,
+                                               torch.qint8)
+        return torch.ops.quantized.linear_prepack(quantized, None)
+
+
+def int8_linear(x: torch.Tensor, packed) -> torch.Tensor:
+    """(rows, in) float32 times a packed int8 weight, each row quantized on its own scale (see ``Int8Linears``)."""
+    scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)  # (rows, 1)
+    pin = x.new_zeros(1, x.shape[1])
+    pin[0, 0], pin[0, -1] = -1.0, 1.0  # fixes the kernel's per-tensor range at [-1, 1]
+    out = torch.ops.quantized.linear_dynamic(torch.cat([x / scale, pin]), packed, True)  # reduce_range
+    return out[:-1] * scale
+
+
+@functools.lru_cache(maxsize=1)
+def int8_linear_available() -> bool:
+    """Whether this torch build has fbgemm's dynamic int8 linear, and it agrees with float32 to int8 accuracy."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    if not (hasattr(torch.ops.quantized, "linear_prepack") and hasattr(torch.ops.quantized, "linear_dynamic")):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 32, generator=generator)
+    x = torch.randn(3, 32, generator=generator)
+    try:
+        out = int8_linear(x, int8_pack(weight))
+    except RuntimeError:
+        return False
+    exact = nn.functional.linear(x, weight)
+    return bool((out - exact).abs().max() <= 0.05 * exact.abs().max())

@@ -55,6 +55,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     gguf_path: Path | None = None  # the GGUF the weights came from, for a llama.cpp backend
+    int8: bool = False  # float32 weights, decoded through 8-bit copies of the linear layers (precision "int8")
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def pick_dtype(device: torch.device, requested: str | None) -> torch.dtype:
 
     if requested is not None:
         if requested not in _DTYPES:
-            raise ModelLoadError(f"unknown dtype {requested!r}; use one of {', '.join(_DTYPES)}")
+            raise ModelLoadError(f"unknown dtype {requested!r}; use one of {', '.join([*_DTYPES, 'int8'])}")
         return getattr(torch, _DTYPES[requested])
     if device.type != "cuda":
         return torch.float32
@@ -113,9 +114,19 @@ def load_model(
     """Load `spec` as a frozen causal LM on `device` in `dtype`; raise ModelLoadError if it cannot.
 
     Never substitutes another model: an alias, path or hub id either loads as asked or fails.
+    ``dtype`` "int8" loads float32 weights (for training) that the torch backend decodes
+    through 8-bit copies (agents/lm/cpu_kernels.Int8Linears); CPU only.
     """
     torch_device = pick_device(device)
-    torch_dtype = pick_dtype(torch_device, dtype)
+    int8 = dtype == "int8"
+    if int8:
+        from agents.lm.precision import check_int8
+
+        try:
+            check_int8(torch_device.type)
+        except ValueError as err:
+            raise ModelLoadError(f"cannot load model {spec!r} with dtype 'int8': {err}") from err
+    torch_dtype = pick_dtype(torch_device, "float32" if int8 else dtype)
     gguf_path: Path | None = None
     path = Path(spec).expanduser()
 
@@ -157,7 +168,7 @@ def load_model(
     model.requires_grad_(False)
     _prepare_tokenizer(spec, tokenizer, model)
     logger.info("Loaded %s from %s on %s as %s", spec, source, torch_device, torch_dtype)
-    return LoadedModel(model, tokenizer, spec, source, torch_device, torch_dtype, gguf_path)
+    return LoadedModel(model, tokenizer, spec, source, torch_device, torch_dtype, gguf_path, int8)
 
 
 def list_models(cache_dir: Path | None = None) -> list[ModelInfo]:

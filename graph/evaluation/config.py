@@ -34,7 +34,7 @@ from adapters.trainer import TrainerConfig
 from agents.errors import SelfImproveError
 from agents.lm.backend import BACKENDS, DEFAULT_BATCH_SIZE
 from agents.lm.models import DEFAULT_MODEL
-from agents.lm.precision import PRECISIONS
+from agents.lm.precision import PRECISIONS, check_precision_for_backend
 from agents.solver import SolverConfig
 from agents.trajectories import SOURCES, chosen_sources
 from agents.verifier import VerifierConfig
@@ -80,7 +80,7 @@ class EvalConfig:
     batch_size: int = DEFAULT_BATCH_SIZE  # sequences generated together (torch and llama.cpp slots)
     backend: str = "auto"  # generation backend of every arm: 'auto', 'torch' or 'llama.cpp' (agents.lm.backend)
     embedder: str = "minilm"  # memory embedder: 'minilm' (all-MiniLM-L6-v2) or 'hash' (tests)
-    precision: str = "auto"  # frozen weights of every arm: 'auto' (agents.lm.precision), 'float32', 'bfloat16'
+    precision: str = "auto"  # frozen weights of every arm: 'auto' (agents.lm.precision), 'float32', 'bfloat16', 'int8'
     bank: BankConfig = field(default_factory=BankConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -113,6 +113,7 @@ class EvalConfig:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        check_precision_for_backend(self.precision, self.backend)
         if self.embedder not in EMBEDDERS:
             raise ValueError(f"embedder must be one of {', '.join(EMBEDDERS)}; got {self.embedder!r}")
         check_canary_settings(self.canary_size, self.canary_margin, self.canary_test, self.canary_alpha)

@@ -28,7 +28,7 @@ from agents.errors import DataError
 from agents.files import atomic_write_bytes
 from agents.lm.backend import GenerationBackend
 from agents.lm.models import LoadedModel, pick_device
-from agents.lm.precision import PrecisionChoice, choose_precision
+from agents.lm.precision import PrecisionChoice, choose_precision, reduced_for
 from graph.episodes import StopFlag
 from graph.evaluation.arms import ArmRunner
 from graph.evaluation.config import (
@@ -114,8 +114,9 @@ def prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resum
         machines.append(here)  # also after a record with fewer parts (read from an older arm's backend line)
     if kept is not None:
         precision = PrecisionChoice(kept["requested"], kept["used"], f"{kept['reason']}; kept since the evaluation started")
-    else:
-        precision = choose_precision(config.precision, device_type)
+    else:  # a new evaluation, or one saved before its precision was kept (from before int8: never int8)
+        precision = choose_precision(config.precision, device_type,
+                                     reduced=reduced_for(config.backend, saved_auto=path.exists()))
         kept = precision.to_dict()
     if not versions or versions[-1] != code_version():
         if versions:
