@@ -42,6 +42,8 @@ from pathlib import Path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from agents.lm.precision import check_precision_for_backend  # noqa: E402
+
 PRECISIONS = ("float32", "bfloat16", "int8")
 
 
@@ -229,8 +231,10 @@ def main() -> None:
     for precision, round_size, gate, backend, update in settings:  # every setting checked before any runs
         if precision not in PRECISIONS:
             parser.error(f"--precisions: {precision!r} is not one of {', '.join(PRECISIONS)}")
-        if precision == "int8" and backend == "llama.cpp":
-            parser.error("--precisions int8 with --backends llama.cpp: int8 decodes on the torch backend only")
+        try:
+            check_precision_for_backend(precision, backend)
+        except ValueError as err:
+            parser.error(f"--precisions {precision} with --backends {backend}: {err}")
         if gate not in ("round", "episode"):
             parser.error(f"--gates: {gate!r} is neither 'round' nor 'episode'")
         if backend not in ("torch", "llama.cpp"):

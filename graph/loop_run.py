@@ -69,8 +69,7 @@ class LoopRun:
             ctx.close()
             lock.release()
             raise
-        weights = f"{loaded.dtype}, decoded in int8" if loaded.int8 else str(loaded.dtype)
-        status(f"backend: {ctx.backend.description}; model {settings.model} on {loaded.device} ({weights}); "
+        status(f"backend: {ctx.backend.description}; model {settings.model} on {loaded.device} ({loaded.precision}); "
                f"run dir {run_dir}")
         return cls(settings, source, problems, run_dir, lock, ctx, precision)
 

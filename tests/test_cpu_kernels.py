@@ -118,15 +118,21 @@ def test_reordered_weights_are_remade_after_the_weight_changes():
     packed = PrepackedBfloat16Linears.for_model(model)
     if packed is None:
         pytest.skip("torch without oneDNN's bfloat16 linear")
-    x = torch.randn(4, 32).to(torch.bfloat16)
+    before, after, plain = _before_and_after_doubling(model, packed, torch.randn(4, 32).to(torch.bfloat16))
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, plain)
+
+
+def _before_and_after_doubling(model, copies, x):
+    """The model's outputs through ``copies`` before and after its first weight doubles in place,
+    and the plain layers' output after."""
     with torch.no_grad():
-        with packed.applied(4):
+        with copies.applied(x.shape[0]):
             before = model(x)
         model[0].weight.mul_(2)
-        with packed.applied(4):
+        with copies.applied(x.shape[0]):
             after = model(x)
-        assert not torch.allclose(after, before)
-        torch.testing.assert_close(after, model(x))
+        return before, after, model(x)
 
 
 def _int8_or_skip(model):
@@ -179,13 +185,6 @@ def test_int8_copies_are_remade_after_the_weight_changes_and_skip_other_dtypes()
     model = _stack()
     int8 = _int8_or_skip(model)
     assert Int8Linears.for_model(_bfloat16_stack()) is None  # float32 layers only
-    x = torch.randn(4, 32)
-    with torch.no_grad():
-        with int8.applied(4):
-            before = model(x)
-        model[0].weight.mul_(2)
-        with int8.applied(4):
-            after = model(x)
-        plain = model(x)
+    before, after, plain = _before_and_after_doubling(model, int8, torch.randn(4, 32))
     assert not torch.allclose(after, before)
     assert (after - plain).abs().max() <= 0.05 * plain.abs().max()

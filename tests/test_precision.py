@@ -91,7 +91,7 @@ def test_int8_is_a_cpu_precision_asked_for_by_name(monkeypatch):
     backend = make_backend("torch", loaded, None)
     assert isinstance(backend, TorchBackend) and backend.int8
     assert not make_backend("torch", load_model("tiny-random", dtype="float32"), None).int8
-    with pytest.raises(BackendError, match="precision int8 is the torch backend's"):
+    with pytest.raises(BackendError, match="precision int8 decodes on the torch backend; llama.cpp serves"):
         make_backend("llama.cpp", loaded, None)
     monkeypatch.setattr("agents.lm.models.pick_device", lambda _requested: torch.device("cuda"))
     with pytest.raises(ModelLoadError, match="with dtype 'int8': precision int8 runs on the CPU only"):

@@ -22,7 +22,7 @@ from adapters.bank import ExpertBank
 from agents.errors import SelfImproveError
 from agents.lm.continuous_batching import ContinuousBatcher
 from agents.lm.generation import GREEDY, Ask, Generation, Request, Sampling, chat_prompt, generate
-from agents.lm.precision import device_name
+from agents.lm.precision import check_precision_for_backend, device_name
 
 if TYPE_CHECKING:
     from agents.lm.llamacpp import LlamaCppConfig
@@ -214,9 +214,10 @@ def make_backend(
         raise BackendError(f"unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
     if name in ("torch", "auto"):
         return TorchBackend(loaded.model, loaded.tokenizer, bank, batch_size=batch_size, int8=loaded.int8)
-    if loaded.int8:
-        raise BackendError("precision int8 is the torch backend's; llama.cpp decodes its own GGUF weights "
-                           "(use --precision float32 with llama.cpp)")
+    try:
+        check_precision_for_backend(loaded.precision, name)
+    except ValueError as err:
+        raise BackendError(str(err)) from None
     from agents.lm.llamacpp import LlamaCppBackend, LlamaCppConfig, xllamacpp_available
 
     if not xllamacpp_available():

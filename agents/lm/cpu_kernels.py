@@ -6,9 +6,8 @@ layers MKL's pre-packed weight layout for the one batch shape decode steps run m
 ``PrepackedBfloat16Linears`` gives bfloat16 layers oneDNN's blocked weight layout for every
 batch shape. ``Int8Linears`` is the one that changes precision (``--precision int8``, or
 ``auto`` where the calibration finds it fast): 8-bit copies of float32 layers for inference
-calls. None applies to
-training (gradients flow through the plain layers) and each falls back to the plain path
-where the hardware or library lacks what it needs.
+calls. None applies to training (gradients flow through the plain layers) and each falls
+back to the plain path where the hardware or library lacks what it needs.
 """
 
 from __future__ import annotations
@@ -249,8 +248,9 @@ class Int8Linears(_RelaidLinears):
     row's product depends on that row alone, never on what else is in the call, and an integer
     sum has no order to differ by. (Whole texts still depend on the call: the float32 attention
     between the layers sums in an order that varies with the call's widths, and a last-bit
-    difference there can move an activation across a rounding step.) The kernel keeps activations to 7 bits (``reduce_range``),
-    which CPUs without VNNI need to keep their 16-bit partial sums from saturating.
+    difference there can move an activation across a rounding step.) The kernel keeps
+    activations to 7 bits (``reduce_range``), which CPUs without VNNI need to keep their 16-bit
+    partial sums from saturating.
 
     This changes answers, as bfloat16 does: bench/bench_precision.py judges it by accuracy.
     The float32 weights stay for training, so the copies add about a quarter of their memory.

@@ -57,6 +57,11 @@ class LoadedModel:
     gguf_path: Path | None = None  # the GGUF the weights came from, for a llama.cpp backend
     int8: bool = False  # float32 weights, decoded through 8-bit copies of the linear layers (precision "int8")
 
+    @property
+    def precision(self) -> str:
+        """The precision it decodes in, as agents.lm.precision names it: 'float32', 'bfloat16', 'int8'..."""
+        return "int8" if self.int8 else str(self.dtype).removeprefix("torch.")
+
 
 @dataclass(frozen=True)
 class ModelInfo:
