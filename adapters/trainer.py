@@ -260,13 +260,7 @@ class TestTimeTrainer:
         self.router.train()
         optimizer.zero_grad(set_to_none=True)
         # Micro-batches accumulate gradients: activations are kept for a few texts at a time.
-        size = self.config.micro_batch
-        starts = list(range(0, len(examples), size)) or [0]
-        batches = [self.tokenize(examples[i:i + size]) for i in starts]
-        parts_of = [None if features is None else features[i:i + size] for i in starts]  # (micro-batch, h) each
-        rows = _memory_for(memory, len(examples))
-        memory_of = [rows[i:i + size] if _per_row(rows) else rows for i in starts]  # (micro-batch, d) each, or shared
-        predicted = [int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in batches]
+        batches, predicted, parts_of, memory_of = self._micro_batches(examples, memory, features)
         n_predicted, n_rows = max(1, sum(predicted)), len(examples)
         losses: dict[str, float] = {}
         total_loss, tokens = 0.0, 0
@@ -313,10 +307,28 @@ class TestTimeTrainer:
         """The completion-only LM loss on examples through the target expert, updating nothing.
 
         This is what the stress controller reads and what Mirror mode guards: how well the
-        model produces the texts, not how sure the router is.
+        model produces the texts, not how sure the router is. Computed in the steps' micro-batches,
+        weighted by their completion tokens (the mean over all tokens, as one batch gives): one batch
+        of a pooled update's texts would hold the (completion tokens, vocabulary) logits of all of
+        them at once.
         """
-        memory = _memory_for(memory, len(examples))
-        return float(self._losses(self.tokenize(examples), target_expert, memory, features)["lm"])
+        batches, predicted, parts_of, memory_of = self._micro_batches(examples, memory, features)
+        total = sum(float(self._losses(batch, target_expert, batch_memory, batch_features)["lm"]) * n
+                    for batch, n, batch_features, batch_memory in zip(batches, predicted, parts_of, memory_of) if n)
+        return total / sum(predicted) if sum(predicted) else math.nan  # no completion token: nan, as one batch gives
+
+    def _micro_batches(self, examples: Sequence[TrainingExample], memory: torch.Tensor | None,
+                       features: torch.Tensor | None) -> tuple[list[Batch], list[int], list, list]:
+        """The examples in micro-batches: each batch, its count of predicted completion tokens, its rows
+        of ``features`` (or None) and of the memory features (or the shared vector, or None)."""
+        size = self.config.micro_batch
+        starts = list(range(0, len(examples), size)) or [0]
+        batches = [self.tokenize(examples[i:i + size]) for i in starts]
+        parts_of = [None if features is None else features[i:i + size] for i in starts]  # (micro-batch, h) each
+        rows = _memory_for(memory, len(examples))
+        memory_of = [rows[i:i + size] if _per_row(rows) else rows for i in starts]  # (micro-batch, d) each, or shared
+        predicted = [int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in batches]
+        return batches, predicted, parts_of, memory_of
 
     def update(
         self,

@@ -221,7 +221,9 @@ class _Driver:
             yield from ((episode, lambda: gate) for episode in waiting)
             return
         first, *rest = waiting
-        pool = [{**t, "problem_id": e.problem["id"]} for e in rest for t in self.app.get_state(e.thread).values["texts"]]
+        # each text with its problem's id and question (a variant's text carries the variant's wording)
+        pool = [{**t, "problem_id": e.problem["id"], "problem_question": e.problem["question"]}
+                for e in rest for t in self.app.get_state(e.thread).values["texts"]]
         yield first, lambda: {**gate, "pool": pool}
 
         def pooled_into() -> dict:

@@ -317,7 +317,7 @@ def _memory_features(ctx: RunContext, routed: Route, own: int, pooled: list[dict
         return None
     if not pooled:
         return routed.memory[0]  # (memory_dim,), for every row
-    others, *_ = ctx.memory_vectors([t["question"] for t in pooled], exclude=[t["problem_id"] for t in pooled])
+    others, *_ = ctx.memory_vectors([t["problem_question"] for t in pooled], exclude=[t["problem_id"] for t in pooled])
     return torch.cat([routed.memory.expand(own, -1), others.to(routed.memory.dtype)])  # (own + pooled, memory_dim)
 
 

@@ -260,6 +260,37 @@ def test_pooled_updates_train_a_round_once_on_the_texts_of_all_its_episodes(make
     logged = [e for e in _events(tmp_path / "run") if e["node"] == "update"]
     assert [e.get("pooled_into") for e in logged] == [None, "ep00000-c0", "ep00000-c0"]
 
+def test_a_pooled_variant_text_is_routed_with_its_problems_features_not_the_variants(make_run, tmp_path):
+    # Two rounds of 2, so that the memory holds the first round when the second pools. In the second,
+    # CAKES trains and PENS-2 (wrong greedily, a rule validates) pools rule-conditioned and variant texts,
+    # whose question is the variant's wording ("crate" for "box").
+    world = _rarely_right_apples()
+    world.right_after = set()
+    # the adapters arm's setting: no retrieved rule in the prompt, so PENS-2 samples as PENS did
+    ctx, _ = make_run(world, settings=_settings(cycles=1, pool_updates=True, rules_in_prompt=False))
+    pens_2 = PENS | {"id": "p-pens-2"}
+    calls = []
+    real = ctx.trainer.update
+
+    def spy(examples, **kwargs):
+        # and what PENS-2's own update would look up now: blind to itself
+        wanted, *_ = ctx.memory_vectors([PENS["question"]], exclude=["p-pens-2"])
+        calls.append((examples, kwargs["memory"], wanted))
+        return real(examples, **kwargs)
+
+    ctx.trainer.update = spy
+    finals = _run(ctx, [APPLES, PENS, CAKES, pens_2], tmp_path / "run", round_size=2)
+    cakes, pens = finals[2], finals[3]
+    assert cakes["updates"][0].get("pooled_into") is None and pens["updates"][0]["pooled_into"]
+    pooled = pens["updates"][0]["texts"]
+    assert any(t["source"] == "variant" and t["question"] != PENS["question"] for t in pooled)
+    examples, memory, wanted = calls[-1]
+    assert [e.completion for e in examples][-len(pooled):] == [t["completion"] for t in pooled]
+    assert wanted.abs().sum() > 0  # the first round is in the memory: a wrong row could not pass unseen
+    rows = memory[-len(pooled):]
+    assert torch.allclose(rows, wanted.to(rows.dtype).expand(len(pooled), -1))
+
+
 
 def test_each_episode_updating_alone_trains_once_per_episode(make_run, tmp_path):
     ctx, _ = make_run(_rarely_right_apples(), settings=_settings(cycles=1))

@@ -77,6 +77,19 @@ def test_prompt_tokens_are_masked_out_of_the_loss(tiny):
         assert row[n_prompt] == batch.input_ids[i, n_prompt]
 
 
+def test_the_loss_in_micro_batches_is_the_one_batch_mean_over_completion_tokens(tiny):
+    trainer = _trainer(tiny, micro_batch=2)
+    trainer.step(EXAMPLES, target_expert=1, optimizer=trainer.new_optimizer(lr=1e-2))  # expert 1 no longer zero
+    # five texts of unequal completions, so that the micro-batches (2, 2, 1) weigh differently
+    examples = EXAMPLES + [TrainingExample(e.prompt, e.completion + " apples" * (i + 1)) for i, e in enumerate(EXAMPLES)]
+    examples.append(TrainingExample("Q: 2 + 2?\nA:", " 4"))
+    memory = torch.randn(len(examples), 3, generator=torch.Generator().manual_seed(0))  # one row per text
+    with torch.no_grad():
+        one_batch = trainer._losses(trainer.tokenize(examples), 1, memory)["lm"]
+    assert trainer.loss(examples, 1, memory) == pytest.approx(float(one_batch), rel=1e-5)
+    assert trainer.loss(examples, 1, memory) != pytest.approx(trainer.loss(examples, 0, memory), rel=1e-5)
+
+
 def test_nan_loss_is_refused_and_parameters_untouched(tiny):
     trainer = _trainer(tiny)
     optimizer = trainer.new_optimizer(lr=1e-2)
@@ -294,7 +307,11 @@ def test_per_example_memory_gives_each_row_its_own_features(tiny):
     trainer._losses = spy
     trainer.stress = StressController(StressConfig(loss_scale=1e6))  # Single mode: the shared expert's replay
     trainer.update(EXAMPLES, target_expert=2, steps=1, memory=rows, replay={trainer.bank.config.shared_expert: REPLAY})
-    stepped = [m for m in seen if m.shape[0] == 1]  # the step's micro-batches of one text each
-    assert len(stepped) == len(EXAMPLES) + len(REPLAY)
+    # micro-batches of one text each: the loss before (the examples), the step (the examples, then
+    # the replay), the loss after (the examples)
+    n = len(EXAMPLES)
+    assert len(seen) == 3 * n + len(REPLAY) and all(m.shape[0] == 1 for m in seen)
+    assert all(torch.equal(a, b) for a, b in zip(seen[:n] + seen[-n:], [*rows[:, None], *rows[:, None]]))
+    stepped = seen[n:-n]
     assert torch.equal(stepped[0], rows[:1]) and torch.equal(stepped[1], rows[1:])
     assert all(torch.equal(m, rows[:1]) for m in stepped[2:])  # replayed texts take the first example's row
