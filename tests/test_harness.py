@@ -553,6 +553,17 @@ def test_an_evaluation_resumed_by_other_code_says_so_in_its_report(tmp_path, mon
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["code_versions"] == ["git aaaa", "git bbbb"]
 
 
+def test_an_arm_records_the_code_its_process_started_with_not_the_checkout_at_its_end(tmp_path, monkeypatch):
+    """A long evaluation runs on while the checkout moves on: each arm names the code that made it."""
+    import graph.evaluation.harness as harness
+
+    versions = iter(["git aaaa"])
+    monkeypatch.setattr(harness, "code_version", lambda: next(versions, "git cccc"))  # committed to after the start
+    report = _evaluate(_config(tmp_path, arms=("frozen", "vote"), plots=False), tmp_path / "run", Model())
+    assert report.arms["frozen"].code == report.arms["vote"].code == "git aaaa"
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["code_versions"] == ["git aaaa"]
+
+
 XEON = {"device": "cpu (Intel(R) Xeon(R) Processor)", "features": ["avx2", "fma", "avx512f", "amx_bf16"],
         "torch": "2.13.0+cpu"}
 EPYC = {"device": "cpu (AMD EPYC)", "features": ["avx2", "fma"], "torch": "2.13.0+cpu"}

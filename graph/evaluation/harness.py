@@ -118,10 +118,11 @@ def prepare_eval_dir(run_dir: Path, config: EvalConfig, sets: ProblemSets, resum
         precision = choose_precision(config.precision, device_type,
                                      reduced=reduced_for(config.backend, saved_auto=path.exists()))
         kept = precision.to_dict()
-    if not versions or versions[-1] != code_version():
+    running = code_version()
+    if not versions or versions[-1] != running:
         if versions:
-            log.warning("%s was run by %s; it resumes with %s: the report will say so", run_dir, versions[-1], code_version())
-        versions.append(code_version())
+            log.warning("%s was run by %s; it resumes with %s: the report will say so", run_dir, versions[-1], running)
+        versions.append(running)
     atomic_write_bytes(path, json.dumps({**wanted, "precision": kept, "data_sources": sets.sources,
                                          "code_versions": versions, "machines": machines}, indent=2).encode())
     return EvalDir(precision, versions, machines)
@@ -192,7 +193,9 @@ def evaluate(
             log.info("%s arm: finished earlier, read from %s", arm, result_path(run_dir, arm))
             return done
         result, states = compute()
-        result.code = code_version()  # the code that finished the arm (eval.json lists every one that ran)
+        # the code that finished the arm: this process's, read when it started (eval.json lists every one
+        # that ran), not the checkout's now, which may have changed under a long run
+        result.code = code_versions[-1]
         result.machine = machines[-1]  # and the machine
         save_arm(run_dir, result, states)
         gc.collect()  # each arm loads its own model: free the last one before the next loads
