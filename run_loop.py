@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
@@ -379,8 +380,13 @@ def eval_command(
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
-    Console().print(_arm_table(summary, f"GSM8K, protocol {report.protocol}: {report.protocol_note}"))
+    _wide_console().print(_arm_table(summary, f"GSM8K, protocol {report.protocol}: {report.protocol_note}"))
     typer.echo(f"report: {run_dir / 'report.md'} (protocol {report.protocol})")
+
+
+def _wide_console() -> Console:
+    """A console for the arm table: a file or pipe gets all 13 columns unclipped (rich's default is 80)."""
+    return Console() if sys.stdout.isatty() else Console(width=160)
 
 
 def _arm_table(summary: dict, title: str) -> Table:
@@ -399,6 +405,40 @@ def _arm_table(summary: dict, title: str) -> Table:
             str(arm["format_failures"]), f"{arm['tokens']:,}", f"{sum(arm['seconds'].values()):.0f}",
         )
     return table
+
+
+@app.command("eval-status")
+def eval_status_command(
+    run_dir: Annotated[Path, typer.Option(help="The evaluation directory (eval.json, arms/<arm>/).")] = Path("runs/eval"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON to stdout.")] = False,
+) -> None:
+    """Where an evaluation stands: its finished arms compared so far, and how far the others got.
+
+    Reads the evaluation's files only, loading no model, so it is safe while the evaluation runs
+    (a long one is resumed in parts; its report is written when every arm is done).
+    """
+    from graph.evaluation.status import evaluation_status
+
+    try:
+        status = evaluation_status(run_dir)
+    except SelfImproveError as error:
+        raise _fail(error) from error
+    if as_json:
+        typer.echo(json.dumps(status, indent=2))
+        return
+    precision = (status["precision"] or {}).get("used", "not recorded")
+    title = (f"{run_dir}: protocol {status['protocol']}, {status['model']}, {precision}, "
+             f"{status['n_scored']} scored / {status['n_learn']} learning problems")
+    if status["arms"]:
+        _wide_console().print(_arm_table(status, title))
+    else:
+        typer.echo(f"{title}: no arm finished yet")
+    for arm, progress in status["pending"].items():
+        done = [f"{progress['episodes_committed']}/{progress['episodes']} learning episodes"] if "episodes" in progress else []
+        done.append(f"{progress['problems_scored']}/{status['n_scored']} problems scored")
+        typer.echo(f"{arm}: not finished ({', '.join(done)})")
+    if len(status["code_versions"]) > 1:
+        typer.echo(f"code versions that ran it: {' -> '.join(status['code_versions'])}")
 
 
 # ---------------------------------------------------------------- the demo

@@ -564,6 +564,33 @@ def test_an_arm_records_the_code_its_process_started_with_not_the_checkout_at_it
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["code_versions"] == ["git aaaa"]
 
 
+def test_eval_status_compares_the_finished_arms_and_counts_the_progress_of_the_others(tmp_path):
+    """A long evaluation is read while it runs: finished arms compared so far, the others' progress."""
+    config = _config(tmp_path, arms=("frozen", "vote", "adapters"), round_size=1, plots=False)
+    report = _evaluate(config, tmp_path / "run", Model()).summary()
+    from graph.evaluation.status import evaluation_status
+
+    done = evaluation_status(tmp_path / "run")  # all finished: the report's comparisons, against frozen and vote
+    assert done["pending"] == {} and list(done["arms"]) == ["frozen", "vote", "adapters"]
+    assert "vs_vote" in report["arms"]["adapters"]  # the comparison below is not vacuous
+    for arm in ("vote", "adapters"):
+        assert {k: done["arms"][arm].get(k) for k in ("vs_frozen", "vs_vote")} == \
+               {k: report["arms"][arm].get(k) for k in ("vs_frozen", "vs_vote")}
+    (tmp_path / "run" / "arms" / "adapters" / "result.json").unlink()  # as if it were still scoring
+    result = CliRunner().invoke(app, ["eval-status", "--run-dir", str(tmp_path / "run"), "--json"])
+    assert result.exit_code == 0, result.output
+    status = json.loads(result.output)
+    assert list(status["arms"]) == ["frozen", "vote"]
+    assert status["arms"]["vote"]["vs_frozen"] == report["arms"]["vote"]["vs_frozen"]
+    assert status["arms"]["vote"]["correct"] == report["arms"]["vote"]["correct"]
+    # every episode committed, and the arm's scoring calls kept (scored.jsonl)
+    assert status["pending"] == {"adapters": {"episodes_committed": 4, "episodes": 4, "problems_scored": 4}}
+    table = CliRunner().invoke(app, ["eval-status", "--run-dir", str(tmp_path / "run")]).output
+    assert "adapters: not finished (4/4 learning episodes, 4/4 problems scored)" in table
+    missing = CliRunner().invoke(app, ["eval-status", "--run-dir", str(tmp_path / "none")])
+    assert missing.exit_code == 1 and "holds no evaluation" in missing.output and len(missing.output.splitlines()) == 1
+
+
 XEON = {"device": "cpu (Intel(R) Xeon(R) Processor)", "features": ["avx2", "fma", "avx512f", "amx_bf16"],
         "torch": "2.13.0+cpu"}
 EPYC = {"device": "cpu (AMD EPYC)", "features": ["avx2", "fma"], "torch": "2.13.0+cpu"}
