@@ -587,6 +587,15 @@ def test_eval_status_compares_the_finished_arms_and_counts_the_progress_of_the_o
     assert status["pending"] == {"adapters": {"episodes_committed": 4, "episodes": 4, "problems_scored": 4}}
     table = CliRunner().invoke(app, ["eval-status", "--run-dir", str(tmp_path / "run")]).output
     assert "adapters: not finished (4/4 learning episodes, 4/4 problems scored)" in table
+    events = tmp_path / "run" / "arms" / "adapters" / "events.jsonl"
+    with events.open("a") as f:
+        f.write('{"episode": 4, "node": "commit"')  # a line being written counts when it is whole
+    assert evaluation_status(tmp_path / "run")["pending"]["adapters"]["episodes_committed"] == 4
+    events.write_text(events.read_text() + '}\n{"episode": 5, "node": "commit"}\n')
+    assert evaluation_status(tmp_path / "run")["pending"]["adapters"]["episodes_committed"] == 6
+    events.write_text("not json\n" + events.read_text())  # a damaged file is named, not skipped
+    damaged = CliRunner().invoke(app, ["eval-status", "--run-dir", str(tmp_path / "run")])
+    assert damaged.exit_code == 1 and "events.jsonl: line 1 is not JSON" in damaged.output
     missing = CliRunner().invoke(app, ["eval-status", "--run-dir", str(tmp_path / "none")])
     assert missing.exit_code == 1 and "holds no evaluation" in missing.output and len(missing.output.splitlines()) == 1
 

@@ -79,12 +79,15 @@ def _json_lines(path: Path) -> list[dict]:
     """The whole JSON lines of a file another process may be appending to (a partial last line is skipped)."""
     if not path.is_file():
         return []
+    texts = path.read_text(encoding="utf-8").splitlines()
     lines = []
-    for text in path.read_text(encoding="utf-8").splitlines():
+    for number, text in enumerate(texts, 1):
         try:
             line = json.loads(text)
         except json.JSONDecodeError:
-            continue
+            if number == len(texts):
+                break  # being written
+            raise RunDirError(f"{path}: line {number} is not JSON") from None
         if isinstance(line, dict):
             lines.append(line)
     return lines
