@@ -416,6 +416,8 @@ def eval_status_command(
 
     Reads the evaluation's files only, loading no model, so it is safe while the evaluation runs
     (a long one is resumed in parts; its report is written when every arm is done).
+
+    Example: python run_loop.py eval-status --run-dir runs/eval1
     """
     from graph.evaluation.status import evaluation_status
 
@@ -433,9 +435,15 @@ def eval_status_command(
         _wide_console().print(_arm_table(status, title))
     else:
         typer.echo(f"{title}: no arm finished yet")
+    if "recovery_pool" in status:
+        pool = status["recovery_pool"]
+        typer.echo(f"recovery: the frozen model failed {pool['rescored_failed']} of {pool['n']}; those are re-scored")
     for arm, progress in status["pending"].items():
         done = [f"{progress['episodes_committed']}/{progress['episodes']} learning episodes"] if "episodes" in progress else []
-        done.append(f"{progress['problems_scored']}/{status['n_scored']} problems scored")
+        scored = progress["problems_scored"]
+        done.append("scoring progress not kept on disk" if scored is None else f"{scored}/{status['n_scored']} problems scored")
+        if progress.get("damaged_event_lines"):
+            done.append(f"{progress['damaged_event_lines']} event lines cut short")
         typer.echo(f"{arm}: not finished ({', '.join(done)})")
     if len(status["code_versions"]) > 1:
         typer.echo(f"code versions that ran it: {' -> '.join(status['code_versions'])}")

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Iterator, Literal, Mapping, Sequence
+from typing import Iterator, Literal, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +80,15 @@ class Batch:
     labels: torch.Tensor  # (batch, seq), IGNORE_INDEX on prompt and padding
     prompt_ids: torch.Tensor  # (batch, prompt_seq) prompts alone, left-padded, for router features
     prompt_mask: torch.Tensor  # (batch, prompt_seq)
+
+
+class MicroBatches(NamedTuple):
+    """Examples in micro-batches, one entry per batch in each list."""
+
+    batches: list[Batch]
+    predicted: list[int]  # completion tokens each batch predicts
+    features: list[torch.Tensor | None]  # its rows of the prompt features (micro-batch, hidden), or None
+    memory: list[torch.Tensor | None]  # its rows of the memory features (micro-batch, d), the shared (d,), or None
 
 
 @dataclass
@@ -318,9 +327,8 @@ class TestTimeTrainer:
         return total / sum(predicted) if sum(predicted) else math.nan  # no completion token: nan, as one batch gives
 
     def _micro_batches(self, examples: Sequence[TrainingExample], memory: torch.Tensor | None,
-                       features: torch.Tensor | None) -> tuple[list[Batch], list[int], list, list]:
-        """The examples in micro-batches: each batch, its count of predicted completion tokens, its rows
-        of ``features`` (or None) and of the memory features (or the shared vector, or None)."""
+                       features: torch.Tensor | None) -> MicroBatches:
+        """The examples in the steps' micro-batches."""
         size = self.config.micro_batch
         starts = list(range(0, len(examples), size)) or [0]
         batches = [self.tokenize(examples[i:i + size]) for i in starts]
@@ -328,7 +336,7 @@ class TestTimeTrainer:
         rows = _memory_for(memory, len(examples))
         memory_of = [rows[i:i + size] if _per_row(rows) else rows for i in starts]  # (micro-batch, d) each, or shared
         predicted = [int((b.labels[:, 1:] != IGNORE_INDEX).sum()) for b in batches]
-        return batches, predicted, parts_of, memory_of
+        return MicroBatches(batches, predicted, parts_of, memory_of)
 
     def update(
         self,

@@ -394,6 +394,12 @@ def test_recovery_rescores_frozen_failures_and_says_so(tmp_path):
     assert summary["arms"]["frozen"]["correct"] == 0 and summary["arms"]["adapters"]["correct"] == 3
     md = (tmp_path / "run" / "report.md").read_text()
     assert "protocol: recovery" in md and "plasticity, not generalisation" in md
+    from graph.evaluation.status import evaluation_status
+
+    status = evaluation_status(tmp_path / "run")  # counts the re-scored failures as the report does
+    assert status["recovery_pool"] == summary["recovery_pool"] and status["n_scored"] == 3
+    assert {arm: (s["correct"], s["n"], s.get("vs_frozen")) for arm, s in status["arms"].items()} == \
+           {arm: (s["correct"], s["n"], s.get("vs_frozen")) for arm, s in summary["arms"].items()}
 
 
 # ---------------------------------------------------------------- the eval command (tiny-random, real generation)
@@ -593,9 +599,12 @@ def test_eval_status_compares_the_finished_arms_and_counts_the_progress_of_the_o
     assert evaluation_status(tmp_path / "run")["pending"]["adapters"]["episodes_committed"] == 4
     events.write_text(events.read_text() + '}\n{"episode": 5, "node": "commit"}\n')
     assert evaluation_status(tmp_path / "run")["pending"]["adapters"]["episodes_committed"] == 6
-    events.write_text("not json\n" + events.read_text())  # a damaged file is named, not skipped
+    events.write_text('{"episode": 0, "no' + "\n" + events.read_text())  # cut short by a kill, then resumed
     damaged = CliRunner().invoke(app, ["eval-status", "--run-dir", str(tmp_path / "run")])
-    assert damaged.exit_code == 1 and "events.jsonl: line 1 is not JSON" in damaged.output
+    assert damaged.exit_code == 0 and "6/4 learning episodes, 4/4 problems scored, 1 event lines cut short" in damaged.output
+    scored = tmp_path / "run" / "arms" / "adapters" / "scored.jsonl"
+    scored.write_text(scored.read_text() * 2)  # a call kept twice (once per process) counts once, as a resume reads it
+    assert evaluation_status(tmp_path / "run")["pending"]["adapters"]["problems_scored"] == 4
     missing = CliRunner().invoke(app, ["eval-status", "--run-dir", str(tmp_path / "none")])
     assert missing.exit_code == 1 and "holds no evaluation" in missing.output and len(missing.output.splitlines()) == 1
 

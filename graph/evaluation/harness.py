@@ -193,9 +193,7 @@ def evaluate(
             log.info("%s arm: finished earlier, read from %s", arm, result_path(run_dir, arm))
             return done
         result, states = compute()
-        # the code that finished the arm: this process's, read when it started (eval.json lists every one
-        # that ran), not the checkout's now, which may have changed under a long run
-        result.code = code_versions[-1]
+        result.code = code_versions[-1]  # this process's code, as eval.json lists it (with every one that ran)
         result.machine = machines[-1]  # and the machine
         save_arm(run_dir, result, states)
         gc.collect()  # each arm loads its own model: free the last one before the next loads

@@ -15,7 +15,7 @@ from typing import Sequence
 from agents.files import atomic_write_bytes
 from agents.gsm8k import Problem
 from graph.evaluation.stats import PairedComparison, wilson_interval
-from graph.saved_settings import read_saved
+from graph.saved_settings import SettingsError, read_saved
 
 
 @dataclass
@@ -199,9 +199,13 @@ def save_arm(run_dir: Path, result: ArmResult, states: list[dict] | None = None)
 
 def finished_arm(run_dir: Path, arm: str) -> tuple[ArmResult, list[dict] | None] | None:
     """The arm as saved by an earlier process of the same evaluation, or None."""
-    saved = read_saved(result_path(run_dir, arm))
+    path = result_path(run_dir, arm)
+    saved = read_saved(path)
     if saved is None:
         return None
-    data = dict(saved["result"])
-    data["scores"] = [ItemScore(**x) for x in data["scores"]]
-    return ArmResult(**data), saved["states"]
+    try:
+        data = dict(saved["result"])
+        data["scores"] = [ItemScore(**x) for x in data["scores"]]
+        return ArmResult(**data), saved["states"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise SettingsError(f"{path}: not a finished arm's result ({err!r})") from None

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from graph.evaluation.config import EVAL_FILE, EvalConfig, LEGACY_CONFIG, LOOP_ARMS
-from graph.evaluation.results import SCORED_FILE, ArmResult, finished_arm
+from graph.evaluation.results import SCORED_FILE, ArmResult, ScoredCalls, finished_arm
 from graph.evaluation.stats import compare
 from graph.episodes import EVENTS
 from graph.run_dir import RunDirError
@@ -22,34 +22,45 @@ from graph.saved_settings import from_dict, read_saved
 
 def evaluation_status(run_dir: str | Path) -> dict:
     """The finished arms' summaries, each compared with frozen and with vote where those are
-    finished (on the problems both scored), and each unfinished arm's progress."""
+    finished (on the problems both scored), and each unfinished arm's progress.
+
+    Under the recovery protocol the scored problems are those the frozen model failed, known
+    once frozen is finished (as the harness's report counts them); before that, the whole pool.
+    """
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} is not a folder")
     saved = read_saved(run_dir / EVAL_FILE)
     if saved is None:
         raise RunDirError(f"{run_dir} holds no evaluation ({EVAL_FILE} is missing)")
     try:
         config = from_dict(EvalConfig, {**LEGACY_CONFIG, **saved.get("config", {})})
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, AttributeError) as err:
         raise RunDirError(f"{run_dir / EVAL_FILE}: the saved settings are not valid ({err})") from None
     finished: dict[str, ArmResult] = {}
-    pending: dict[str, dict] = {}
     for arm in config.arms:
         done = finished_arm(run_dir, arm)
         if done is not None:
             finished[arm] = done[0]
-        else:
-            pending[arm] = _progress(run_dir, arm, config)
+    extra: dict = {}
+    n_scored = len(saved.get("scored_ids") or [])
+    if config.protocol == "recovery" and "frozen" in finished:
+        frozen = finished["frozen"]
+        failed = [s for s in frozen.scores if not s.correct]
+        extra["recovery_pool"] = {"n": frozen.n, "frozen_correct": frozen.correct, "rescored_failed": len(failed)}
+        frozen.scores, n_scored = failed, len(failed)
     arms = {}
     for name, result in finished.items():
         arms[name] = result.summary()
         for baseline, key in (("frozen", "vs_frozen"), ("vote", "vs_vote")):
             if baseline in finished and name != baseline and not (baseline == "vote" and name == "frozen"):
                 arms[name][key] = _paired(finished[baseline], result)
+    n_learn = len(saved.get("learn_ids") or [])
+    pending = {arm: _progress(run_dir, arm, config.protocol, n_learn) for arm in config.arms if arm not in finished}
     return {
-        "run_dir": str(run_dir), "protocol": config.protocol, "model": config.model,
-        "n_scored": len(saved.get("scored_ids") or []), "n_learn": len(saved.get("learn_ids") or []),
-        "precision": saved.get("precision"), "code_versions": saved.get("code_versions") or [],
-        "machines": saved.get("machines") or [], "arms": arms, "pending": pending,
+        "run_dir": str(run_dir), "protocol": config.protocol, "model": config.model, "n_scored": n_scored,
+        "n_learn": n_learn, "precision": saved.get("precision"), "code_versions": saved.get("code_versions") or [],
+        "machines": saved.get("machines") or [], **extra, "arms": arms, "pending": pending,
     }
 
 
@@ -60,34 +71,40 @@ def _paired(baseline: ArmResult, arm: ArmResult) -> dict:
     return compare([s.correct for s in shared], [theirs[s.id] for s in shared]).to_dict()
 
 
-def _progress(run_dir: Path, arm: str, config: EvalConfig) -> dict:
-    """How far an unfinished arm got: learning episodes committed (learning arms), problems scored."""
+def _progress(run_dir: Path, arm: str, protocol: str, n_learn: int) -> dict:
+    """How far an unfinished arm got: learning episodes committed (learning arms) and problems
+    scored; None where the arm keeps no progress on disk (single-lora scores in one pass)."""
     arm_dir = run_dir / "arms" / arm
     progress: dict = {}
     if arm in LOOP_ARMS:
-        progress["episodes_committed"] = _count_lines(arm_dir / EVENTS, lambda event: event.get("node") == "commit")
-        progress["episodes"] = config.learn_problems
-    progress["problems_scored"] = sum(len(call.get("scores") or []) for call in _json_lines(arm_dir / SCORED_FILE))
+        commits, damaged = _count_lines(arm_dir / EVENTS, lambda event: event.get("node") == "commit")
+        progress.update(episodes_committed=commits, episodes=n_learn)
+        if damaged:
+            progress["damaged_event_lines"] = damaged  # cut short by a kill; the run itself ignores them
+    if arm == "single-lora":
+        progress["problems_scored"] = None
+    elif protocol == "stream" and arm in LOOP_ARMS:
+        progress["problems_scored"] = progress["episodes_committed"]  # its score is each episode's first try
+    else:
+        try:
+            calls = ScoredCalls(run_dir, arm).calls  # the harness's own reading: one call per index
+        except (KeyError, TypeError, AttributeError) as err:
+            raise RunDirError(f"{arm_dir / SCORED_FILE}: a line is not a scoring call ({err!r})") from None
+        progress["problems_scored"] = sum(len(call.get("ids") or []) for call in calls.values())
     return progress
 
 
-def _count_lines(path: Path, keep) -> int:
-    return sum(1 for line in _json_lines(path) if keep(line))
-
-
-def _json_lines(path: Path) -> list[dict]:
-    """The whole JSON lines of a file another process may be appending to (a partial last line is skipped)."""
+def _count_lines(path: Path, keep) -> tuple[int, int]:
+    """Lines of a JSON-lines file another process appends to that ``keep`` accepts, and lines not
+    JSON (one being written, or one cut short by a kill)."""
     if not path.is_file():
-        return []
-    texts = path.read_text(encoding="utf-8").splitlines()
-    lines = []
-    for number, text in enumerate(texts, 1):
+        return 0, 0
+    kept = damaged = 0
+    for text in path.read_text(encoding="utf-8").splitlines():
         try:
             line = json.loads(text)
         except json.JSONDecodeError:
-            if number == len(texts):
-                break  # being written
-            raise RunDirError(f"{path}: line {number} is not JSON") from None
-        if isinstance(line, dict):
-            lines.append(line)
-    return lines
+            damaged += 1
+            continue
+        kept += isinstance(line, dict) and bool(keep(line))
+    return kept, damaged
