@@ -43,8 +43,8 @@ from graph.evaluation.learning import leak_check, update_bursts
 from graph.evaluation.problems import ProblemSets, check_disjoint, prepare_problems
 from graph.evaluation.provenance import code_version, machine, machine_from_backend, machine_label, same_machine
 from graph.evaluation.report import write_report
-from graph.evaluation.results import ArmResult, EvalProgress, EvalReport, finished_arm, result_path, save_arm
-from graph.evaluation.stats import compare
+from graph.evaluation.results import (ArmResult, EvalProgress, EvalReport, compare_arms, finished_arm, keep_failed,
+                                      result_path, save_arm)
 from graph.run_dir import RunDirError, claim_run_dir
 from graph.runner import set_threads
 from graph.saved_settings import from_dict, leaf_differences, read_saved
@@ -202,13 +202,10 @@ def evaluate(
     frozen_pool, _ = once("frozen", lambda: (run.frozen(sets.scored), None))
     scored = sets.scored
     if config.protocol == "recovery":
-        failed = [p for p, s in zip(sets.scored, frozen_pool.scores) if not s.correct]
-        extra["recovery_pool"] = {"n": len(sets.scored), "frozen_correct": frozen_pool.correct,
-                                  "rescored_failed": len(failed)}
-        scored = failed
+        extra["recovery_pool"] = keep_failed(frozen_pool)
+        failed = {s.id for s in frozen_pool.scores}
+        scored = [p for p in sets.scored if p.id in failed]
         log.info("recovery: the frozen model failed %d of %d problems; those are re-scored", len(failed), len(sets.scored))
-        keep = {p.id for p in failed}
-        frozen_pool.scores = [s for s in frozen_pool.scores if s.id in keep]
     arms["frozen"] = frozen_pool
     if "vote" in config.arms:
         arms["vote"], _ = once("vote", lambda: (run.vote(scored), None))
@@ -224,11 +221,9 @@ def evaluate(
         bursts = update_bursts(states_by_arm["adapters"])
         arms["single-lora"], _ = once("single-lora", lambda: (run.single_lora(bursts, scored), None))
 
-    comparisons = {name: compare([s.correct for s in arms["frozen"].scores], [s.correct for s in r.scores])
-                   for name, r in arms.items() if name != "frozen"}
-    if "vote" in arms:  # the compute-matched baseline: does learning beat majority voting at equal samples?
-        extra["vs_vote"] = {name: compare([s.correct for s in arms["vote"].scores], [s.correct for s in r.scores]).to_dict()
-                            for name, r in arms.items() if name not in ("frozen", "vote")}
+    comparisons, vs_vote = compare_arms(arms)
+    if "vote" in arms:
+        extra["vs_vote"] = vs_vote
     report = EvalReport(
         protocol=config.protocol,
         protocol_note=PROTOCOL_NOTES[config.protocol],

@@ -14,7 +14,7 @@ from typing import Sequence
 
 from agents.files import atomic_write_bytes
 from agents.gsm8k import Problem
-from graph.evaluation.stats import PairedComparison, wilson_interval
+from graph.evaluation.stats import PairedComparison, compare, wilson_interval
 from graph.saved_settings import SettingsError, read_saved
 
 
@@ -184,6 +184,29 @@ class ScoredCalls:
             os.fsync(fh.fileno())
         self.calls[index] = call
         return ScoredCall(scores, weights, seconds)
+
+
+def keep_failed(frozen: ArmResult) -> dict:
+    """The recovery protocol's pool: ``frozen`` cut down, in place, to the problems it failed (those
+    every arm re-scores); what it came from, for the report."""
+    pool = {"n": frozen.n, "frozen_correct": frozen.correct, "rescored_failed": frozen.n - frozen.correct}
+    frozen.scores = [s for s in frozen.scores if not s.correct]
+    return pool
+
+
+def compare_arms(arms: dict[str, ArmResult]) -> tuple[dict[str, PairedComparison], dict[str, dict]]:
+    """Every arm against frozen, and every learning arm against vote (the compute-matched baseline:
+    does learning beat majority voting at equal samples?), each where that baseline is among ``arms``;
+    paired by problem id, on the problems both scored."""
+    def paired(baseline: ArmResult, arm: ArmResult) -> PairedComparison:
+        theirs = {s.id: s.correct for s in arm.scores}
+        shared = [s for s in baseline.scores if s.id in theirs]
+        return compare([s.correct for s in shared], [theirs[s.id] for s in shared])
+
+    vs_frozen = {name: paired(arms["frozen"], r) for name, r in arms.items() if name != "frozen" and "frozen" in arms}
+    vs_vote = {name: paired(arms["vote"], r).to_dict() for name, r in arms.items()
+               if name not in ("frozen", "vote") and "vote" in arms}
+    return vs_frozen, vs_vote
 
 
 def result_path(run_dir: Path, arm: str) -> Path:

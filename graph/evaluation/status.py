@@ -13,8 +13,7 @@ import json
 from pathlib import Path
 
 from graph.evaluation.config import EVAL_FILE, EvalConfig, LEGACY_CONFIG, LOOP_ARMS
-from graph.evaluation.results import SCORED_FILE, ArmResult, ScoredCalls, finished_arm
-from graph.evaluation.stats import compare
+from graph.evaluation.results import SCORED_FILE, ArmResult, ScoredCalls, compare_arms, finished_arm, keep_failed
 from graph.episodes import EVENTS
 from graph.run_dir import RunDirError
 from graph.saved_settings import from_dict, read_saved
@@ -45,16 +44,16 @@ def evaluation_status(run_dir: str | Path) -> dict:
     extra: dict = {}
     n_scored = len(saved.get("scored_ids") or [])
     if config.protocol == "recovery" and "frozen" in finished:
-        frozen = finished["frozen"]
-        failed = [s for s in frozen.scores if not s.correct]
-        extra["recovery_pool"] = {"n": frozen.n, "frozen_correct": frozen.correct, "rescored_failed": len(failed)}
-        frozen.scores, n_scored = failed, len(failed)
+        extra["recovery_pool"] = keep_failed(finished["frozen"])
+        n_scored = finished["frozen"].n
+    vs_frozen, vs_vote = compare_arms(finished)
     arms = {}
     for name, result in finished.items():
         arms[name] = result.summary()
-        for baseline, key in (("frozen", "vs_frozen"), ("vote", "vs_vote")):
-            if baseline in finished and name != baseline and not (baseline == "vote" and name == "frozen"):
-                arms[name][key] = _paired(finished[baseline], result)
+        if name in vs_frozen:
+            arms[name]["vs_frozen"] = vs_frozen[name].to_dict()
+        if name in vs_vote:
+            arms[name]["vs_vote"] = vs_vote[name]
     n_learn = len(saved.get("learn_ids") or [])
     pending = {arm: _progress(run_dir, arm, config.protocol, n_learn) for arm in config.arms if arm not in finished}
     return {
@@ -62,13 +61,6 @@ def evaluation_status(run_dir: str | Path) -> dict:
         "n_learn": n_learn, "precision": saved.get("precision"), "code_versions": saved.get("code_versions") or [],
         "machines": saved.get("machines") or [], **extra, "arms": arms, "pending": pending,
     }
-
-
-def _paired(baseline: ArmResult, arm: ArmResult) -> dict:
-    """arm against baseline on the problems both scored, in the baseline's order."""
-    theirs = {s.id: s.correct for s in arm.scores}
-    shared = [s for s in baseline.scores if s.id in theirs]
-    return compare([s.correct for s in shared], [theirs[s.id] for s in shared]).to_dict()
 
 
 def _progress(run_dir: Path, arm: str, protocol: str, n_learn: int) -> dict:
