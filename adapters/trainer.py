@@ -346,6 +346,7 @@ class TestTimeTrainer:
         guard: Sequence[TrainingExample] | None = None,
         steps: int | None = None,
         replay: Mapping[int, Sequence[TrainingExample]] | None = None,
+        replay_memory: Mapping[int, torch.Tensor] | None = None,
     ) -> UpdateResult:
         """A burst of steps under the stress controller.
 
@@ -358,9 +359,15 @@ class TestTimeTrainer:
 
         ``memory``: the router's memory features, one vector (memory_dim,) for every row, or one
         row per example (len(examples), memory_dim) when the examples come from several problems
-        (a pooled update); rows beyond the examples (replayed, a guard) take the first example's.
+        (a pooled update); rows beyond the examples (replayed, a guard) take the first example's,
+        except replayed texts given their own rows in ``replay_memory[expert]`` (len(replay[expert]),
+        memory_dim): the features of the problems they were learned from.
         """
         steps = steps or self.config.steps_per_update
+        for k, rows in (replay_memory or {}).items():  # before anything changes
+            if rows.shape[0] != len((replay or {}).get(k, ())):
+                raise ValueError(f"replay_memory has {rows.shape[0]} rows for {len((replay or {}).get(k, ()))} "
+                                 f"replayed texts of expert {k}")
         features = self.prompt_features(examples)
         loss_before = self.loss(examples, target_expert, memory, features)
         self.stress.observe(loss_before)
@@ -373,9 +380,9 @@ class TestTimeTrainer:
         # Mirror mode guards the replayed texts too (forgetting them is what replay is against).
         guard_texts, guard_features = (guard, self.prompt_features(guard)) if guard else (trained, trained_features)
         separate_guard = bool(guard) or (bool(replayed) and decision.snapshot)
-        trained_memory = _memory_for(memory, len(trained))
+        trained_memory = _with_replay_rows(memory, len(examples), (replay_memory or {}).get(expert), len(trained))
         # A caller's guard texts are not the examples: every row of it takes the first example's features.
-        guard_memory = _memory_for(memory[:1] if guard and _per_row(memory) else memory, len(guard_texts))
+        guard_memory = _memory_for(memory[:1] if _per_row(memory) else memory, len(guard)) if guard else trained_memory
         guard_before = self.loss(guard_texts, expert, guard_memory, guard_features) if separate_guard else loss_before
         with self.parameters_for(expert) as params:
             optimizer = self.new_optimizer(decision.lr, params)
@@ -406,6 +413,16 @@ class TestTimeTrainer:
 
 def _per_row(memory: torch.Tensor | None) -> bool:
     return memory is not None and memory.dim() == 2
+
+
+def _with_replay_rows(memory: torch.Tensor | None, examples: int, replay_rows: torch.Tensor | None,
+                      rows: int) -> torch.Tensor | None:
+    """The memory features of the examples followed by the replayed texts' own rows, when given
+    (``update`` checked that they are one per replayed text)."""
+    if memory is None or replay_rows is None:
+        return _memory_for(memory, rows)
+    own = _memory_for(memory, examples) if _per_row(memory) else memory.expand(examples, -1)
+    return torch.cat([own, replay_rows.to(own)])  # (rows, memory_dim)
 
 
 def _memory_for(memory: torch.Tensor | None, rows: int) -> torch.Tensor | None:

@@ -284,11 +284,13 @@ def update(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     routed = _route(ctx, problem["question"], state)
     expert, reason = ctx.pick_expert(problem["id"], routed.probs, usage)
     texts, pooled = state["texts"], gate.get("pool") or []
-    # The replay of whichever expert the stress controller trains (the shared one in Single mode).
-    replay_texts = {int(k): v[-ctx.config.replay:] for k, v in replay.items()} if ctx.config.replay else {}
+    # The replay of whichever expert the stress controller trains: the picked one, or the shared one in Single mode.
+    candidates = (expert, ctx.bank.config.shared_expert)
+    replay_texts = {int(k): v[-ctx.config.replay:] for k, v in replay.items() if int(k) in candidates} if ctx.config.replay else {}
     result = ctx.trainer.update(_examples(ctx, texts + pooled), target_expert=expert,
                                 memory=_memory_features(ctx, routed, len(texts), pooled),
-                                replay={k: _examples(ctx, v) for k, v in replay_texts.items()})
+                                replay={k: _examples(ctx, v) for k, v in replay_texts.items()},
+                                replay_memory=_replay_memory(ctx, routed, replay_texts))
     replayed = replay_texts.get(result.expert, [])
     store.save(extra={"update_id": update_id(state, cycle)})
     store.snapshot(done_name(episode, cycle))  # for a resume after it
@@ -319,6 +321,19 @@ def _memory_features(ctx: RunContext, routed: Route, own: int, pooled: list[dict
         return routed.memory[0]  # (memory_dim,), for every row
     others, *_ = ctx.memory_vectors([t["problem_question"] for t in pooled], exclude=[t["problem_id"] for t in pooled])
     return torch.cat([routed.memory.expand(own, -1), others.to(routed.memory.dtype)])  # (own + pooled, memory_dim)
+
+
+def _replay_memory(ctx: RunContext, routed: Route, replay: dict[int, list[dict]]) -> dict[int, torch.Tensor] | None:
+    """Each replayed text's memory features, (texts, memory_dim) per expert: its own problem's, looked
+    up blind to that problem as for a pooled text, once per problem. A text kept before problems were
+    recorded with it (an older run's carry) takes the updating problem's, as it then trained."""
+    if routed.memory is None:
+        return None
+    problems = {t["problem_id"]: t["problem_question"] for texts in replay.values() for t in texts if "problem_id" in t}
+    vectors, *_ = ctx.memory_vectors(list(problems.values()), exclude=list(problems)) if problems else (None,)
+    row_of = {pid: vectors[i].to(routed.memory) for i, pid in enumerate(problems)}
+    return {expert: torch.stack([row_of[t["problem_id"]] if "problem_id" in t else routed.memory[0] for t in texts])
+            for expert, texts in replay.items() if texts}
 
 
 def _trained_texts(ctx: RunContext, texts: list[dict]) -> list[dict]:
@@ -462,7 +477,9 @@ def commit(state: LoopState, runtime: Runtime[RunContext]) -> dict:
     replay = {k: list(v) for k, v in (carry.get("replay") or {}).items()}
     for u in updates:
         if update_survived(state, u):
-            fresh = [{k: t[k] for k in ("question", "completion", "source")} for t in u["texts"] if t["source"] != "replay"]
+            # with its problem, whose memory features a replay of the text is routed with
+            fresh = [{**{k: t[k] for k in ("question", "completion", "source")}, "problem_id": state["problem"]["id"],
+                      "problem_question": state["problem"]["question"]} for t in u["texts"] if t["source"] != "replay"]
             replay[str(u["expert"])] = (replay.get(str(u["expert"]), []) + fresh)[-ctx.config.replay_keep:]
     carry["replay"] = replay
     return {"outcome": outcome, "carry": carry, "committed": True}

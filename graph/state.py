@@ -50,7 +50,7 @@ class EpisodeCarryOver(TypedDict, total=False):
 
     canary: list[CanaryData]  # problems solved at the first try, re-solved after every update
     expert_updates: list[int]  # updates each expert has received
-    replay: dict[str, list[dict]]  # per expert (as a string key): its latest verified training texts
+    replay: dict[str, list[dict]]  # per expert (as a string key): its latest verified training texts, each with its problem
     solved_first: int  # episodes right at the first try so far
     solved_final: int  # episodes right at the end so far
     episodes: int  # episodes finished so far

@@ -310,6 +310,53 @@ def test_the_next_update_of_the_trained_expert_replays_the_kept_texts_in_single_
     assert kept and replayed == kept[-ctx.config.replay:] and second["updates"][0]["replayed"] == len(replayed)
 
 
+def test_a_replayed_text_is_routed_with_its_own_problems_memory_features(make_run, tmp_path):
+    """PENS's kept texts replay in CAKES's update with PENS's features (blind to PENS), not CAKES's."""
+    from adapters.stress import StressConfig
+
+    settings = _settings(expert_policy="fresh", cycles=1)
+    settings.stress = StressConfig(loss_scale=1e6)  # Single mode: every update trains (and replays) the shared expert
+    ctx, _ = make_run(World(), settings=settings)
+    steps = []
+    real_step = ctx.trainer.step
+
+    def spy(examples, expert, optimizer, memory=None, features=None):
+        wanted, *_ = ctx.memory_vectors([PENS["question"], CAKES["question"]], exclude=["p-pens", "p-cakes"])
+        steps.append((list(examples), memory, wanted))
+        return real_step(examples, expert, optimizer, memory, features)
+
+    ctx.trainer.step = spy
+    apples, pens, cakes = _run(ctx, [APPLES, PENS, CAKES], tmp_path / "run")  # APPLES fills the memory
+    assert apples["outcome"] == "correct" and pens["updates"] and cakes["updates"]
+    replayed = [t for t in cakes["updates"][0]["texts"] if t["source"] == "replay"]
+    assert replayed and all(t["problem_id"] == "p-pens" for t in pens["carry"]["replay"][str(ctx.bank.config.shared_expert)])
+    examples, memory, (for_pens, for_cakes) = steps[-1]
+    assert [e.completion for e in examples][-len(replayed):] == [t["completion"] for t in replayed]
+    assert not torch.allclose(for_pens, for_cakes)  # a row of the wrong problem could not pass unseen
+    rows = memory[-len(replayed):]
+    assert torch.allclose(rows, for_pens.to(rows.dtype).expand(len(replayed), -1))
+    assert torch.allclose(memory[0], for_cakes.to(memory.dtype))  # CAKES's own texts keep CAKES's
+
+
+def test_a_replayed_text_kept_without_its_problem_takes_the_updating_problems_features(make_run, tmp_path):
+    """An older run's carry kept replay texts without their problem: they train as they did then."""
+    from adapters.stress import StressConfig
+    from graph.nodes import _replay_memory, _route
+
+    settings = _settings(expert_policy="fresh", cycles=1)
+    settings.stress = StressConfig(loss_scale=1e6)
+    ctx, _ = make_run(World(), settings=settings)
+    _run(ctx, [APPLES, PENS], tmp_path / "run")
+    routed = _route(ctx, CAKES["question"], {"problem": CAKES})
+    new = {"question": "v", "completion": "c", "source": "variant", "problem_id": "p-pens",
+           "problem_question": PENS["question"]}
+    old = {k: new[k] for k in ("question", "completion", "source")}
+    rows = _replay_memory(ctx, routed, {0: [new, old, new]})[0]
+    wanted, *_ = ctx.memory_vectors([PENS["question"]], exclude=["p-pens"])
+    assert not torch.allclose(wanted[0], routed.memory[0])
+    assert torch.allclose(rows, torch.stack([wanted[0], routed.memory[0], wanted[0]]).to(rows))
+
+
 def test_variants_that_change_a_quantity_are_refused(make_run, tmp_path):
     world = World()
     world.variants_keep_numbers = False

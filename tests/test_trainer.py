@@ -315,3 +315,32 @@ def test_per_example_memory_gives_each_row_its_own_features(tiny):
     stepped = seen[n:-n]
     assert torch.equal(stepped[0], rows[:1]) and torch.equal(stepped[1], rows[1:])
     assert all(torch.equal(m, rows[:1]) for m in stepped[2:])  # replayed texts take the first example's row
+
+
+@pytest.mark.parametrize("shared_memory", [False, True])
+def test_replayed_texts_take_their_own_memory_rows_when_given(tiny, shared_memory):
+    # A replayed text was learned on another problem: it is routed with that problem's features.
+    trainer = _trainer(tiny, micro_batch=1)
+    rows = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # (examples, memory_dim)
+    memory = rows[0] if shared_memory else rows  # one vector for every example, or one row each
+    replay_rows = torch.arange(len(REPLAY) * 3, dtype=torch.float32).reshape(len(REPLAY), 3)
+    seen, real = [], trainer._losses
+
+    def spy(batch, target_expert, memory, features=None):
+        seen.append(memory.clone())
+        return real(batch, target_expert, memory, features)
+
+    trainer._losses = spy
+    trainer.stress = StressController(StressConfig(loss_scale=1e6))  # Single mode: the shared expert's replay
+    shared = trainer.bank.config.shared_expert
+    trainer.update(EXAMPLES, target_expert=2, steps=1, memory=memory, replay={shared: REPLAY},
+                   replay_memory={shared: replay_rows})
+    n = len(EXAMPLES)
+    stepped = torch.cat([m.reshape(1, -1) for m in seen[n:-n]])  # the step's rows, one micro-batch each
+    assert torch.equal(stepped[n:], replay_rows)
+    assert torch.equal(stepped[:n], rows if not shared_memory else rows[:1].expand(n, -1))
+    stress, seen_before = trainer.stress.state_dict(), len(seen)
+    with pytest.raises(ValueError, match="replay_memory has 1 rows for 2 replayed texts"):
+        trainer.update(EXAMPLES, target_expert=2, steps=1, memory=memory, replay={shared: REPLAY},
+                       replay_memory={shared: replay_rows[:1]})
+    assert trainer.stress.state_dict() == stress and len(seen) == seen_before  # refused before anything ran
