@@ -407,6 +407,27 @@ def _arm_table(summary: dict, title: str) -> Table:
     return table
 
 
+def _learning_table(learning: dict[str, dict], title: str) -> Table:
+    """What each learning arm's episodes did, as the report's learning table counts it."""
+    table = Table(title=title)
+    for column in ("arm", "episodes", "right 1st try", "fixed", "learned from", "rules prop/val/ref/refused",
+                   "updates kept/undone", "texts own/rule/var/rat (replay)", "episode s median/p90"):
+        table.add_column(column, justify="left" if column == "arm" else "right")
+    for name, l in learning.items():
+        get = lambda key: str(l.get(key, "-"))  # noqa: E731  (arms saved before a count existed lack it)
+        by = l.get("texts_by_source") or {}
+        timing = "-" if not l.get("episodes_timed") else f"{l['episode_seconds_median']:.0f}/{l['episode_seconds_p90']:.0f}"
+        table.add_row(
+            name, get("episodes"), get("right_first_try"), get("fixed"), get("learned_from"),
+            "/".join(get(k) for k in ("rules_proposed", "rules_validated", "rules_refuted", "rules_refused")),
+            f"{get('updates_kept')}/{get('updates_rolled_back')}",
+            "/".join(str(by.get(k, 0)) for k in ("own_sample", "rule_conditioned", "variant", "rationalization"))
+            + f" ({get('texts_replayed')})",
+            timing,
+        )
+    return table
+
+
 @app.command("eval-status")
 def eval_status_command(
     run_dir: Annotated[Path, typer.Option(help="The evaluation directory (eval.json, arms/<arm>/).")] = Path("runs/eval"),
@@ -445,6 +466,11 @@ def eval_status_command(
         if progress.get("damaged_event_lines"):
             done.append(f"{progress['damaged_event_lines']} event lines cut short")
         typer.echo(f"{arm}: not finished ({', '.join(done)})")
+    learning = {arm: summary["learning"] for arm, summary in status["arms"].items() if "learning" in summary}
+    learning |= {f"{arm} (so far)": progress["learning"] for arm, progress in status["pending"].items()
+                 if "learning" in progress}
+    if learning:
+        _wide_console().print(_learning_table(learning, "learning episodes"))
     if len(status["code_versions"]) > 1:
         typer.echo(f"code versions that ran it: {' -> '.join(status['code_versions'])}")
 

@@ -91,7 +91,7 @@ class _Driver:
 
     def episode(self, index: int, problem: ProblemData) -> _Episode:
         limit = recursion_limit(self.ctx.config.cycles)
-        return _Episode(index, problem, {"configurable": {"thread_id": f"{self.run_id}-ep{index:05d}"},
+        return _Episode(index, problem, {"configurable": {"thread_id": _thread_id(self.run_id, index)},
                                          "recursion_limit": limit})
 
     def sampled(self) -> dict | None:
@@ -336,6 +336,48 @@ def run_episodes(
         driver.events.close()
         if ctx.memory is not None:
             ctx.memory.flush()
+
+
+def _thread_id(run_id: str, index: int) -> str:
+    return f"{run_id}-ep{index:05d}"
+
+
+def committed_states(run_dir: Path) -> list[LoopState]:
+    """The final states of a run folder's finished episodes, from the first, as ``run_episodes``
+    yields them: read from the checkpoints through a read-only connection and with no model, so
+    that a run going on in another process can be read as it goes."""
+    path = Path(run_dir) / CHECKPOINTS
+    if not path.is_file():
+        return []
+    connection = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, check_same_thread=False)
+    try:
+        app = build_graph().compile(checkpointer=SqliteSaver(connection))
+        run_id, states = run_id_for(run_dir), []
+        while (values := app.get_state({"configurable": {"thread_id": _thread_id(run_id, len(states))}}).values) \
+                and values.get("committed"):
+            states.append(values)
+        return states
+    except sqlite3.Error as err:
+        raise RunDirError(f"{path} is unreadable ({err})") from None
+    finally:
+        connection.close()
+
+
+def episode_seconds(run_dir: Path) -> dict[int, float]:
+    """Each episode's seconds, the sum of its nodes' in the event log, whichever process ran them
+    (a round sampled again after a kill has its first try's lines dropped). A line cut short by a
+    kill, or being written, is skipped."""
+    seconds: dict[int, float] = {}
+    path = Path(run_dir) / EVENTS
+    if not path.is_file():
+        return seconds
+    for text in path.read_text(encoding="utf-8").splitlines():
+        try:
+            line = json.loads(text)
+            seconds[int(line["episode"])] = seconds.get(int(line["episode"]), 0.0) + float(line["seconds"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+    return seconds
 
 
 def describe_episode(state: LoopState) -> str:

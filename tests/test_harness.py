@@ -365,6 +365,8 @@ def test_stream_scores_each_problem_once_before_learning_then_resumes_after_a_st
         _evaluate(config, tmp_path / "run", model, on_progress=on_progress, stop=stop)
     report = _evaluate(config, tmp_path / "run", model, resume=True)
     assert report.protocol == "stream" and report.leak_check == {"not_applicable": "stream"}
+    # every episode timed, those of the stopped process too (read from the event log)
+    assert report.arms["rules"].learning["episodes_timed"] == len(report.learn_ids)
     order = [item["id"] for item in report.items]
     assert report.learn_ids == order  # the stream is the scored set, in one seeded order
     special = problem_id("eval", EVAL_Q[0])  # right without rules, wrong with them
@@ -590,7 +592,12 @@ def test_eval_status_compares_the_finished_arms_and_counts_the_progress_of_the_o
     assert status["arms"]["vote"]["vs_frozen"] == report["arms"]["vote"]["vs_frozen"]
     assert status["arms"]["vote"]["correct"] == report["arms"]["vote"]["correct"]
     # every episode committed, and the arm's scoring calls kept (scored.jsonl)
+    learning = status["pending"]["adapters"].pop("learning")
     assert status["pending"] == {"adapters": {"episodes_committed": 4, "episodes": 4, "problems_scored": 4}}
+    # what its learning did, read from its checkpoints and event log as the report counted it
+    assert learning["updates"] >= 1 and learning["episodes_timed"] == 4
+    assert learning == {k: done["arms"]["adapters"]["learning"][k] for k in learning}
+    assert "adapters (so far)" in CliRunner().invoke(app, ["eval-status", "--run-dir", str(tmp_path / "run")]).output
     table = CliRunner().invoke(app, ["eval-status", "--run-dir", str(tmp_path / "run")]).output
     assert "adapters: not finished (4/4 learning episodes, 4/4 problems scored)" in table
     events = tmp_path / "run" / "arms" / "adapters" / "events.jsonl"

@@ -8,7 +8,7 @@ import torch
 
 from adapters.trainer import TestTimeTrainer
 from agents.lm.generation import Generation, Request, Sampling
-from graph.episodes import EVENTS, StopFlag
+from graph.episodes import EVENTS, StopFlag, committed_states
 from graph.pooling import Lockstep
 from tests import test_loop
 from tests.fakes import ScriptedBackend
@@ -103,9 +103,12 @@ def test_a_stop_while_a_round_samples_resumes_to_the_uninterrupted_run(make_run,
 
     assert _run(ctx_b, problems, tmp_path / "b", round_size=3, on_event=on_event, stop=stop) == []
     assert seen[-1] == (1, "reflect") and not trained(ctx_b)  # stopped after the node, before any update
+    assert committed_states(tmp_path / "b") == []  # sampled, none finished
     ctx_b.memory.close()
     resumed, _ = make_run(World(), run_dir=tmp_path / "b")
-    got = _state_of(resumed, _run(resumed, problems, tmp_path / "b", round_size=3))
+    finals = _run(resumed, problems, tmp_path / "b", round_size=3)
+    assert committed_states(tmp_path / "b") == finals  # as the driver yields them, read with no model
+    got = _state_of(resumed, finals)
     assert got[1:] == want[1:]
     assert all((want[0][k] == got[0][k]).all() for k in want[0])
     assert _events(tmp_path / "b") == _events(tmp_path / "a")

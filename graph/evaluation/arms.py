@@ -28,7 +28,7 @@ from agents.lm.precision import PrecisionChoice
 from agents.solver import Attempt, Solver, SolverConfig
 from agents.verifier import VerifierConfig, check, vote
 from graph.context import RunContext
-from graph.episodes import StopFlag, describe_episode, run_episodes
+from graph.episodes import StopFlag, describe_episode, episode_seconds, run_episodes
 from graph.evaluation.config import EvalConfig, EvalInterrupted, arm_settings
 from graph.evaluation.learning import episode_timing, learning_curve, learning_summary
 from graph.evaluation.problems import ProblemSets
@@ -205,12 +205,8 @@ class ArmRunner:
         stream = [problem_data(p, learning=True, label_free=self.config.label_free) for p in self.sets.learn]
         states: list[dict] = []
         start = time.perf_counter()
-        # Each episode's wall time as the sum of its nodes' (a pooled call counts the episode's share
-        # by rows), over the episodes whose nodes ran in this process (not read back from a checkpoint).
-        seconds: dict[int, float] = {}
 
         def on_event(event) -> None:
-            seconds[event.episode] = seconds.get(event.episode, 0.0) + event.seconds
             self.progress(arm, "learn", len(states), len(stream), f"episode {event.episode + 1} {event.node}")
 
         for state in run_episodes(ctx, stream, run_dir=arm_dir, round_size=round_size, stop=self.stop,
@@ -220,7 +216,11 @@ class ArmRunner:
             self.progress(arm, "learn", len(states), len(stream), finished=line)
         if len(states) < len(stream):
             raise EvalInterrupted(f"stopped while the {arm} arm was learning (episode {len(states) + 1} of {len(stream)})")
-        learning = {**learning_summary(states), **episode_timing(list(seconds.values())), "round_size": round_size,
+        # Each episode's wall time as the sum of its nodes' (a pooled call counts the episode's share
+        # by rows), from the event log: every process that ran the arm, across resumes.
+        seconds = episode_seconds(arm_dir)
+        timed = [seconds[i] for i in range(len(states)) if i in seconds]
+        learning = {**learning_summary(states), **episode_timing(timed), "round_size": round_size,
                     "round_gate": ctx.config.round_gate, "pool_updates": ctx.config.pool_updates,
                     "backend": ctx.backend.description,
                     "canary": {"size": ctx.config.canary_size, "test": ctx.config.canary_test,

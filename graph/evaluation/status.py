@@ -3,8 +3,8 @@
 An evaluation of the reported size runs for many hours and is resumed across sessions; its
 report is written only when every arm is done. This reads what the running or stopped
 evaluation has kept (eval.json, each finished arm's result.json, the scoring calls of
-scored.jsonl, a learning arm's events.jsonl) and loads no model, so it is safe while the
-evaluation runs.
+scored.jsonl, a learning arm's events.jsonl and, read-only, its checkpoints) and loads no
+model, so it is safe while the evaluation runs.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 
 from graph.evaluation.config import EVAL_FILE, EvalConfig, LEGACY_CONFIG, LOOP_ARMS
 from graph.evaluation.results import SCORED_FILE, ArmResult, ScoredCalls, compare_arms, finished_arm, keep_failed
-from graph.episodes import EVENTS
+from graph.evaluation.learning import episode_timing, learning_summary
+from graph.episodes import EVENTS, committed_states, episode_seconds
 from graph.run_dir import RunDirError
 from graph.saved_settings import from_dict, read_saved
 
@@ -50,6 +51,8 @@ def evaluation_status(run_dir: str | Path) -> dict:
     arms = {}
     for name, result in finished.items():
         arms[name] = result.summary()
+        if result.learning and "episodes" in result.learning:
+            arms[name]["learning"] = result.learning
         if name in vs_frozen:
             arms[name]["vs_frozen"] = vs_frozen[name].to_dict()
         if name in vs_vote:
@@ -64,8 +67,9 @@ def evaluation_status(run_dir: str | Path) -> dict:
 
 
 def _progress(run_dir: Path, arm: str, protocol: str, n_learn: int) -> dict:
-    """How far an unfinished arm got: learning episodes committed (learning arms) and problems
-    scored; None where the arm keeps no progress on disk (single-lora scores in one pass)."""
+    """How far an unfinished arm got: learning episodes committed (learning arms), with what their
+    learning did so far as the report counts it, and problems scored; None where the arm keeps no
+    progress on disk (single-lora scores in one pass)."""
     arm_dir = run_dir / "arms" / arm
     progress: dict = {}
     if arm in LOOP_ARMS:
@@ -73,6 +77,11 @@ def _progress(run_dir: Path, arm: str, protocol: str, n_learn: int) -> dict:
         progress.update(episodes_committed=commits, episodes=n_learn)
         if damaged:
             progress["damaged_event_lines"] = damaged  # cut short by a kill; the run itself ignores them
+        states = committed_states(arm_dir)
+        if states:  # what the report will count, over the episodes finished so far
+            seconds = episode_seconds(arm_dir)
+            progress["learning"] = {**learning_summary(states),
+                                    **episode_timing([seconds[i] for i in range(len(states)) if i in seconds])}
     if arm == "single-lora":
         progress["problems_scored"] = None
     elif protocol == "stream" and arm in LOOP_ARMS:
