@@ -318,8 +318,10 @@ def test_per_example_memory_gives_each_row_its_own_features(tiny):
 
 
 @pytest.mark.parametrize("shared_memory", [False, True])
-def test_replayed_texts_take_their_own_memory_rows_when_given(tiny, shared_memory):
-    # A replayed text was learned on another problem: it is routed with that problem's features.
+@pytest.mark.parametrize("mirror", [False, True])
+def test_replayed_texts_take_their_own_memory_rows_when_given(tiny, shared_memory, mirror):
+    # A replayed text was learned on another problem: it is routed with that problem's features, in
+    # the steps and, in Mirror mode, in the guard loss that decides a rollback.
     trainer = _trainer(tiny, micro_batch=1)
     rows = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # (examples, memory_dim)
     memory = rows[0] if shared_memory else rows  # one vector for every example, or one row each
@@ -327,20 +329,23 @@ def test_replayed_texts_take_their_own_memory_rows_when_given(tiny, shared_memor
     seen, real = [], trainer._losses
 
     def spy(batch, target_expert, memory, features=None):
-        seen.append(memory.clone())
+        seen.append(memory.clone().reshape(1, -1))
         return real(batch, target_expert, memory, features)
 
     trainer._losses = spy
-    trainer.stress = StressController(StressConfig(loss_scale=1e6))  # Single mode: the shared expert's replay
-    shared = trainer.bank.config.shared_expert
-    trainer.update(EXAMPLES, target_expert=2, steps=1, memory=memory, replay={shared: REPLAY},
-                   replay_memory={shared: replay_rows})
-    n = len(EXAMPLES)
-    stepped = torch.cat([m.reshape(1, -1) for m in seen[n:-n]])  # the step's rows, one micro-batch each
-    assert torch.equal(stepped[n:], replay_rows)
-    assert torch.equal(stepped[:n], rows if not shared_memory else rows[:1].expand(n, -1))
+    # Single mode trains the shared expert; Mirror mode the target, guarding it and its replay
+    trainer.stress = StressController(StressConfig(loss_scale=1e-6 if mirror else 1e6))
+    expert = 2 if mirror else trainer.bank.config.shared_expert
+    result = trainer.update(EXAMPLES, target_expert=2, steps=1, memory=memory, replay={expert: REPLAY},
+                            replay_memory={expert: replay_rows})
+    assert result.mode == ("mirror" if mirror else "single") and result.replayed == len(REPLAY)
+    n, r = len(EXAMPLES), len(REPLAY)
+    own = rows if not shared_memory else rows[:1].expand(n, -1)
+    passes = [torch.cat(seen[n + i * (n + r):n + (i + 1) * (n + r)]) for i in range(2 if mirror else 1)]
+    for trained in passes:  # the step (after the guard's loss before, in Mirror mode)
+        assert torch.equal(trained, torch.cat([own, replay_rows]))
     stress, seen_before = trainer.stress.state_dict(), len(seen)
     with pytest.raises(ValueError, match="replay_memory has 1 rows for 2 replayed texts"):
-        trainer.update(EXAMPLES, target_expert=2, steps=1, memory=memory, replay={shared: REPLAY},
-                       replay_memory={shared: replay_rows[:1]})
+        trainer.update(EXAMPLES, target_expert=2, steps=1, memory=memory, replay={expert: REPLAY},
+                       replay_memory={expert: replay_rows[:1]})
     assert trainer.stress.state_dict() == stress and len(seen) == seen_before  # refused before anything ran
