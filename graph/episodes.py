@@ -34,7 +34,7 @@ from graph.builder import build_graph, recursion_limit
 from graph.canary import canary_entry
 from graph.context import RunContext
 from graph.pooling import Lockstep
-from graph.run_dir import CHECKPOINTS, RunDirError, run_id_for
+from graph.run_dir import CHECKPOINTS, RunDirError, has_checkpoints, run_id_for
 from graph.snapshots import align_bank, prune_snapshots, snapshot_name
 from graph.state import EpisodeCarryOver, EpisodeInput, LoopState, ProblemData
 
@@ -245,7 +245,8 @@ class _Driver:
             now = clock()
             seconds, mark = round(now - mark, 3), now
             for node, update in chunk.items():
-                if node != "__interrupt__":
+                # not nodes: an interrupt, and the marker LangGraph adds to a node's saved output replayed on a resume
+                if node not in ("__interrupt__", "__metadata__"):
                     self.write(episode.index, node, update or {}, seconds)
             if self.stop:
                 return False
@@ -347,7 +348,7 @@ def committed_states(run_dir: Path) -> list[LoopState]:
     yields them: read from the checkpoints through a read-only connection and with no model, so
     that a run going on in another process can be read as it goes."""
     path = Path(run_dir) / CHECKPOINTS
-    if not path.is_file():
+    if not has_checkpoints(run_dir):  # none yet, or a file not yet set up, which a reader must not set up
         return []
     connection = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, check_same_thread=False)
     try:

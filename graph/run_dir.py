@@ -162,7 +162,7 @@ def check_run_dir(run_dir: Path, settings: RunSettings, resume: bool) -> None:
         return
     if not resume:
         raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
-    if saved.get("state_format", 1) != STATE_FORMAT and _has_checkpoints(run_dir):
+    if saved.get("state_format", 1) != STATE_FORMAT and has_checkpoints(run_dir):
         raise RunDirError(f"{run_dir} holds a run made by an older version, whose checkpoints this version cannot "
                           "resume; start it again in another --run-dir (`rules` and `export` still read it)")
     # Through the settings class, so that a setting added since the folder was saved reads as its
@@ -198,7 +198,8 @@ def _compared(settings: dict, keys: list[str], unused: tuple[str, ...]) -> dict:
     return kept
 
 
-def _has_checkpoints(run_dir: Path) -> bool:
+def has_checkpoints(run_dir: Path) -> bool:
+    """Whether the run folder's checkpoints hold anything, read through a read-only connection."""
     path = Path(run_dir) / CHECKPOINTS
     if not path.is_file():
         return False

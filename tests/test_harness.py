@@ -602,6 +602,13 @@ def test_eval_status_compares_the_finished_arms_and_counts_the_progress_of_the_o
     assert "adapters: not finished (4/4 learning episodes, 4/4 problems scored)" in table
     events = tmp_path / "run" / "arms" / "adapters" / "events.jsonl"
     with events.open("a") as f:
+        f.write('{"episode": 4, "node": "commit"}\n')  # a line the checkpoints do not back: they decide
+    assert evaluation_status(tmp_path / "run")["pending"]["adapters"]["episodes_committed"] == 4
+    events.write_text("".join(events.read_text().splitlines(keepends=True)[:-1]))
+    # a folder kept without its checkpoints (as docs/ keeps finished arms) counts the event log's commits
+    (tmp_path / "run" / "arms" / "adapters" / "checkpoints.sqlite").unlink()
+    assert "learning" not in evaluation_status(tmp_path / "run")["pending"]["adapters"]
+    with events.open("a") as f:
         f.write('{"episode": 4, "node": "commit"')  # a line being written counts when it is whole
     assert evaluation_status(tmp_path / "run")["pending"]["adapters"]["episodes_committed"] == 4
     events.write_text(events.read_text() + '}\n{"episode": 5, "node": "commit"}\n')

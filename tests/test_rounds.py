@@ -524,3 +524,10 @@ def test_a_lockstep_runs_once():
     lockstep.run([lambda: None])
     with pytest.raises(RuntimeError, match="one per round"):
         lockstep.run([lambda: None])
+
+
+def test_committed_states_of_a_checkpoints_file_not_yet_set_up_is_empty_and_left_alone(tmp_path):
+    from graph.run_dir import CHECKPOINTS
+
+    (tmp_path / CHECKPOINTS).write_bytes(b"")  # created by a run that has not checkpointed yet
+    assert committed_states(tmp_path) == [] and (tmp_path / CHECKPOINTS).stat().st_size == 0

@@ -79,6 +79,7 @@ def _progress(run_dir: Path, arm: str, protocol: str, n_learn: int) -> dict:
             progress["damaged_event_lines"] = damaged  # cut short by a kill; the run itself ignores them
         states = committed_states(arm_dir)
         if states:  # what the report will count, over the episodes finished so far
+            progress["episodes_committed"] = len(states)  # the checkpoints, over the event log's lines
             seconds = episode_seconds(arm_dir)
             progress["learning"] = {**learning_summary(states),
                                     **episode_timing([seconds[i] for i in range(len(states)) if i in seconds])}
