@@ -363,17 +363,15 @@ def test_make_backend_selects_by_name_and_auto(tiny_bank, tiny_gguf):
 
 @pytest.mark.slow
 def test_qwen_llama_cpp_gives_the_same_final_answers_as_torch():
-    """A GSM8K test problem: the same final answer as torch, and a mixture changes both backends."""
-    from agents.data_sources import open_source
+    """A short word problem: the same final answer as torch, and a mixture changes both backends."""
     from agents.solver import Solver, SolverConfig
 
     loaded = load_model("qwen2.5-coder-0.5b")
     if loaded.gguf_path is None:
         pytest.skip("the Qwen GGUF is not in the cache")
-    # One problem (its answer is about 210 tokens, below the cap): on an AVX2-only CPU torch decodes
-    # a few rows at a few tokens/s, and the test run must stay under ten minutes there.
-    problems = open_source("test").take(1)
-    questions = [p.question for p in problems]
+    # One short problem: on an AVX2-only CPU torch decodes one row at a few tokens/s, and a GSM8K
+    # answer of about 210 tokens took most of this test's three minutes; the run must stay under ten.
+    questions = ["Tom has 3 boxes with 12 pencils in each box. He gives away 9 pencils. How many pencils does he have left?"]
     bank = ExpertBank(loaded.model, BankConfig(n_experts=2, rank=8))
     with torch.no_grad():
         generator = torch.Generator().manual_seed(0)
@@ -385,6 +383,7 @@ def test_qwen_llama_cpp_gives_the_same_final_answers_as_torch():
         expected = Solver(ref, config).solve(questions)
         got = Solver(fast, config).solve(questions)
         assert [a.answer for a in got] == [a.answer for a in expected]
+        assert expected[0].answer is not None  # an answer line was found, so the comparison says something
 
         prompt = [ref.chat_prompt(None, "Write one sentence about the sea.")]
         for backend in (ref, fast):
