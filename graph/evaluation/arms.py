@@ -28,9 +28,9 @@ from agents.lm.precision import PrecisionChoice
 from agents.solver import Attempt, Solver, SolverConfig
 from agents.verifier import VerifierConfig, check, vote
 from graph.context import RunContext
-from graph.episodes import StopFlag, describe_episode, episode_seconds, run_episodes
+from graph.episodes import StopFlag, describe_episode, run_episodes
 from graph.evaluation.config import EvalConfig, EvalInterrupted, arm_settings
-from graph.evaluation.learning import episode_timing, learning_curve, learning_summary
+from graph.evaluation.learning import arm_episode_timing, learning_curve, learning_summary
 from graph.evaluation.problems import ProblemSets
 from graph.evaluation.results import ArmResult, EvalProgress, ItemScore, ScoredCalls
 from graph.routing import route
@@ -216,11 +216,8 @@ class ArmRunner:
             self.progress(arm, "learn", len(states), len(stream), finished=line)
         if len(states) < len(stream):
             raise EvalInterrupted(f"stopped while the {arm} arm was learning (episode {len(states) + 1} of {len(stream)})")
-        # Each episode's wall time as the sum of its nodes' (a pooled call counts the episode's share
-        # by rows), from the event log: every process that ran the arm, across resumes.
-        seconds = episode_seconds(arm_dir)
-        timed = [seconds[i] for i in range(len(states)) if i in seconds]
-        learning = {**learning_summary(states), **episode_timing(timed), "round_size": round_size,
+        # Each episode's wall time as the sum of its nodes' (a pooled call counts the episode's share by rows)
+        learning = {**learning_summary(states), **arm_episode_timing(arm_dir, len(states)), "round_size": round_size,
                     "round_gate": ctx.config.round_gate, "pool_updates": ctx.config.pool_updates,
                     "backend": ctx.backend.description,
                     "canary": {"size": ctx.config.canary_size, "test": ctx.config.canary_test,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from pathlib import Path
 from typing import Sequence
 
 from adapters.trainer import TrainingExample
@@ -11,6 +12,7 @@ from agents.gsm8k import Problem, normalise_question
 from agents.solver import Attempt
 from agents.trajectories import SOURCES
 from agents.verifier import check
+from graph.episodes import episode_seconds
 from graph.remember import update_survived
 
 
@@ -80,6 +82,13 @@ def leak_check(scored: Sequence[Problem], states_by_arm: dict[str, list[dict]]) 
              for s in states for u in s.get("updates") or [] for t in u.get("texts") or []]
     hits = sum(any(q in t for q in questions) for t in rules + texts)
     return {"rules": len(rules), "training_texts": len(texts), "containing_an_evaluation_question": hits}
+
+
+def arm_episode_timing(arm_dir: Path, episodes: int) -> dict:
+    """``episode_timing`` of an arm's first ``episodes`` episodes, each the sum of its nodes'
+    seconds in the arm's event log (every process that ran it, across resumes)."""
+    seconds = episode_seconds(arm_dir)
+    return episode_timing([seconds[i] for i in range(episodes) if i in seconds])
 
 
 def episode_timing(seconds: list[float]) -> dict:

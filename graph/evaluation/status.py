@@ -14,8 +14,8 @@ from pathlib import Path
 
 from graph.evaluation.config import EVAL_FILE, EvalConfig, LEGACY_CONFIG, LOOP_ARMS
 from graph.evaluation.results import SCORED_FILE, ArmResult, ScoredCalls, compare_arms, finished_arm, keep_failed
-from graph.evaluation.learning import episode_timing, learning_summary
-from graph.episodes import EVENTS, committed_states, episode_seconds
+from graph.evaluation.learning import arm_episode_timing, learning_summary
+from graph.episodes import EVENTS, committed_states
 from graph.run_dir import RunDirError
 from graph.saved_settings import from_dict, read_saved
 
@@ -80,9 +80,7 @@ def _progress(run_dir: Path, arm: str, protocol: str, n_learn: int) -> dict:
         states = committed_states(arm_dir)
         if states:  # what the report will count, over the episodes finished so far
             progress["episodes_committed"] = len(states)  # the checkpoints, over the event log's lines
-            seconds = episode_seconds(arm_dir)
-            progress["learning"] = {**learning_summary(states),
-                                    **episode_timing([seconds[i] for i in range(len(states)) if i in seconds])}
+            progress["learning"] = {**learning_summary(states), **arm_episode_timing(arm_dir, len(states))}
     if arm == "single-lora":
         progress["problems_scored"] = None
     elif protocol == "stream" and arm in LOOP_ARMS:
