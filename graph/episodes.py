@@ -364,19 +364,32 @@ def committed_states(run_dir: Path) -> list[LoopState]:
         connection.close()
 
 
-def episode_seconds(run_dir: Path) -> dict[int, float]:
-    """Each episode's seconds, the sum of its nodes' in the event log, whichever process ran them
-    (a round sampled again after a kill has its first try's lines dropped). A line cut short by a
-    kill, or being written, is skipped."""
-    seconds: dict[int, float] = {}
+def read_events(run_dir: Path) -> tuple[list[dict], int]:
+    """The event log's lines, and how many were not JSON (one being written by the process that
+    runs the episodes, or one cut short by a kill)."""
     path = Path(run_dir) / EVENTS
     if not path.is_file():
-        return seconds
+        return [], 0
+    events, damaged = [], 0
     for text in path.read_text(encoding="utf-8").splitlines():
         try:
             line = json.loads(text)
+        except json.JSONDecodeError:
+            damaged += 1
+            continue
+        if isinstance(line, dict):
+            events.append(line)
+    return events, damaged
+
+
+def episode_seconds(events: list[dict]) -> dict[int, float]:
+    """Each episode's seconds, the sum of its nodes' in the event log (``read_events``), whichever
+    process ran them (a round sampled again after a kill has its first try's lines dropped)."""
+    seconds: dict[int, float] = {}
+    for line in events:
+        try:
             seconds[int(line["episode"])] = seconds.get(int(line["episode"]), 0.0) + float(line["seconds"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError):
             continue
     return seconds
 

@@ -28,7 +28,7 @@ from agents.lm.precision import PrecisionChoice
 from agents.solver import Attempt, Solver, SolverConfig
 from agents.verifier import VerifierConfig, check, vote
 from graph.context import RunContext
-from graph.episodes import StopFlag, describe_episode, run_episodes
+from graph.episodes import StopFlag, describe_episode, read_events, run_episodes
 from graph.evaluation.config import EvalConfig, EvalInterrupted, arm_settings
 from graph.evaluation.learning import arm_episode_timing, learning_curve, learning_summary
 from graph.evaluation.problems import ProblemSets
@@ -217,7 +217,7 @@ class ArmRunner:
         if len(states) < len(stream):
             raise EvalInterrupted(f"stopped while the {arm} arm was learning (episode {len(states) + 1} of {len(stream)})")
         # Each episode's wall time as the sum of its nodes' (a pooled call counts the episode's share by rows)
-        learning = {**learning_summary(states), **arm_episode_timing(arm_dir, len(states)), "round_size": round_size,
+        learning = {**learning_summary(states), **arm_episode_timing(read_events(arm_dir)[0], len(states)), "round_size": round_size,
                     "round_gate": ctx.config.round_gate, "pool_updates": ctx.config.pool_updates,
                     "backend": ctx.backend.description,
                     "canary": {"size": ctx.config.canary_size, "test": ctx.config.canary_test,

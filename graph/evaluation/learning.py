@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import statistics
-from pathlib import Path
 from typing import Sequence
 
 from adapters.trainer import TrainingExample
@@ -84,10 +83,10 @@ def leak_check(scored: Sequence[Problem], states_by_arm: dict[str, list[dict]]) 
     return {"rules": len(rules), "training_texts": len(texts), "containing_an_evaluation_question": hits}
 
 
-def arm_episode_timing(arm_dir: Path, episodes: int) -> dict:
+def arm_episode_timing(events: list[dict], episodes: int) -> dict:
     """``episode_timing`` of an arm's first ``episodes`` episodes, each the sum of its nodes'
-    seconds in the arm's event log (every process that ran it, across resumes)."""
-    seconds = episode_seconds(arm_dir)
+    seconds in the arm's event log (graph.episodes.read_events: every process that ran it)."""
+    seconds = episode_seconds(events)
     return episode_timing([seconds[i] for i in range(episodes) if i in seconds])
 
 

@@ -9,13 +9,12 @@ model, so it is safe while the evaluation runs.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from graph.evaluation.config import EVAL_FILE, EvalConfig, LEGACY_CONFIG, LOOP_ARMS
 from graph.evaluation.results import SCORED_FILE, ArmResult, ScoredCalls, compare_arms, finished_arm, keep_failed
 from graph.evaluation.learning import arm_episode_timing, learning_summary
-from graph.episodes import EVENTS, committed_states
+from graph.episodes import committed_states, read_events
 from graph.run_dir import RunDirError
 from graph.saved_settings import from_dict, read_saved
 
@@ -73,14 +72,14 @@ def _progress(run_dir: Path, arm: str, protocol: str, n_learn: int) -> dict:
     arm_dir = run_dir / "arms" / arm
     progress: dict = {}
     if arm in LOOP_ARMS:
-        commits, damaged = _count_lines(arm_dir / EVENTS, lambda event: event.get("node") == "commit")
-        progress.update(episodes_committed=commits, episodes=n_learn)
+        events, damaged = read_events(arm_dir)
+        progress.update(episodes_committed=sum(e.get("node") == "commit" for e in events), episodes=n_learn)
         if damaged:
             progress["damaged_event_lines"] = damaged  # cut short by a kill; the run itself ignores them
         states = committed_states(arm_dir)
         if states:  # what the report will count, over the episodes finished so far
             progress["episodes_committed"] = len(states)  # the checkpoints, over the event log's lines
-            progress["learning"] = {**learning_summary(states), **arm_episode_timing(arm_dir, len(states))}
+            progress["learning"] = {**learning_summary(states), **arm_episode_timing(events, len(states))}
     if arm == "single-lora":
         progress["problems_scored"] = None
     elif protocol == "stream" and arm in LOOP_ARMS:
@@ -93,18 +92,3 @@ def _progress(run_dir: Path, arm: str, protocol: str, n_learn: int) -> dict:
         progress["problems_scored"] = sum(len(call.get("ids") or []) for call in calls.values())
     return progress
 
-
-def _count_lines(path: Path, keep) -> tuple[int, int]:
-    """Lines of a JSON-lines file another process appends to that ``keep`` accepts, and lines not
-    JSON (one being written, or one cut short by a kill)."""
-    if not path.is_file():
-        return 0, 0
-    kept = damaged = 0
-    for text in path.read_text(encoding="utf-8").splitlines():
-        try:
-            line = json.loads(text)
-        except json.JSONDecodeError:
-            damaged += 1
-            continue
-        kept += isinstance(line, dict) and bool(keep(line))
-    return kept, damaged
