@@ -408,23 +408,17 @@ def _arm_table(summary: dict, title: str) -> Table:
 
 
 def _learning_table(learning: dict[str, dict], title: str) -> Table:
-    """What each learning arm's episodes did, as the report's learning table counts it."""
+    """What each learning arm's episodes did: the report's learning table turned on its side (a
+    column per arm), so that its eleven counts fit a terminal."""
+    from graph.evaluation.learning import LEARNING_COLUMNS, learning_cells
+
     table = Table(title=title)
-    for column in ("arm", "episodes", "right 1st try", "fixed", "learned from", "rules prop/val/ref/refused",
-                   "updates kept/undone", "texts own/rule/var/rat (replay)", "episode s median/p90"):
-        table.add_column(column, justify="left" if column == "arm" else "right")
-    for name, l in learning.items():
-        get = lambda key: str(l.get(key, "-"))  # noqa: E731  (arms saved before a count existed lack it)
-        by = l.get("texts_by_source") or {}
-        timing = "-" if not l.get("episodes_timed") else f"{l['episode_seconds_median']:.0f}/{l['episode_seconds_p90']:.0f}"
-        table.add_row(
-            name, get("episodes"), get("right_first_try"), get("fixed"), get("learned_from"),
-            "/".join(get(k) for k in ("rules_proposed", "rules_validated", "rules_refuted", "rules_refused")),
-            f"{get('updates_kept')}/{get('updates_rolled_back')}",
-            "/".join(str(by.get(k, 0)) for k in ("own_sample", "rule_conditioned", "variant", "rationalization"))
-            + f" ({get('texts_replayed')})",
-            timing,
-        )
+    table.add_column("")
+    for name in learning:
+        table.add_column(name, justify="right")
+    cells = [learning_cells(l) for l in learning.values()]
+    for index, what in enumerate(LEARNING_COLUMNS):
+        table.add_row(what, *(arm_cells[index] for arm_cells in cells))
     return table
 
 

@@ -53,6 +53,35 @@ def learning_summary(states: list[dict]) -> dict:
     }
 
 
+# The learning table's columns, as the report and eval-status both show them (``learning_cells``).
+LEARNING_COLUMNS = (
+    "episodes", "right first try", "fixed", "unfixed", "nothing verified", "learned from",
+    "rules proposed / validated / refuted / refused", "updates kept / rolled back",
+    "texts: own / rule-conditioned / variant / rationalization (replayed)", "episode s median / p90",
+    "right at first try, again after learning / frozen",
+)
+
+
+def learning_cells(learning: dict) -> list[str]:
+    """One arm's row of the learning table (``LEARNING_COLUMNS``), from its ``learning_summary``
+    with timing and forgetting; a count an older arm lacks shows as a dash."""
+    get = lambda key: str(learning.get(key, "—"))  # noqa: E731
+    by = learning.get("texts_by_source") or {}
+    timing = ("—" if not learning.get("episodes_timed") else
+              f"{learning['episode_seconds_median']:.0f} / {learning['episode_seconds_p90']:.0f} "
+              f"({learning['episodes_timed']} timed)")
+    forgetting = learning.get("forgetting")  # absent: stream arms, unlabelled problems, arms not yet scored
+    return [
+        get("episodes"), get("right_first_try"), get("fixed"), get("unfixed"), get("failed"), get("learned_from"),
+        " / ".join(get(k) for k in ("rules_proposed", "rules_validated", "rules_refuted", "rules_refused")),
+        f"{get('updates_kept')} / {get('updates_rolled_back')}",
+        " / ".join(str(by.get(k, 0)) for k in SOURCES) + f" ({learning.get('texts_replayed', 0)})",
+        timing,
+        "—" if not forgetting else
+        f"{forgetting['right_after']} / {forgetting['right_frozen']} of {forgetting['checked']}",
+    ]
+
+
 def learning_curve(states: list[dict], learn: Sequence[Problem]) -> list[dict]:
     """Per learning episode: right at the first try (against the label), outcome, and the stress phi(t)."""
     labels = {p.id: p.label for p in learn}

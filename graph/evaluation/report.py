@@ -15,6 +15,7 @@ from pathlib import Path
 
 from agents.files import atomic_write_bytes
 from agents.trajectories import SOURCES
+from graph.evaluation.learning import LEARNING_COLUMNS, learning_cells
 from graph.evaluation.provenance import machine_label, same_machine
 
 ARM_COLOURS = {"frozen": "#7f7f7f", "vote": "#8c564b", "rules": "#1f77b4", "adapters": "#ff7f0e", "full": "#2ca02c", "single-lora": "#9467bd"}
@@ -56,14 +57,6 @@ def _canary_line(canary: dict | None) -> str:
     if canary["test"] == "binomial":
         return f"canary of {canary['size']} problems, binomial test at alpha {canary['alpha']}"
     return f"canary of {canary['size']} problems, margin {canary['margin']}"
-
-
-def _forgetting(learning: dict) -> str:
-    """The arm's learning problems right at their first try: right again after learning, and by the frozen model."""
-    f = learning.get("forgetting")
-    if not f:
-        return "—"  # stream arms, unlabelled learning problems, and arms scored before the check existed
-    return f"{f['right_after']} / {f['right_frozen']} of {f['checked']}"
 
 
 def _machine_lines(report) -> list[str]:
@@ -183,23 +176,10 @@ def render_markdown(report) -> str:
             "",
             f"## Learning ({protocol})",
             "",
-            "| arm | episodes | right first try | fixed | unfixed | nothing verified | learned from | "
-            "rules proposed / validated / refuted / refused | updates kept / rolled back | "
-            "texts: own / rule-conditioned / variant / rationalization (replayed) | episode s median / p90 | "
-            "right at first try, again after learning / frozen |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| arm | " + " | ".join(LEARNING_COLUMNS) + " |",
+            "|---" * (len(LEARNING_COLUMNS) + 1) + "|",
         ]
-        for name, l in learning.items():
-            by = l.get("texts_by_source") or {}
-            timing = ("—" if not l.get("episodes_timed") else
-                      f"{l['episode_seconds_median']:.0f} / {l['episode_seconds_p90']:.0f} ({l['episodes_timed']} timed)")
-            lines.append(
-                f"| {name} | {l['episodes']} | {l['right_first_try']} | {l['fixed']} | {l['unfixed']} | {l['failed']} | "
-                f"{l.get('learned_from', '—')} | {l.get('rules_proposed', '—')} / {l.get('rules_validated', '—')} / "
-                f"{l.get('rules_refuted', '—')} / {l.get('rules_refused', '—')} | "
-                f"{l.get('updates_kept', '—')} / {l.get('updates_rolled_back', '—')} | "
-                f"{by.get('own_sample', 0)} / {by.get('rule_conditioned', 0)} / {by.get('variant', 0)} / "
-                f"{by.get('rationalization', 0)} ({l.get('texts_replayed', 0)}) | {timing} | {_forgetting(l)} |")
+        lines += [f"| {name} | " + " | ".join(learning_cells(l)) + " |" for name, l in learning.items()]
         lines += ["", "'right at first try, again after learning / frozen': the learning problems answered right at "
                       "their first try (against their labels), asked again greedily once learning is over, as the arm answers and by the "
                       "frozen model (an answer right by a narrow margin can flip without any forgetting)."]
