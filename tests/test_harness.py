@@ -575,6 +575,23 @@ def test_an_arm_records_the_code_its_process_started_with_not_the_checkout_at_it
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["code_versions"] == ["git aaaa"]
 
 
+def test_a_learning_row_shows_each_count_and_a_dash_for_what_an_older_arm_lacks():
+    from graph.evaluation.learning import LEARNING_COLUMNS, learning_cells
+
+    learning = {"episodes": 40, "right_first_try": 13, "fixed": 4, "unfixed": 20, "failed": 3, "learned_from": 20,
+                "rules_proposed": 81, "rules_validated": 5, "rules_refuted": 39, "rules_refused": 37,
+                "updates_kept": 5, "updates_rolled_back": 0, "texts_replayed": 16,
+                "texts_by_source": {"own_sample": 29, "rule_conditioned": 7, "variant": 3, "rationalization": 0},
+                "episodes_timed": 40, "episode_seconds_median": 97.2, "episode_seconds_p90": 387.0,
+                "forgetting": {"right_after": 25, "right_frozen": 22, "checked": 34}}
+    assert learning_cells(learning) == ["40", "13", "4", "20", "3", "20", "81 / 5 / 39 / 37", "5 / 0",
+                                        "29 / 7 / 3 / 0 (16)", "97 / 387 (40 timed)", "25 / 22 of 34"]
+    older = {k: v for k, v in learning.items() if k not in ("learned_from", "forgetting", "episodes_timed")}
+    cells = dict(zip(LEARNING_COLUMNS, learning_cells(older)))
+    assert cells["learned from"] == cells["episode s median / p90"] == "—"
+    assert cells["right at first try, again after learning / frozen"] == "—"
+
+
 def test_eval_status_compares_the_finished_arms_and_counts_the_progress_of_the_others(tmp_path):
     """A long evaluation is read while it runs: finished arms compared so far, the others' progress."""
     config = _config(tmp_path, arms=("frozen", "vote", "adapters"), round_size=1, plots=False)
@@ -607,7 +624,7 @@ def test_eval_status_compares_the_finished_arms_and_counts_the_progress_of_the_o
     assert "adapters (so far)" in table
     lines = table.splitlines()
     for what, cell in zip(LEARNING_COLUMNS, learning_cells(learning)):
-        assert any(what in line and line.rstrip(" │").endswith(cell) for line in lines), (what, cell)
+        assert any(line.lstrip("│ ").startswith(what) and line.rstrip(" │").endswith(cell) for line in lines), (what, cell)
     assert "adapters: not finished (4/4 learning episodes, 4/4 problems scored)" in table
     events = tmp_path / "run" / "arms" / "adapters" / "events.jsonl"
     with events.open("a") as f:
