@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 from dataclasses import asdict
@@ -26,6 +25,7 @@ from rich.table import Table
 # commands stay fast. Each command imports the library it calls.
 from agents.errors import SelfImproveError
 from agents.lm.models import DEFAULT_MODEL
+from agents.lm.openmp import bounded_openmp_wait
 
 app = typer.Typer(
     help="Test-time self-improvement for frozen causal language models.",
@@ -94,17 +94,6 @@ def models(
         size = "-" if info.size_bytes is None else f"{info.size_bytes / 2**20:,.0f} MiB"
         table.add_row(info.alias, info.description, "yes" if info.available else "no", size, info.note)
     Console().print(table)
-
-
-def _quiet_openmp() -> None:
-    """Set before torch loads, in the commands that generate: how OpenMP threads wait at barriers.
-
-    llama.cpp shares torch's OpenMP runtime, whose threads busy-wait at every barrier;
-    spinning briefly, then sleeping, was measured best alone and with two busy processes
-    (bench/bench_generation.py; figures in the README).
-    """
-    if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 
 def _status(console: Console, message: str) -> None:
@@ -234,7 +223,7 @@ def run(
 
     Example: python run_loop.py run --data train --episodes 5 --run-dir runs/first
     """
-    _quiet_openmp()
+    bounded_openmp_wait()  # before torch loads
     from graph.episodes import describe_episode
     from graph.loop_run import LoopRun
 
@@ -354,7 +343,7 @@ def eval_command(
 
     Example: python run_loop.py eval --learn-problems 20 --eval-problems 50 --run-dir runs/eval1
     """
-    _quiet_openmp()
+    bounded_openmp_wait()  # before torch loads
     from graph.evaluation.config import ARMS, eval_config
 
     err = Console(stderr=True, soft_wrap=True)
@@ -508,7 +497,7 @@ def demo(
 
     Example: python run_loop.py demo --learn-problems 3 --eval-problems 10
     """
-    _quiet_openmp()
+    bounded_openmp_wait()  # before torch loads
     from graph.evaluation.config import eval_config
 
     err = Console(stderr=True, soft_wrap=True)

@@ -13,18 +13,18 @@ Prints seconds and tokens/s per call, the ratio, and whether the greedy texts ar
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
-
-if "OMP_WAIT_POLICY" not in os.environ:  # as run_loop.py does, before torch loads
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import sys
+import time
+from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agents.lm.openmp import bounded_openmp_wait  # noqa: E402
+
+bounded_openmp_wait()  # before torch loads (child processes inherit it)
 
 
 def main() -> None:

@@ -24,23 +24,23 @@ per precision and round size:
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-
-if "OMP_WAIT_POLICY" not in os.environ:  # as run_loop.py does, before torch loads (children inherit it)
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections import defaultdict  # noqa: E402
-from pathlib import Path  # noqa: E402
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from agents.lm.openmp import bounded_openmp_wait  # noqa: E402
+
+bounded_openmp_wait()  # before torch loads (child processes inherit it)
 
 from agents.lm.precision import check_precision_for_backend  # noqa: E402
 

@@ -21,22 +21,22 @@ GOMP_SPINCOUNT is set, as run_loop.py does (see agents/lm/llamacpp.py).
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-
-if "OMP_WAIT_POLICY" not in os.environ:  # must precede the torch import
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
+import resource
+import sys
+import time
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from agents.lm.openmp import bounded_openmp_wait  # noqa: E402
+
+bounded_openmp_wait()  # before torch loads (child processes inherit it)
+
+import torch  # noqa: E402
 
 from adapters.bank import BankConfig, ExpertBank  # noqa: E402
 from adapters.router import routing_weights  # noqa: E402

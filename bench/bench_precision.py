@@ -22,21 +22,21 @@ Each precision runs in its own process, so its peak memory is its own.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
-
-if "OMP_WAIT_POLICY" not in os.environ:  # as run_loop.py does, before torch loads (children inherit it)
-    os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from agents.lm.openmp import bounded_openmp_wait  # noqa: E402
+
+bounded_openmp_wait()  # before torch loads (child processes inherit it)
 
 PRECISIONS = ("float32", "bfloat16", "int8")
 DECODE_ROWS = 64  # the torch backend's default slot count

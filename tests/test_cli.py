@@ -150,3 +150,27 @@ def test_the_gate_flags_are_saved_with_the_run_and_kept_on_resume(tmp_path):
     assert again.exit_code == 1 and "--round-gate True differs from the saved False" in again.output
     again = _run(["--episodes", "2", "--canary-test", "margin", "--run-dir", str(run_dir), "--resume", *TINY])
     assert again.exit_code == 1 and "--canary-test margin differs from the saved binomial" in again.output
+
+
+def test_openmp_threads_wait_briefly_unless_the_user_chose_how_and_torch_is_not_loaded_before(monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from agents.lm.openmp import bounded_openmp_wait
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    bounded_openmp_wait()
+    assert os.environ["GOMP_SPINCOUNT"] == "10000"
+    monkeypatch.setenv("GOMP_SPINCOUNT", "5")
+    bounded_openmp_wait()
+    assert os.environ["GOMP_SPINCOUNT"] == "5"
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    bounded_openmp_wait()
+    assert "GOMP_SPINCOUNT" not in os.environ
+    # The runtime reads the setting once, when torch loads: the CLI must set it first.
+    loaded = subprocess.run([sys.executable, "-c", "import sys, run_loop; print('torch' in sys.modules)"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "False"
