@@ -4,7 +4,7 @@ Prints, for the default model:
   - greedy tokens/s for 1 and 8 sequences of a fixed length: plain transformers ``generate``
     (the reference), the torch backend's continuous batching, and llama.cpp on each weight copy;
   - scoring GSM8K test problems (answer-line stop, 384-token cap, the solver's prompts): the
-    reference in batches of 8 against continuous batching and llama.cpp at 32 slots, with the
+    reference in batches of 8 against continuous batching and llama.cpp at --slots (64), with the
     time, tokens/s, accuracy, and how many answers are token-identical to the reference and
     how many reach its final answer;
   - expert mixtures (8 sequences, a trained-looking bank): bare, one top-2 mixture, a different
