@@ -81,3 +81,25 @@ def test_the_readme_quickstart_runs_the_loop_from_a_bare_clone(clone):
 def test_help_imports_no_model_library(clone):
     result = _run([sys.executable, "-c", IMPORT_PROBE, "--help"], clone)
     assert "Usage" in result.stdout and "heavy imports: []" in result.stderr, result.stderr
+
+
+def test_the_readme_engine_example_runs_as_written_on_the_tiny_model(tmp_path, monkeypatch):
+    """The README's "The engine in Python" block, on the tiny test model instead of Qwen."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## The engine in Python"):]
+    start = section.index("```python\n") + len("```python\n")
+    block = section[start:section.index("\n```", start)]
+    assert 'load_model("qwen2.5-coder-0.5b")' in block and "runs/x/" in block  # what is replaced below is there
+    block = block.replace('load_model("qwen2.5-coder-0.5b")', 'load_model("tiny-random")')
+    monkeypatch.chdir(tmp_path)  # its files go under runs/x/ here
+    setup = ("prompt, completion = 'What is 2 + 3?', 'The answer is 5.'\n"
+             "inputs = None\n")
+    namespace: dict = {}
+    exec(setup, namespace)  # the names the example leaves to its reader
+    source = block.replace("out = loaded.model.generate(**inputs)",
+                           "inputs = loaded.tokenizer(prompt, return_tensors='pt')\n"
+                           "    out = loaded.model.generate(**inputs, max_new_tokens=4, do_sample=False)")
+    exec(compile(source, "README.md (The engine in Python)", "exec"), namespace)
+    assert namespace["out"].shape[1] > namespace["inputs"]["input_ids"].shape[1]
+    assert namespace["result"].steps and (tmp_path / "runs/x/bank/current/manifest.json").is_file()
+    assert (tmp_path / "runs/x/peft-expert3/adapter_model.safetensors").is_file()
