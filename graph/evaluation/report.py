@@ -17,6 +17,7 @@ from agents.files import atomic_write_bytes
 from agents.trajectories import SOURCES
 from graph.evaluation.learning import LEARNING_COLUMNS, learning_cells
 from graph.evaluation.provenance import machine_label, same_machine
+from graph.evaluation.results import ANSWER_FORMS
 
 ARM_COLOURS = {"frozen": "#7f7f7f", "vote": "#8c564b", "rules": "#1f77b4", "adapters": "#ff7f0e", "full": "#2ca02c", "single-lora": "#9467bd"}
 
@@ -57,6 +58,26 @@ def _canary_line(canary: dict | None) -> str:
     if canary["test"] == "binomial":
         return f"canary of {canary['size']} problems, binomial test at alpha {canary['alpha']}"
     return f"canary of {canary['size']} problems, margin {canary['margin']}"
+
+
+def _answer_forms(report, protocol: str) -> list[str]:
+    """Per arm, how its answers gave their final number and how many hit the token cap, with how many were right."""
+    cap = report.config["max_new_tokens"]
+    forms = {name: arm.answer_forms(cap) for name, arm in report.arms.items()}
+    forms = {name: f for name, f in forms.items() if f is not None}
+    if not forms:
+        return []
+    cell = lambda c: f"{c['n']} ({c['right']} right)"  # noqa: E731
+    lines = ["", f"## How the arms answered ({protocol})", "",
+             f"| arm | 'The answer is N' | \\boxed{{N}} | #### N | last number in the text | no number | "
+             f"at the {cap}-token cap |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | " + " | ".join(cell(f[form]) for form in (*ANSWER_FORMS, "at_cap")) + " |"
+              for name, f in forms.items()]
+    lines += ["", "Where each answer's final number was read (`agents/answers.py`: a \\boxed{} first, then the "
+                  "solver's answer line, then a `####` line, else the last number in the text), and how many answers "
+                  "the token cap cut off; the vote arm answers by majority and is left out. Learning can change how "
+                  "answers end without changing what they compute."]
+    return lines
 
 
 def _machine_lines(report) -> list[str]:
@@ -160,6 +181,7 @@ def render_markdown(report) -> str:
                 f"{s['seconds']['learn']:.1f}", f"{s['seconds']['score']:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "'no answer': the output held no number (an answer-format failure), counted apart from 'wrong'."]
+    lines += _answer_forms(report, protocol)
     vs_vote = report.extra.get("vs_vote") or {}
     if vs_vote:
         k = report.arms["vote"].learning["samples_per_problem"]

@@ -18,6 +18,11 @@ from graph.evaluation.stats import PairedComparison, compare, wilson_interval
 from graph.saved_settings import SettingsError, read_saved
 
 
+# How an answer's final number was found, in extract_answer's order of preference after the
+# solver's own answer line (agents/answers.py).
+ANSWER_FORMS = ("answer_is", "boxed", "hash", "last_number", "none")
+
+
 @dataclass
 class ItemScore:
     id: str
@@ -55,6 +60,16 @@ class ArmResult:
     def format_failures(self) -> int:
         """Answers with no number in them at all: counted apart from wrong answers."""
         return sum(s.answer is None for s in self.scores)
+
+    def answer_forms(self, cap: int) -> dict[str, dict[str, int]] | None:
+        """How the answers gave their final number (agents/answers.extract_answer's strategies) and how
+        many reached the ``cap`` of new tokens, each as {"n", "right"}; None for a vote arm, whose
+        answers are majorities of several texts."""
+        if any(s.strategy == "vote" for s in self.scores):
+            return None
+        groups = {form: [s for s in self.scores if s.strategy == form] for form in ANSWER_FORMS}
+        groups["at_cap"] = [s for s in self.scores if s.tokens >= cap]
+        return {form: {"n": len(group), "right": sum(s.correct for s in group)} for form, group in groups.items()}
 
     @property
     def wrong(self) -> int:
