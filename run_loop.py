@@ -448,7 +448,7 @@ def eval_status_command(
         done.append("scoring progress not kept on disk" if scored is None else f"{scored}/{status['n_scored']} problems scored")
         if progress.get("damaged_event_lines"):
             done.append(f"{progress['damaged_event_lines']} event lines cut short")
-        typer.echo(f"{arm}: not finished ({', '.join(done)})")
+        typer.echo(f"{arm}: not finished ({', '.join(done)}; {_time_left(progress['seconds_left_estimate'])})")
     learning = {arm: summary["learning"] for arm, summary in status["arms"].items() if "learning" in summary}
     learning |= {f"{arm} (so far)": progress["learning"] for arm, progress in status["pending"].items()
                  if "learning" in progress}
@@ -456,6 +456,15 @@ def eval_status_command(
         _wide_console().print(_learning_table(learning, "learning episodes"))
     if len(status["code_versions"]) > 1:
         typer.echo(f"code versions that ran it: {' -> '.join(status['code_versions'])}")
+    if status["pending"] and status["seconds_left_estimate"] is not None:
+        typer.echo(f"in all: {_time_left(status['seconds_left_estimate'])}, at the rates this evaluation has run "
+                   "so far (wall times vary with the machine and what else runs on it)")
+
+
+def _time_left(seconds: float | None) -> str:
+    if seconds is None:
+        return "time left not known yet"
+    return f"about {seconds / 3600:.1f} h left" if seconds >= 3600 else f"about {seconds / 60:.0f} min left"
 
 
 # ---------------------------------------------------------------- the demo

@@ -609,6 +609,29 @@ def test_a_learning_row_shows_each_count_and_a_dash_for_what_an_older_arm_lacks(
     assert cells["right at first try, again after learning / frozen"] == "—"
 
 
+def test_time_left_is_estimated_from_the_rates_this_evaluation_has_run_and_unknown_without_one():
+    from graph.evaluation.results import ArmResult, ItemScore
+    from graph.evaluation.status import _seconds_left
+
+    scores = [ItemScore(str(i), True, "1", "answer_is", 10) for i in range(10)]
+    frozen = ArmResult("frozen", scores, {"learn": 0.0, "score": 20.0})  # 2 s a problem
+    adapters = ArmResult("adapters", scores, {"learn": 5.0, "score": 40.0}, {"episodes": 4})  # 4 s a problem
+    pending = {
+        "vote": {"problems_scored": 0, "score_seconds": 0.0},  # no call yet, and no other arm samples like it
+        "full": {"episodes": 4, "episodes_committed": 1, "learn_seconds": 30.0, "episodes_timed": 1,
+                 "problems_scored": 0, "score_seconds": 0.0},
+        "rules": {"episodes": 4, "episodes_committed": 0, "learn_seconds": 0.0, "episodes_timed": 0,
+                  "problems_scored": 5, "score_seconds": 5.0},
+    }
+    timed = [(40.0, 4), (30.0, 1)]  # adapters' 4 episodes, full's first: 14 s an episode in all
+    left = _seconds_left(pending, {"frozen": frozen, "adapters": adapters}, timed, 10, "holdout")
+    assert left["vote"] is None
+    assert left["full"] == 3 * 30.0 + 10 * 4.0  # its own episodes, a finished learning arm's scoring
+    assert left["rules"] == 4 * 14.0 + 5 * 1.0  # every learning arm's episodes, its own scoring calls
+    stream = _seconds_left({"full": pending["full"]}, {}, timed, 10, "stream")
+    assert stream["full"] == 3 * 30.0  # a stream arm's score is its episodes' first tries
+
+
 def test_eval_status_compares_the_finished_arms_and_counts_the_progress_of_the_others(tmp_path):
     """A long evaluation is read while it runs: finished arms compared so far, the others' progress."""
     config = _config(tmp_path, arms=("frozen", "vote", "adapters"), round_size=1, plots=False)
@@ -630,7 +653,11 @@ def test_eval_status_compares_the_finished_arms_and_counts_the_progress_of_the_o
     assert status["arms"]["vote"]["correct"] == report["arms"]["vote"]["correct"]
     # every episode committed, and the arm's scoring calls kept (scored.jsonl)
     learning = status["pending"]["adapters"].pop("learning")
-    assert status["pending"] == {"adapters": {"episodes_committed": 4, "episodes": 4, "problems_scored": 4}}
+    timing = {k: status["pending"]["adapters"].pop(k) for k in ("learn_seconds", "episodes_timed", "score_seconds")}
+    assert status["pending"] == {"adapters": {"episodes_committed": 4, "episodes": 4, "problems_scored": 4,
+                                              "seconds_left_estimate": 0.0}}  # all done but the result file
+    assert timing["episodes_timed"] == 4 and timing["learn_seconds"] > 0 and timing["score_seconds"] > 0
+    assert status["seconds_left_estimate"] == 0.0
     # what its learning did, read from its checkpoints and event log as the report counted it
     assert learning["updates"] >= 1 and learning["episodes_timed"] == 4
     assert learning == {k: done["arms"]["adapters"]["learning"][k] for k in learning}
@@ -642,7 +669,7 @@ def test_eval_status_compares_the_finished_arms_and_counts_the_progress_of_the_o
     lines = table.splitlines()
     for what, cell in zip(LEARNING_COLUMNS, learning_cells(learning)):
         assert any(line.lstrip("│ ").startswith(what) and line.rstrip(" │").endswith(cell) for line in lines), (what, cell)
-    assert "adapters: not finished (4/4 learning episodes, 4/4 problems scored)" in table
+    assert "adapters: not finished (4/4 learning episodes, 4/4 problems scored; about 0 min left)" in table
     events = tmp_path / "run" / "arms" / "adapters" / "events.jsonl"
     with events.open("a") as f:
         f.write('{"episode": 4, "node": "commit"}\n')  # a line the checkpoints do not back: they decide
@@ -662,6 +689,11 @@ def test_eval_status_compares_the_finished_arms_and_counts_the_progress_of_the_o
     scored = tmp_path / "run" / "arms" / "adapters" / "scored.jsonl"
     scored.write_text(scored.read_text() * 2)  # a call kept twice (once per process) counts once, as a resume reads it
     assert evaluation_status(tmp_path / "run")["pending"]["adapters"]["problems_scored"] == 4
+    scored.unlink()  # not scored yet: at the frozen arm's seconds per problem (no learning arm finished)
+    frozen = report["arms"]["frozen"]
+    left = evaluation_status(tmp_path / "run")["pending"]["adapters"]["seconds_left_estimate"]
+    assert left == pytest.approx(4 * frozen["seconds"]["score"] / frozen["n"])
+    assert "about" in CliRunner().invoke(app, ["eval-status", "--run-dir", str(tmp_path / "run")]).output
     missing = CliRunner().invoke(app, ["eval-status", "--run-dir", str(tmp_path / "none")])
     assert missing.exit_code == 1 and "holds no evaluation" in missing.output and len(missing.output.splitlines()) == 1
 

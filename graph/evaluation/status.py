@@ -14,7 +14,7 @@ from pathlib import Path
 from graph.evaluation.config import EVAL_FILE, EvalConfig, LEGACY_CONFIG, LOOP_ARMS
 from graph.evaluation.results import SCORED_FILE, ArmResult, ScoredCalls, compare_arms, finished_arm, keep_failed
 from graph.evaluation.learning import arm_episode_timing, learning_summary
-from graph.episodes import committed_states, read_events
+from graph.episodes import committed_states, episode_seconds, read_events
 from graph.run_dir import RunDirError
 from graph.saved_settings import from_dict, read_saved
 
@@ -58,11 +58,61 @@ def evaluation_status(run_dir: str | Path) -> dict:
             arms[name]["vs_vote"] = vs_vote[name]
     n_learn = len(saved.get("learn_ids") or [])
     pending = {arm: _progress(run_dir, arm, config.protocol, n_learn) for arm in config.arms if arm not in finished}
+    # Finished learning arms' episodes timed from their event logs, as a resumed arm's span every process
+    timed = [_timed(episode_seconds(read_events(run_dir / "arms" / arm)[0]), finished[arm].learning["episodes"])
+             for arm in finished if arm in LOOP_ARMS and finished[arm].learning.get("episodes")]
+    timed += [(p["learn_seconds"], p["episodes_timed"]) for p in pending.values() if p.get("episodes_timed")]
+    left = _seconds_left(pending, finished, timed, n_scored, config.protocol)
+    for arm, seconds in left.items():
+        pending[arm]["seconds_left_estimate"] = seconds
     return {
         "run_dir": str(run_dir), "protocol": config.protocol, "model": config.model, "n_scored": n_scored,
         "n_learn": n_learn, "precision": saved.get("precision"), "code_versions": saved.get("code_versions") or [],
         "machines": saved.get("machines") or [], **extra, "arms": arms, "pending": pending,
+        "seconds_left_estimate": None if None in left.values() else sum(left.values()),
     }
+
+
+def _timed(seconds: dict[int, float], episodes: int) -> tuple[float, int]:
+    """The summed seconds and the count of the first ``episodes`` episodes that the event log timed."""
+    timed = [seconds[i] for i in range(episodes) if i in seconds]
+    return sum(timed), len(timed)
+
+
+def _seconds_left(pending: dict[str, dict], finished: dict[str, ArmResult], timed: list[tuple[float, int]],
+                  n_scored: int, protocol: str) -> dict:
+    """Each unfinished arm's remaining seconds at the rates this evaluation has run so far, or None
+    where no rate is known yet: learning at the mean seconds of the episodes committed (the arm's
+    own, else every learning arm's), scoring at the seconds per problem of the arm's own kept calls,
+    else of a finished learning arm (for a learning arm) or greedy arm (vote samples several answers
+    a problem: only its own calls count).
+    Wall times vary from run to run and with what else shares the cores: a guide, not a promise.
+    """
+    def rate(seconds: float, count: int) -> float | None:
+        return seconds / count if count else None
+
+    any_episode = rate(sum(s for s, _ in timed), sum(n for _, n in timed))  # (seconds, episodes) of every learning arm
+    def score_rate(names) -> float | None:  # seconds per problem of the first such finished arm
+        return next((rate(f.seconds.get("score", 0.0), f.n) for name, f in finished.items()
+                     if name in names and f.seconds.get("score")), None)
+
+    greedy = score_rate(("frozen", *LOOP_ARMS))
+    with_bank = score_rate(LOOP_ARMS) or greedy  # a learning arm scores through its bank, which costs more
+    left = {}
+    for arm, p in pending.items():
+        parts = []
+        if "episodes" in p:
+            episodes_left = p["episodes"] - p["episodes_committed"]
+            per_episode = rate(p["learn_seconds"], p["episodes_timed"]) or any_episode
+            parts.append(0.0 if episodes_left <= 0 else None if per_episode is None else episodes_left * per_episode)
+        if protocol != "stream" or arm not in LOOP_ARMS:
+            scored = p["problems_scored"]
+            own = rate(p.get("score_seconds", 0.0), scored or 0)
+            per_problem = (own if own is not None else None if arm == "vote"
+                           else with_bank if arm in LOOP_ARMS else greedy)
+            parts.append(None if scored is None or per_problem is None else (n_scored - scored) * per_problem)
+        left[arm] = None if None in parts else sum(parts)
+    return left
 
 
 def _progress(run_dir: Path, arm: str, protocol: str, n_learn: int) -> dict:
@@ -80,6 +130,8 @@ def _progress(run_dir: Path, arm: str, protocol: str, n_learn: int) -> dict:
         if states:  # what the report will count, over the episodes finished so far
             progress["episodes_committed"] = len(states)  # the checkpoints, over the event log's lines
             progress["learning"] = {**learning_summary(states), **arm_episode_timing(events, len(states))}
+        learn_seconds, timed = _timed(episode_seconds(events), progress["episodes_committed"])
+        progress.update(learn_seconds=learn_seconds, episodes_timed=timed)
     if arm == "single-lora":
         progress["problems_scored"] = None
     elif protocol == "stream" and arm in LOOP_ARMS:
@@ -90,5 +142,6 @@ def _progress(run_dir: Path, arm: str, protocol: str, n_learn: int) -> dict:
         except (KeyError, TypeError, AttributeError) as err:
             raise RunDirError(f"{arm_dir / SCORED_FILE}: a line is not a scoring call ({err!r})") from None
         progress["problems_scored"] = sum(len(call.get("ids") or []) for call in calls.values())
+        progress["score_seconds"] = sum(float(call.get("seconds") or 0.0) for call in calls.values())
     return progress
 
