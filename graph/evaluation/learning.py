@@ -112,11 +112,16 @@ def leak_check(scored: Sequence[Problem], states_by_arm: dict[str, list[dict]]) 
     return {"rules": len(rules), "training_texts": len(texts), "containing_an_evaluation_question": hits}
 
 
-def arm_episode_timing(events: list[dict], episodes: int) -> dict:
-    """``episode_timing`` of an arm's first ``episodes`` episodes, each the sum of its nodes'
-    seconds in the arm's event log (graph.episodes.read_events: every process that ran it)."""
+def timed_episodes(events: list[dict], episodes: int) -> list[float]:
+    """The seconds of an arm's first ``episodes`` episodes that its event log timed, each the sum
+    of its nodes' seconds (graph.episodes.read_events: every process that ran it)."""
     seconds = episode_seconds(events)
-    return episode_timing([seconds[i] for i in range(episodes) if i in seconds])
+    return [seconds[i] for i in range(episodes) if i in seconds]
+
+
+def arm_episode_timing(events: list[dict], episodes: int) -> dict:
+    """``episode_timing`` of an arm's first ``episodes`` episodes (``timed_episodes``)."""
+    return episode_timing(timed_episodes(events, episodes))
 
 
 def episode_timing(seconds: list[float]) -> dict:

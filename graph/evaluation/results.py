@@ -18,8 +18,8 @@ from graph.evaluation.stats import PairedComparison, compare, wilson_interval
 from graph.saved_settings import SettingsError, read_saved
 
 
-# How an answer's final number was found, in extract_answer's order of preference after the
-# solver's own answer line (agents/answers.py).
+# How an answer's final number was found (agents/answers.extract_answer's strategies): the
+# solver's own answer line first, then the others in extract_answer's order of preference.
 ANSWER_FORMS = ("answer_is", "boxed", "hash", "last_number", "none")
 
 

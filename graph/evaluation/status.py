@@ -13,8 +13,8 @@ from pathlib import Path
 
 from graph.evaluation.config import EVAL_FILE, EvalConfig, LEGACY_CONFIG, LOOP_ARMS
 from graph.evaluation.results import SCORED_FILE, ArmResult, ScoredCalls, compare_arms, finished_arm, keep_failed
-from graph.evaluation.learning import arm_episode_timing, learning_summary
-from graph.episodes import committed_states, episode_seconds, read_events
+from graph.evaluation.learning import episode_timing, learning_summary, timed_episodes
+from graph.episodes import committed_states, read_events
 from graph.run_dir import RunDirError
 from graph.saved_settings import from_dict, read_saved
 
@@ -59,8 +59,9 @@ def evaluation_status(run_dir: str | Path) -> dict:
     n_learn = len(saved.get("learn_ids") or [])
     pending = {arm: _progress(run_dir, arm, config.protocol, n_learn) for arm in config.arms if arm not in finished}
     # Finished learning arms' episodes timed from their event logs, as a resumed arm's span every process
-    timed = [_timed(episode_seconds(read_events(run_dir / "arms" / arm)[0]), finished[arm].learning["episodes"])
+    timed = [timed_episodes(read_events(run_dir / "arms" / arm)[0], finished[arm].learning["episodes"])
              for arm in finished if arm in LOOP_ARMS and finished[arm].learning.get("episodes")]
+    timed = [(sum(seconds), len(seconds)) for seconds in timed]
     timed += [(p["learn_seconds"], p["episodes_timed"]) for p in pending.values() if p.get("episodes_timed")]
     left = _seconds_left(pending, finished, timed, n_scored, config.protocol)
     for arm, seconds in left.items():
@@ -71,12 +72,6 @@ def evaluation_status(run_dir: str | Path) -> dict:
         "machines": saved.get("machines") or [], **extra, "arms": arms, "pending": pending,
         "seconds_left_estimate": None if None in left.values() else sum(left.values()),
     }
-
-
-def _timed(seconds: dict[int, float], episodes: int) -> tuple[float, int]:
-    """The summed seconds and the count of the first ``episodes`` episodes that the event log timed."""
-    timed = [seconds[i] for i in range(episodes) if i in seconds]
-    return sum(timed), len(timed)
 
 
 def _seconds_left(pending: dict[str, dict], finished: dict[str, ArmResult], timed: list[tuple[float, int]],
@@ -127,11 +122,12 @@ def _progress(run_dir: Path, arm: str, protocol: str, n_learn: int) -> dict:
         if damaged:
             progress["damaged_event_lines"] = damaged  # cut short by a kill; the run itself ignores them
         states = committed_states(arm_dir)
+        if states:  # the checkpoints, over the event log's lines
+            progress["episodes_committed"] = len(states)
+        seconds = timed_episodes(events, progress["episodes_committed"])
         if states:  # what the report will count, over the episodes finished so far
-            progress["episodes_committed"] = len(states)  # the checkpoints, over the event log's lines
-            progress["learning"] = {**learning_summary(states), **arm_episode_timing(events, len(states))}
-        learn_seconds, timed = _timed(episode_seconds(events), progress["episodes_committed"])
-        progress.update(learn_seconds=learn_seconds, episodes_timed=timed)
+            progress["learning"] = {**learning_summary(states), **episode_timing(seconds)}
+        progress.update(learn_seconds=sum(seconds), episodes_timed=len(seconds))
     if arm == "single-lora":
         progress["problems_scored"] = None
     elif protocol == "stream" and arm in LOOP_ARMS:
